@@ -1,0 +1,1 @@
+"""Scenarios in and out: WOMD TFRecords, Scenario protos, Parquet shards, the SUMO generator."""

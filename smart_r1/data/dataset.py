@@ -1,0 +1,63 @@
+"""Load preprocessed scenarios: from Parquet shards (the fast path) or straight from TFRecords."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from smart_r1.data.parquet import read_shard, shard_paths
+from smart_r1.types import ScenarioRecord
+
+
+class ScenarioDataset(torch.utils.data.Dataset):
+    """All scenarios of a preprocessed folder, held in memory (WOMD shards are a few MB each).
+
+    `data` is a folder of Parquet shards, one shard, or a TFRecord file / glob (parsed directly).
+    """
+
+    def __init__(self, data: str | Path, limit: int | None = None):
+        self.records = list(iter_scenarios(data, limit))
+        if not self.records:
+            raise ValueError(f"no scenarios found in {data}")
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, i: int) -> ScenarioRecord:
+        return self.records[i]
+
+    def __iter__(self) -> Iterator[ScenarioRecord]:
+        return iter(self.records)
+
+
+def iter_scenarios(data: str | Path, limit: int | None = None) -> Iterator[ScenarioRecord]:
+    """Yield scenarios from Parquet shards, or from TFRecords when `data` names TFRecord files."""
+    text = str(data)
+    if ".tfrecord" in text:
+        from smart_r1.data.preprocess import expand_inputs
+        from smart_r1.data.womd import read_scenarios
+
+        sources = (rec for path in expand_inputs(text) for rec in read_scenarios(path))
+    else:
+        paths = shard_paths(data)
+        if not paths:
+            raise FileNotFoundError(f"{data} holds no .parquet shards (run `smart-r1 preprocess` first)")
+        sources = (rec for path in paths for rec in read_shard(path))
+    for n, record in enumerate(sources):
+        if limit is not None and n >= limit:
+            return
+        yield record
+
+
+def to_torch(record: ScenarioRecord, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+    """The record's arrays as tensors (float64 positions become float32, relative to nothing)."""
+    out = {}
+    for name, value in vars(record).items():
+        if isinstance(value, np.ndarray):
+            if value.dtype == np.float64:
+                value = value.astype(np.float32)
+            out[name] = torch.as_tensor(value, device=device)
+    return out

@@ -1,0 +1,111 @@
+"""Batch preprocessing: WOMD Scenario TFRecords -> Parquet shards, in parallel over files with Ray.
+
+One shard per input file, written atomically; a re-run skips finished shards. Bad records are
+skipped, listed in `preprocess_report.json` and make the run's exit status non-zero.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from smart_r1.data.parquet import write_shard
+from smart_r1.data.tfrecord import RecordError, read_records
+from smart_r1.data.womd import parse_scenario
+
+REPORT_NAME = "preprocess_report.json"
+
+
+@dataclass(frozen=True)
+class BadRecord:
+    file: str
+    record: int  # index of the record in the file; -1 when the whole file failed
+    error: str
+
+
+@dataclass
+class FileResult:
+    file: str
+    shard: str
+    scenarios: int = 0
+    skipped: bool = False  # the shard existed from an earlier run
+    bad: list[BadRecord] = field(default_factory=list)
+
+
+def shard_name(path: str | Path) -> str:
+    name = Path(path).name
+    for suffix in (".tfrecord", ".tfrecords"):
+        if suffix in name:
+            name = name.replace(suffix, "")
+    return name + ".parquet"
+
+
+def convert_file(path: str, out_dir: str) -> FileResult:
+    """Convert one TFRecord file into one shard; never raises for bad data."""
+    shard = Path(out_dir) / shard_name(path)
+    result = FileResult(file=path, shard=str(shard))
+    if shard.exists():
+        result.skipped = True
+        return result
+    records = []
+    index = -1
+    try:
+        for index, data in enumerate(read_records(path)):
+            try:
+                records.append(parse_scenario(data, path, index))
+            except RecordError as e:
+                result.bad.append(BadRecord(path, e.index, e.reason))
+    except RecordError as e:  # a damaged frame: nothing after it can be read
+        result.bad.append(BadRecord(path, e.index, e.reason))
+    except OSError as e:
+        result.bad.append(BadRecord(path, -1, f"cannot read file: {e}"))
+    write_shard(shard, records)
+    result.scenarios = len(records)
+    return result
+
+
+def expand_inputs(pattern: str) -> list[str]:
+    paths = sorted(glob.glob(pattern)) if any(c in pattern for c in "*?[") else [pattern]
+    paths = [p for p in paths if Path(p).is_file()]
+    if not paths:
+        raise FileNotFoundError(f"no TFRecord files match {pattern!r}")
+    return paths
+
+
+def preprocess(pattern: str, out_dir: str | Path, num_workers: int | None = None,
+               verbose: bool = True) -> dict:
+    """Convert every file matching `pattern`; returns the report (also written to out_dir)."""
+    import ray
+
+    paths = expand_inputs(pattern)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    if not ray.is_initialized():
+        ray.init(num_cpus=num_workers, include_dashboard=False, log_to_driver=False,
+                 configure_logging=False)
+    task = ray.remote(num_cpus=1)(convert_file)
+    pending = [task.remote(p, str(out_dir)) for p in paths]
+    results: list[FileResult] = []
+    while pending:
+        done, pending = ray.wait(pending, num_returns=1)
+        results.append(ray.get(done[0]))
+        if verbose:
+            r = results[-1]
+            state = "skipped (done before)" if r.skipped else f"{r.scenarios} scenarios, {len(r.bad)} bad"
+            print(f"[{len(results)}/{len(paths)}] {r.file}: {state}", flush=True)
+    results.sort(key=lambda r: r.file)
+    bad = [asdict(b) for r in results for b in r.bad]
+    report = {
+        "files": len(paths),
+        "files_skipped": sum(r.skipped for r in results),
+        "scenarios": sum(r.scenarios for r in results),
+        "bad_records": bad,
+        "seconds": round(time.perf_counter() - started, 3),
+        "shards": [r.shard for r in results],
+    }
+    (out_dir / REPORT_NAME).write_text(json.dumps(report, indent=2))
+    return report
