@@ -130,7 +130,11 @@ class ScenarioRecord:
             raise ValueError(f"scenario {self.scenario_id}: sdc_index {self.sdc_index} out of range [0, {a})")
         if self.map_points.ndim != 2 or self.map_points.shape[1] != 3 or self.map_offsets[-1] != self.map_points.shape[0]:
             raise ValueError(f"scenario {self.scenario_id}: map_offsets do not match map_points")
-        for name in ("xyz", "heading", "velocity", "size"):
+        # Positions must be finite everywhere (WOMD writes -1 or 0 for invalid states, never NaN);
+        # the other states only where valid.
+        if not np.isfinite(self.xyz).all():
+            raise ValueError(f"scenario {self.scenario_id}: non-finite xyz (NaN or inf coordinates)")
+        for name in ("heading", "velocity", "size"):
             values = getattr(self, name)[self.valid]
             if not np.isfinite(values).all():
                 raise ValueError(f"scenario {self.scenario_id}: non-finite {name} on a valid agent state")

@@ -12,6 +12,8 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import pyarrow.parquet as pq
+
 from smart_r1.data.parquet import write_shard
 from smart_r1.data.tfrecord import RecordError, read_records
 from smart_r1.data.womd import parse_scenario
@@ -46,9 +48,13 @@ def shard_name(path: str | Path) -> str:
 def convert_file(path: str, out_dir: str) -> FileResult:
     """Convert one TFRecord file into one shard; never raises for bad data."""
     shard = Path(out_dir) / shard_name(path)
+    bad_list = shard.with_name(shard.name + ".bad.json")  # this file's bad records, for re-runs
     result = FileResult(file=path, shard=str(shard))
     if shard.exists():
         result.skipped = True
+        result.scenarios = pq.read_metadata(shard).num_rows
+        if bad_list.exists():
+            result.bad = [BadRecord(**b) for b in json.loads(bad_list.read_text())]
         return result
     records = []
     index = -1
@@ -62,6 +68,9 @@ def convert_file(path: str, out_dir: str) -> FileResult:
         result.bad.append(BadRecord(path, e.index, e.reason))
     except OSError as e:
         result.bad.append(BadRecord(path, -1, f"cannot read file: {e}"))
+    # The bad list goes first: a finished shard always has its bad list beside it.
+    if result.bad:
+        bad_list.write_text(json.dumps([asdict(b) for b in result.bad]))
     write_shard(shard, records)
     result.scenarios = len(records)
     return result
@@ -80,13 +89,13 @@ def preprocess(pattern: str, out_dir: str | Path, num_workers: int | None = None
     """Convert every file matching `pattern`; returns the report (also written to out_dir)."""
     import ray
 
+    from smart_r1.distributed.ray_runtime import ensure_ray
+
     paths = expand_inputs(pattern)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-    if not ray.is_initialized():
-        ray.init(num_cpus=num_workers, include_dashboard=False, log_to_driver=False,
-                 configure_logging=False)
+    ensure_ray(num_workers)
     task = ray.remote(num_cpus=1)(convert_file)
     pending = [task.remote(p, str(out_dir)) for p in paths]
     results: list[FileResult] = []
@@ -107,5 +116,7 @@ def preprocess(pattern: str, out_dir: str | Path, num_workers: int | None = None
         "seconds": round(time.perf_counter() - started, 3),
         "shards": [r.shard for r in results],
     }
-    (out_dir / REPORT_NAME).write_text(json.dumps(report, indent=2))
+    tmp = out_dir / f".{REPORT_NAME}.tmp"
+    tmp.write_text(json.dumps(report, indent=2))
+    tmp.replace(out_dir / REPORT_NAME)
     return report

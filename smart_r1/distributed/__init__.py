@@ -1,0 +1,1 @@
+"""Ray: rollout actors, the Ray Train learner, weight sync and Tune sweeps."""
