@@ -1,0 +1,125 @@
+"""Simulated states <-> WOSAC `ScenarioRollouts` protos, and log-replay rollouts.
+
+The array form used everywhere in the project is `states`: float [R, S, 80, 4] with
+    R  rollouts (joint scenes; WOSAC submissions have 32)
+    S  sim agents, in `record.sim_agent_ids` order (the agents valid at the current step)
+    80 simulated steps at 10 Hz (steps 11..90 of the scenario)
+    4  x, y, z, heading (metres, radians)
+
+The checks in `scenario_rollouts_to_states` follow the official submission rules
+(`waymo_open_dataset.utils.sim_agents.submission_specs.validate_joint_scene`): every sim agent
+present exactly once, no other object, 80 steps per field, plus finite values and a matching
+scenario id. The number of rollouts is not forced to 32: fewer are useful for tests and rewards.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from waymo_open_dataset.protos import sim_agents_submission_pb2 as submission_pb2
+
+from smart_r1.types import NUM_FUTURE_STEPS, ScenarioRecord
+
+_FIELDS = ("center_x", "center_y", "center_z", "heading")
+
+
+def _as_numpy(states) -> np.ndarray:
+    if isinstance(states, torch.Tensor):
+        states = states.detach().cpu().numpy()
+    return np.asarray(states, dtype=np.float64)
+
+
+def check_states(record: ScenarioRecord, states) -> np.ndarray:
+    """Return `states` as float64 [R, S, 80, 4]; ValueError naming the problem when malformed."""
+    states = _as_numpy(states)
+    num_sim = int(record.sim_agent_mask.sum())
+    if states.ndim != 4 or states.shape[3] != 4:
+        raise ValueError(f"states must have shape [R, S, {NUM_FUTURE_STEPS}, 4], got {states.shape}")
+    if states.shape[0] < 1:
+        raise ValueError("states hold no rollout")
+    if states.shape[1] != num_sim:
+        raise ValueError(f"scenario {record.scenario_id} has {num_sim} sim agents, states have {states.shape[1]}")
+    if states.shape[2] != NUM_FUTURE_STEPS:
+        raise ValueError(f"states have {states.shape[2]} steps, WOSAC rollouts have {NUM_FUTURE_STEPS}")
+    if not np.isfinite(states).all():
+        r, s, t, f = np.argwhere(~np.isfinite(states))[0]
+        raise ValueError(f"non-finite {_FIELDS[f]} in rollout {r}, agent {record.sim_agent_ids[s]}, step {t}")
+    return states
+
+
+def states_to_scenario_rollouts(record: ScenarioRecord, states) -> submission_pb2.ScenarioRollouts:
+    """Pack `states` [R, S, 80, 4] (sim agents in `record.sim_agent_ids` order) into a proto."""
+    states = check_states(record, states)
+    ids = record.sim_agent_ids.tolist()
+    # tolist() once: per-element numpy -> float conversion is the slow part of building protos.
+    values = np.moveaxis(states, 3, 2).tolist()  # [R][S][4][80]
+    rollouts = submission_pb2.ScenarioRollouts(scenario_id=record.scenario_id)
+    for scene_values in values:
+        scene = rollouts.joint_scenes.add()
+        for object_id, (x, y, z, heading) in zip(ids, scene_values):
+            scene.simulated_trajectories.add(object_id=object_id, center_x=x, center_y=y,
+                                             center_z=z, heading=heading)
+    return rollouts
+
+
+def scenario_rollouts_to_states(record: ScenarioRecord,
+                                rollouts: submission_pb2.ScenarioRollouts) -> np.ndarray:
+    """float64 [R, S, 80, 4]: the proto's trajectories reordered to `record.sim_agent_ids`.
+
+    Raises ValueError on a scenario id mismatch, no joint scene, a missing, repeated or extra
+    object id, a field without 80 steps, or a non-finite value.
+    """
+    if rollouts.scenario_id != record.scenario_id:
+        raise ValueError(f"rollouts are for scenario {rollouts.scenario_id!r}, "
+                         f"the scenario is {record.scenario_id!r}")
+    if not rollouts.joint_scenes:
+        raise ValueError(f"rollouts for scenario {record.scenario_id} hold no joint scene")
+    sim_ids = record.sim_agent_ids.tolist()
+    index = {object_id: s for s, object_id in enumerate(sim_ids)}
+    states = np.empty((len(rollouts.joint_scenes), len(sim_ids), NUM_FUTURE_STEPS, 4))
+    for r, scene in enumerate(rollouts.joint_scenes):
+        seen = set()
+        for traj in scene.simulated_trajectories:
+            if traj.object_id not in index:
+                raise ValueError(f"rollout {r}: object {traj.object_id} is not a sim agent of "
+                                 f"scenario {record.scenario_id}")
+            if traj.object_id in seen:
+                raise ValueError(f"rollout {r}: object {traj.object_id} appears twice")
+            seen.add(traj.object_id)
+            for f, name in enumerate(_FIELDS):
+                field = getattr(traj, name)
+                if len(field) != NUM_FUTURE_STEPS:
+                    raise ValueError(f"rollout {r}, object {traj.object_id}: {name} has {len(field)} "
+                                     f"steps, expected {NUM_FUTURE_STEPS}")
+                states[r, index[traj.object_id], :, f] = field
+        missing = set(sim_ids) - seen
+        if missing:
+            raise ValueError(f"rollout {r}: sim agents {sorted(missing)} are missing")
+    return check_states(record, states)
+
+
+def log_replay_states(record: ScenarioRecord, num_rollouts: int) -> np.ndarray:
+    """float64 [R, S, 80, 4]: the logged future of every sim agent, repeated R times.
+
+    Logged states can be invalid (occluded or out of range). Those steps are filled from the valid
+    ones: linearly interpolated between two valid steps (heading along the shorter arc), and held
+    at the last valid value after the final valid step. Sim agents are valid at the current step
+    (10), so there is always a valid step before any gap.
+    """
+    t0 = record.current_time_index
+    mask = record.sim_agent_mask
+    xyz = record.xyz[mask, t0:]  # [S, 81, 3], the current step first
+    heading = record.heading[mask, t0:].astype(np.float64)
+    valid = record.valid[mask, t0:]
+    steps = np.arange(xyz.shape[1])
+    out = np.empty((mask.sum(), xyz.shape[1], 4))
+    for s in range(out.shape[0]):  # np.interp is 1-D; this runs once per scenario, not per reward
+        known = steps[valid[s]]
+        for f in range(3):
+            out[s, :, f] = np.interp(steps, known, xyz[s, valid[s], f])
+        # Unwrapping over valid steps only, so that a gap cannot hide a wrap-around.
+        h = np.unwrap(heading[s, valid[s]])
+        out[s, :, 3] = np.interp(steps, known, h)
+    out[..., 3] = (out[..., 3] + np.pi) % (2 * np.pi) - np.pi
+    future = out[:, 1:]  # [S, 80, 4]
+    return np.broadcast_to(future, (num_rollouts, *future.shape)).copy()
