@@ -7,8 +7,9 @@ from pathlib import Path
 
 import pytest
 
-# Before TensorFlow loads: keep glibc from returning TF's big buffers after each op (2x faster
-# official evaluator), and quiet TF's start-up chatter.
+# glibc reads MALLOC_* at process start, so for this process they come from the Makefile's
+# exports (`make test`); set here they still reach the Ray workers and subprocesses that run the
+# official evaluator (2x faster when glibc keeps TensorFlow's big buffers). Also quiets TF.
 for _k, _v in {
     "MALLOC_MMAP_THRESHOLD_": "17179869184",
     "MALLOC_TRIM_THRESHOLD_": "17179869184",
