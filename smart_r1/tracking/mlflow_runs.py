@@ -1,0 +1,134 @@
+"""MLflow runs for the pipeline, its stages and Tune trials.
+
+Everything goes through `MlflowClient` with explicit run ids and an absolute tracking URI, so
+the same `RunTracker` works in the driver, in a Ray Train worker and in a Tune trial (whose
+working directories differ). Only rank 0 of a learner logs: other ranks get `enabled=False`.
+The default store is MLflow's own default (a local `mlflow.db` in the working directory for
+MLflow 3.x); `MLFLOW_TRACKING_URI` is honoured.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+EXPERIMENT = "smart-r1"
+_MAX_PARAM_CHARS = 6000  # MLflow's limit for one param value
+
+
+def resolve_tracking_uri(uri: str | None = None) -> str:
+    """The tracking URI to hand to other processes: MLflow's choice, made absolute."""
+    import mlflow
+
+    if uri:
+        mlflow.set_tracking_uri(uri)
+    return mlflow.get_tracking_uri()
+
+
+def check_tracking_uri(uri: str, timeout_s: float = 10.0) -> None:
+    """Fail fast, with a clear message, when a tracking server cannot be reached."""
+    if not uri.startswith(("http://", "https://")):
+        return
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout_s) as response:
+            if response.status != 200:
+                raise ValueError(f"MLflow tracking server {uri} answered /health with {response.status}")
+    except (urllib.error.URLError, OSError) as e:
+        raise ValueError(f"MLflow tracking server {uri} is unreachable ({e}); "
+                         "start it or unset MLFLOW_TRACKING_URI to log locally") from None
+
+
+def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, str]:
+    """Nested config -> {"rft.alpha": "0.77", ...} (stages keyed by their name)."""
+    out: dict[str, str] = {}
+    for key, value in d.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(flatten(value, name + "."))
+        elif isinstance(value, (list, tuple)) and value and all(isinstance(v, dict) and "name" in v for v in value):
+            for v in value:
+                out.update(flatten(v, f"{name}.{v['name']}."))
+        else:
+            out[name] = str(value)[:_MAX_PARAM_CHARS]
+    return out
+
+
+@dataclass(frozen=True)
+class RunTracker:
+    tracking_uri: str
+    run_id: str
+    enabled: bool = True
+
+    @property
+    def client(self):
+        from mlflow.tracking import MlflowClient
+
+        return MlflowClient(self.tracking_uri)
+
+    def log_params(self, params: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        from mlflow.entities import Param
+
+        items = [Param(k, v) for k, v in flatten(params).items()]
+        for i in range(0, len(items), 100):  # MLflow caps a batch at 100 params
+            self.client.log_batch(self.run_id, params=items[i : i + 100])
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        if not self.enabled:
+            return
+        import time
+
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        items = [Metric(k.replace("/", "_"), float(v), now, step or 0) for k, v in metrics.items()
+                 if isinstance(v, (int, float))]
+        for i in range(0, len(items), 1000):
+            self.client.log_batch(self.run_id, metrics=items[i : i + 1000])
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        if self.enabled and Path(path).exists():
+            self.client.log_artifact(self.run_id, str(path), artifact_path)
+
+    def set_tags(self, tags: dict[str, str]) -> None:
+        if self.enabled:
+            for k, v in tags.items():
+                self.client.set_tag(self.run_id, k, v)
+
+    def child(self, name: str) -> "RunTracker":
+        """A nested run (a stage or a trial), or this tracker again when disabled."""
+        if not self.enabled:
+            return self
+        parent = self.client.get_run(self.run_id)
+        run = self.client.create_run(parent.info.experiment_id, run_name=name,
+                                     tags={"mlflow.parentRunId": self.run_id})
+        return RunTracker(self.tracking_uri, run.info.run_id)
+
+    def finish(self, status: str = "FINISHED") -> None:
+        if self.enabled:
+            self.client.set_terminated(self.run_id, status)
+
+    def for_rank(self, rank: int) -> "RunTracker":
+        return RunTracker(self.tracking_uri, self.run_id, self.enabled and rank == 0)
+
+
+def start_run(name: str, tracking_uri: str | None = None, experiment: str = EXPERIMENT,
+              run_id: str | None = None) -> RunTracker:
+    """A new top-level run (or an existing one, to resume), after checking the server is up."""
+    from mlflow.tracking import MlflowClient
+
+    uri = resolve_tracking_uri(tracking_uri or os.environ.get("MLFLOW_TRACKING_URI"))
+    check_tracking_uri(uri)
+    client = MlflowClient(uri)
+    if run_id:
+        client.update_run(run_id, status="RUNNING")
+        return RunTracker(uri, run_id)
+    exp = client.get_experiment_by_name(experiment)
+    exp_id = exp.experiment_id if exp else client.create_experiment(experiment)
+    return RunTracker(uri, client.create_run(exp_id, run_name=name).info.run_id)
