@@ -146,3 +146,38 @@ class ScenarioRecord:
 
     def replace(self, **changes) -> "ScenarioRecord":
         return dataclasses.replace(self, **changes)
+
+
+@dataclass(frozen=True)
+class Rollout:
+    """Closed-loop rollouts of one scenario's sim agents (S of them, in `sim_agent_ids` order).
+
+    Fields (dtype, shape):
+        scenario_id: str
+        agent_ids: int64 [S], WOMD track ids
+        states: float32 [R, S, 80, 4], (x, y, z, heading) at 10 Hz for steps 11..90, world frame
+        tokens: int64 [R, S, 16], the chosen motion tokens (one per 0.5 s)
+        log_probs: float32 [R, S, 16], log-probability of each chosen token under the model
+            (temperature 1, whatever sampling scheme chose it)
+    """
+
+    scenario_id: str
+    agent_ids: np.ndarray
+    states: np.ndarray
+    tokens: np.ndarray
+    log_probs: np.ndarray
+
+    @property
+    def num_rollouts(self) -> int:
+        return int(self.states.shape[0])
+
+    def validate(self) -> "Rollout":
+        r, s = self.states.shape[:2]
+        expected = {"agent_ids": (s,), "states": (r, s, NUM_FUTURE_STEPS, 4),
+                    "tokens": (r, s, NUM_FUTURE_STEPS // 5), "log_probs": (r, s, NUM_FUTURE_STEPS // 5)}
+        for name, shape in expected.items():
+            if getattr(self, name).shape != shape:
+                raise ValueError(f"rollout {self.scenario_id}: {name} has shape {getattr(self, name).shape}, expected {shape}")
+        if not np.isfinite(self.states).all():
+            raise ValueError(f"rollout {self.scenario_id}: non-finite states")
+        return self

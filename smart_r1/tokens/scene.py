@@ -26,6 +26,7 @@ class SceneBatch:
     scenario_id: list[str] [B]
     origin: float64 [B, 2], world position of each scene's frame origin
     agent_index: long [B, A], index into the record's agent axis, -1 for padding
+    agent_id: long [B, A], WOMD track id, -1 for padding
     agent_mask: bool [B, A], a real agent
     sim_mask: bool [B, A], valid at the current step (the agents WOSAC simulates)
     agent_type: long [B, A], 0 vehicle, 1 pedestrian, 2 cyclist
@@ -41,6 +42,7 @@ class SceneBatch:
     scenario_id: list
     origin: torch.Tensor
     agent_index: torch.Tensor
+    agent_id: torch.Tensor
     agent_mask: torch.Tensor
     sim_mask: torch.Tensor
     agent_type: torch.Tensor
@@ -123,6 +125,7 @@ def build_scene(record: ScenarioRecord, vocab: MotionVocab, agents: str = "all",
         scenario_id=[record.scenario_id],
         origin=torch.as_tensor(np.asarray(origin, np.float64))[None],
         agent_index=torch.as_tensor(index, dtype=torch.long)[None],
+        agent_id=torch.as_tensor(record.object_id[index], dtype=torch.long)[None],
         agent_mask=torch.ones(1, index.size, dtype=torch.bool),
         sim_mask=torch.as_tensor(sim[index])[None],
         agent_type=types[None],
@@ -160,7 +163,7 @@ def collate(scenes: Sequence[SceneBatch]) -> SceneBatch:
             fields[f.name] = torch.cat(values, 0)
         else:
             length = m if f.name.startswith("map_") else a
-            fields[f.name] = _pad(values, length, -1 if f.name == "agent_index" else 0)
+            fields[f.name] = _pad(values, length, -1 if f.name in ("agent_index", "agent_id") else 0)
     return SceneBatch(**fields)
 
 
