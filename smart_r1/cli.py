@@ -32,6 +32,68 @@ def _cmd_preprocess(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_build_vocab(args: argparse.Namespace) -> int:
+    from smart_r1.data.dataset import iter_scenarios
+    from smart_r1.rl.bc import data_source
+    from smart_r1.tokens.motion_vocab import build_vocab
+
+    vocab = build_vocab(iter_scenarios(data_source(args.data), args.max_scenarios), size=args.size, seed=args.seed)
+    vocab.save(args.out)
+    print(f"motion vocabulary: {vocab.size} tokens per type -> {args.out}")
+    return 0
+
+
+def _cmd_model_info(args: argparse.Namespace) -> int:
+    import torch
+
+    from smart_r1.model.config import ModelConfig
+    from smart_r1.model.smart_tiny import SmartTiny
+    from smart_r1.tokens.motion_vocab import NUM_TYPES, SHIFT, MotionVocab
+
+    cfg = ModelConfig.preset(args.preset)
+    model = SmartTiny(cfg, MotionVocab(torch.zeros(NUM_TYPES, cfg.vocab_size, SHIFT, 3)))
+    print(json.dumps({"preset": args.preset, "parameters": model.num_parameters(), "config": cfg.to_dict()}, indent=2))
+    return 0
+
+
+def _cmd_train_bc(args: argparse.Namespace) -> int:
+    from smart_r1.model.config import ModelConfig
+    from smart_r1.rl.bc import BCConfig, train_bc
+    from smart_r1.tokens.motion_vocab import MotionVocab
+
+    cfg = BCConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, max_scenarios=args.max_scenarios,
+                   time_limit_s=args.time_limit, seed=args.seed, threads=args.threads)
+    vocab = MotionVocab.load(args.vocab) if args.vocab else None
+    model_cfg = ModelConfig.preset(args.preset, vocab_size=vocab.size) if vocab else ModelConfig.preset(args.preset)
+    summary = train_bc(args.data, args.out, model_cfg, cfg, vocab)
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+def _cmd_rollout(args: argparse.Namespace) -> int:
+    import torch
+
+    from smart_r1.data.dataset import iter_scenarios
+    from smart_r1.metrics.rollouts_io import states_to_scenario_rollouts
+    from smart_r1.model.checkpoint import load_checkpoint
+    from smart_r1.rollout.closed_loop import rollout_records
+    from smart_r1.rollout.sampling import Sampler
+
+    torch.manual_seed(args.seed)
+    model = load_checkpoint(args.checkpoint, "cuda" if torch.cuda.is_available() else "cpu")
+    record = next(iter_scenarios(args.scenario), None)
+    if record is None:
+        raise ValueError(f"no scenario in {args.scenario}")
+    sampler = Sampler(top_k=args.top_k, top_p=args.top_p, temperature=args.temperature)
+    rollout = rollout_records(model, [record], args.num_rollouts, sampler)[0]
+    proto = states_to_scenario_rollouts(record, rollout.states)
+    with open(args.out, "wb") as f:
+        f.write(proto.SerializeToString())
+    print(f"{rollout.num_rollouts} rollouts of {rollout.agent_ids.size} sim agents "
+          f"(scenario {record.scenario_id}) -> {args.out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="smart-r1", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -48,6 +110,45 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output folder for Parquet shards")
     p.add_argument("--workers", type=int, default=None, help="Ray CPUs to use (default: all)")
     p.set_defaults(func=_cmd_preprocess)
+
+    p = sub.add_parser("build-vocab", help="cluster a motion-token vocabulary (K-disks per agent type)")
+    p.add_argument("--data", required=True, help="Parquet folder, TFRecord folder or TFRecord glob")
+    p.add_argument("--out", required=True, help="output vocabulary file (.pt)")
+    p.add_argument("--size", type=int, default=2048, help="tokens per agent type")
+    p.add_argument("--max-scenarios", type=int, default=None, help="use at most this many scenarios")
+    p.add_argument("--seed", type=int, default=0, help="clustering seed")
+    p.set_defaults(func=_cmd_build_vocab)
+
+    p = sub.add_parser("model-info", help="print the SMART-tiny config and parameter count")
+    p.add_argument("--preset", default="default", help="model preset: default (~7M, GPU), cpu, test")
+    p.set_defaults(func=_cmd_model_info)
+
+    p = sub.add_parser("train", help="train a stage")
+    stages = p.add_subparsers(dest="stage", required=True)
+    b = stages.add_parser("bc", help="behaviour cloning: teacher-forced next-token prediction")
+    b.add_argument("--data", required=True, help="Parquet folder, TFRecord folder or TFRecord glob")
+    b.add_argument("--out", required=True, help="output checkpoint (.pt)")
+    b.add_argument("--epochs", type=int, default=8, help="passes over the data")
+    b.add_argument("--preset", default="default", help="model preset: default (~7M, GPU), cpu (~0.6M), test")
+    b.add_argument("--vocab", default=None, help="motion vocabulary from build-vocab (default: built from the data)")
+    b.add_argument("--batch-size", type=int, default=8, help="scenes per step")
+    b.add_argument("--lr", type=float, default=5e-4, help="peak learning rate (AdamW, cosine decay)")
+    b.add_argument("--max-scenarios", type=int, default=None, help="use at most this many scenarios")
+    b.add_argument("--time-limit", type=float, default=None, help="stop training after this many seconds")
+    b.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    b.add_argument("--seed", type=int, default=0, help="random seed")
+    b.set_defaults(func=_cmd_train_bc)
+
+    p = sub.add_parser("rollout", help="closed-loop rollouts of one scenario -> ScenarioRollouts proto")
+    p.add_argument("--checkpoint", required=True, help="SMART-tiny checkpoint")
+    p.add_argument("--scenario", required=True, help="Scenario TFRecord (its first scenario is simulated)")
+    p.add_argument("--num-rollouts", type=int, default=32, help="joint rollouts")
+    p.add_argument("--out", required=True, help="output ScenarioRollouts .binproto")
+    p.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (0: all)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass")
+    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed")
+    p.set_defaults(func=_cmd_rollout)
     return parser
 
 

@@ -1,0 +1,157 @@
+"""Behaviour cloning: teacher-forced next-token prediction over motion tokens.
+
+    L_BC = - (1 / |V|) * sum_{(b, a, t) in V} log p_theta(token_{t+1} | tokens_{<=t}, map)
+
+where V is the set of (scene, agent, slot) with a valid input token and a valid next token.
+`bc_train_step` is a plain function: it runs standalone (`train_bc`, `smart-r1 train bc`) and inside a
+Ray Train worker (with the model wrapped in DistributedDataParallel).
+"""
+
+from __future__ import annotations
+
+import glob
+import math
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from smart_r1.model.checkpoint import save_checkpoint
+from smart_r1.model.config import ModelConfig
+from smart_r1.model.smart_tiny import SmartTiny, teacher_targets
+from smart_r1.tokens.motion_vocab import MotionVocab, build_vocab
+from smart_r1.tokens.scene import SceneBatch, build_scene, collate
+
+
+def bc_loss(model, batch: SceneBatch) -> tuple[torch.Tensor, dict]:
+    """Mean next-token cross-entropy over valid (scene, agent, slot) and its statistics."""
+    logits = model(batch)  # [B, A, 17, V]
+    target, mask = teacher_targets(batch)  # [B, A, 17] each
+    picked = logits[mask].float()  # [n, V]
+    if picked.shape[0] == 0:
+        zero = logits.sum() * 0.0  # keeps the graph (and DDP's gradient hooks) intact
+        return zero, {"loss": 0.0, "accuracy": 0.0, "tokens": 0}
+    loss = F.cross_entropy(picked, target[mask])
+    accuracy = (picked.argmax(-1) == target[mask]).float().mean()
+    return loss, {"loss": float(loss.detach()), "accuracy": float(accuracy), "tokens": int(mask.sum())}
+
+
+def bc_train_step(model, optimizer: torch.optim.Optimizer, batch: SceneBatch, grad_clip: float = 1.0,
+                  scheduler=None) -> dict:
+    """One optimisation step of L_BC on `batch` (moved to the model's device). Returns loss,
+    accuracy, number of target tokens, gradient norm and the step's seconds."""
+    start = time.perf_counter()
+    device = next(model.parameters()).device
+    batch = batch.to(device)
+    model.train()
+    optimizer.zero_grad(set_to_none=True)
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        loss, stats = bc_loss(model, batch)
+    loss.backward()
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    optimizer.step()
+    if scheduler is not None:
+        scheduler.step()
+    stats.update(grad_norm=float(grad_norm), seconds=time.perf_counter() - start)
+    return stats
+
+
+def make_optimizer(model, lr: float = 5e-4, weight_decay: float = 0.01, total_steps: int = 1000,
+                   warmup_steps: int = 50) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
+    """AdamW with linear warm-up then cosine decay to 10% of `lr`."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def data_source(path: str | Path) -> str:
+    """A folder of Parquet shards as is; a folder of TFRecords as a glob over them."""
+    p = Path(path)
+    if p.is_dir() and not list(p.glob("*.parquet")) and glob.glob(str(p / "*.tfrecord*")):
+        return str(p / "*.tfrecord*")
+    return str(path)
+
+
+@dataclass(frozen=True)
+class BCConfig:
+    """Standalone BC training (`smart-r1 train bc`)."""
+
+    epochs: int = 8
+    batch_size: int = 8  # scenes per step
+    lr: float = 5e-4
+    weight_decay: float = 0.01
+    grad_clip: float = 1.0
+    max_agents: int = 64  # agents kept per scene (sim agents first, then nearest)
+    max_map_segments: int = 1024
+    max_scenarios: int | None = None
+    time_limit_s: float | None = None  # stop (and save) after this much training time
+    seed: int = 0
+    threads: int | None = None  # torch CPU threads
+
+
+def load_scenes(data, vocab: MotionVocab, cfg: BCConfig) -> list[SceneBatch]:
+    """Tokenised single-scene batches of every scenario in `data` (folder or TFRecord glob)."""
+    from smart_r1.data.dataset import iter_scenarios
+
+    return [build_scene(rec, vocab, agents="all", max_agents=cfg.max_agents, max_map_segments=cfg.max_map_segments)
+            for rec in iter_scenarios(data_source(data), cfg.max_scenarios)]
+
+
+def train_bc(data, out, model_cfg: ModelConfig, cfg: BCConfig = BCConfig(), vocab: MotionVocab | None = None,
+             vocab_size_data: int = 200, log=print) -> dict:
+    """Train SMART-tiny by BC on `data` and save a checkpoint to `out` after every epoch.
+
+    Without `vocab`, one is built from the first `vocab_size_data` scenarios. Returns a summary
+    with per-epoch mean loss / accuracy and phase timings (vocab, tokenise, train)."""
+    from smart_r1.data.dataset import iter_scenarios
+
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    timings = {}
+    t0 = time.perf_counter()
+    if vocab is None:
+        vocab = build_vocab(iter_scenarios(data_source(data), vocab_size_data), size=model_cfg.vocab_size, seed=cfg.seed)
+    timings["vocab_s"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    scenes = load_scenes(data, vocab, cfg)
+    timings["tokenize_s"] = time.perf_counter() - t0
+    log(f"{len(scenes)} scenes tokenised in {timings['tokenize_s']:.0f} s")
+    model = SmartTiny(model_cfg, vocab)
+    steps_per_epoch = math.ceil(len(scenes) / cfg.batch_size)
+    optimizer, scheduler = make_optimizer(model, cfg.lr, cfg.weight_decay, cfg.epochs * steps_per_epoch)
+    rng = random.Random(cfg.seed)
+    history, step, t_train = [], 0, time.perf_counter()
+    stopped = False
+    for epoch in range(cfg.epochs):
+        rng.shuffle(scenes)
+        sums = {"loss": 0.0, "accuracy": 0.0, "tokens": 0}
+        for i in range(0, len(scenes), cfg.batch_size):
+            stats = bc_train_step(model, optimizer, collate(scenes[i:i + cfg.batch_size]), cfg.grad_clip, scheduler)
+            for k in ("loss", "accuracy"):
+                sums[k] += stats[k] * stats["tokens"]
+            sums["tokens"] += stats["tokens"]
+            step += 1
+            if step % 20 == 0:
+                log(f"epoch {epoch} step {step}: loss {stats['loss']:.3f} acc {stats['accuracy']:.3f} "
+                    f"({stats['seconds']:.2f} s/step)")
+            if cfg.time_limit_s and time.perf_counter() - t_train > cfg.time_limit_s:
+                stopped = True
+                break
+        n = max(sums["tokens"], 1)
+        history.append({"epoch": epoch, "loss": sums["loss"] / n, "accuracy": sums["accuracy"] / n, "steps": step})
+        log(f"epoch {epoch}: loss {history[-1]['loss']:.4f} accuracy {history[-1]['accuracy']:.3f}")
+        save_checkpoint(out, model, {"stage": "bc", "epoch": epoch, "loss": history[-1]["loss"]})
+        if stopped:
+            break
+    timings["train_s"] = time.perf_counter() - t_train
+    return {"scenes": len(scenes), "steps": step, "history": history, "timings": timings,
+            "stopped_by_time_limit": stopped, "checkpoint": str(out), "parameters": model.num_parameters()}
