@@ -22,6 +22,8 @@ import torch
 from smart_r1.metrics.polylines import SegmentSet, _rel_t, nearest_segment
 
 EXTREMELY_LARGE_DISTANCE = 1e10
+# Lanes crowd together at intersections: more chunk candidates keep fallbacks rare.
+LANE_TOP_CHUNKS = 16
 
 
 def box_bottom_corners(xyz: torch.Tensor, heading: torch.Tensor, size: torch.Tensor) -> torch.Tensor:
@@ -95,14 +97,23 @@ def red_light_violation(xy: torch.Tensor, valid: torch.Tensor, lanes: SegmentSet
     [B, L] as in `MetricContext`.
     """
     b, r, e, t1, _ = xy.shape
-    points = torch.cat([xy, torch.zeros_like(xy[..., :1])], -1).reshape(b, -1, 3)
-    lane_id = _take(lanes.owner, nearest_segment(points, lanes)).reshape(b, r, e, t1)
-    on_signal_lane = (lane_id[..., None] == tl_lane_id[:, None, None, None]) & tl_lane_known[:, None, None, None]
     start_to_xy = xy[..., None, :] - fence_start[:, None, None, None]  # [B, R, E, T+1, L, 2]
-    direction = fence_dir[:, None, None, None].expand_as(start_to_xy)
-    along = _rel_t(start_to_xy, direction)  # [B, R, E, T+1, L]
+    along = _rel_t(start_to_xy, fence_dir[:, None, None, None].expand_as(start_to_xy))  # [B, R, E, T+1, L]
     stop = stop_t[:, None, None, None]
     crossed = (along[:, :, :, :-1] < stop) & (along[:, :, :, 1:] > stop)  # [B, R, E, T, L]
-    violation = (valid[:, :, :, 1:, None] & on_signal_lane[:, :, :, 1:] & tl_stop[:, None, None, 1:]
-                 & crossed)
-    return violation.any(dim=-1)
+    possible = (valid[:, :, :, 1:, None] & tl_stop[:, None, None, 1:] & tl_lane_known[:, None, None, None]
+                & crossed)
+    candidate = possible.any(-1)  # [B, R, E, T]
+    if not candidate.any():
+        return candidate
+    # The lane search is the costly part: run it only where a violation is possible at all.
+    flat = candidate.reshape(b, -1)
+    bi, ni = torch.nonzero(flat, as_tuple=True)
+    slot = torch.cumsum(flat.long(), dim=1)[bi, ni] - 1  # position among the scenario's candidates
+    packed = xy.new_zeros((b, int(flat.sum(1).max()), 3))
+    packed[bi, slot, :2] = xy[:, :, :, 1:].reshape(b, -1, 2)[bi, ni]
+    lane_of = _take(lanes.owner, nearest_segment(packed, lanes, LANE_TOP_CHUNKS))  # [B, max candidates]
+    lane_id = torch.full_like(flat, -1, dtype=lane_of.dtype)
+    lane_id[bi, ni] = lane_of[bi, slot]
+    on_lane = lane_id.reshape(b, r, e, t1 - 1, 1) == tl_lane_id[:, None, None, None]
+    return (possible & on_lane).any(-1)

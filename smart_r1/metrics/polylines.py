@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 CHUNK = 16
-TOP_CHUNKS = 4
+TOP_CHUNKS = 8
 _FALLBACK_BATCH = 256  # query points per exhaustive-search block (bounds memory)
 
 
@@ -205,20 +205,32 @@ def _gather_segments(segs: SegmentSet, index: torch.Tensor) -> tuple[torch.Tenso
     return start, end, valid
 
 
-def nearest_segment(points: torch.Tensor, segs: SegmentSet) -> torch.Tensor:
+def _chunk_bounds(points: torch.Tensor, segs: SegmentSet) -> torch.Tensor:
+    """float [B, N, C]: squared lower bound of the search distance from each point to each chunk.
+
+    Computed one coordinate at a time so that no [B, N, C, 3] tensor is materialised.
+    """
+    bound = None
+    for axis, scale in enumerate((1.0, 1.0, segs.z_stretch)):
+        if scale == 0:
+            continue
+        p = points[..., axis, None] * scale  # [B, N, 1]
+        gap = (segs.box_lo[:, None, :, axis] - p).clamp_min(0) + (p - segs.box_hi[:, None, :, axis]).clamp_min(0)
+        bound = gap * gap if bound is None else bound + gap * gap
+    return bound
+
+
+def nearest_segment(points: torch.Tensor, segs: SegmentSet, top_chunks: int = TOP_CHUNKS) -> torch.Tensor:
     """int64 [B, N]: index of the segment nearest to each point [B, N, 3] under the search metric.
 
     Equal distances resolve to the lowest index, as `argmin` over the dense official tensor does.
+    `top_chunks` trades the exact comparisons per point against exhaustive fallbacks.
     """
     b, n, _ = points.shape
     num_chunks = segs.box_lo.shape[1]
-    scale = points.new_tensor([1.0, 1.0, segs.z_stretch])
-    p = points * scale
-    # Lower bound of the distance from each point to anything inside each chunk box: [B, N, C].
-    gap = torch.clamp(torch.maximum(segs.box_lo[:, None] - p[:, :, None], p[:, :, None] - segs.box_hi[:, None]), min=0)
-    bound = torch.sqrt((gap * gap).sum(-1))
-    k = min(TOP_CHUNKS, num_chunks)
-    nearest_bounds, chunks = torch.topk(bound, min(k + 1, num_chunks), dim=-1, largest=False)
+    bound2 = _chunk_bounds(points, segs)
+    k = min(top_chunks, num_chunks)
+    nearest_bounds, chunks = torch.topk(bound2, min(k + 1, num_chunks), dim=-1, largest=False)
     chunks = torch.sort(chunks[..., :k], dim=-1).values  # ascending index keeps the tie rule
     seg_index = (chunks[..., None] * CHUNK + torch.arange(CHUNK, device=points.device)).reshape(b, n, k * CHUNK)
     start, end, valid = _gather_segments(segs, seg_index)
@@ -237,7 +249,7 @@ def nearest_segment(points: torch.Tensor, segs: SegmentSet) -> torch.Tensor:
     if k == num_chunks:
         return result
     # Proven when every chunk left out is strictly farther (margin for float32 rounding).
-    unproven = ~(best < nearest_bounds[..., k] * (1 - 1e-5) - 1e-4)
+    unproven = ~(best < torch.sqrt(nearest_bounds[..., k]) * (1 - 1e-5) - 1e-4)
     if unproven.any():
         bi, ni = torch.nonzero(unproven, as_tuple=True)
         for lo in range(0, bi.numel(), _FALLBACK_BATCH):

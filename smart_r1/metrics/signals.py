@@ -1,0 +1,105 @@
+"""Per-rollout and per-agent signals for reinforcement learning (MPO rewards).
+
+`realism` of a rollout is the WOSAC 2025 metametric computed as if that rollout were the only
+one submitted (R = 1): the log is scored against histograms built from this rollout's 80 steps
+(kinematic, distance and time-to-collision features pool the steps of each object) and against
+Bernoulli estimates from its single collision / off-road / red-light outcome per object, with
+the official additive smoothing and weights. Why this definition:
+- it is the official metric, unchanged, applied to one sample, so it rewards exactly what the
+  challenge measures (matching the log's distribution of every feature), on the same [0, 1] scale
+  as the fixed MPO baseline alpha;
+- it depends on this rollout and the log only, so sibling rollouts do not change its reward (a
+  leave-one-out contribution to the group's metametric would couple them and is of order 1/R);
+- its mean over rollouts is lower than the scenario's metametric with R rollouts (one sample
+  makes a coarser histogram), but it is monotone in the same direction for each feature.
+
+`collision` and `offroad` flag each sim agent of each rollout, over all sim agents (not just the
+evaluated ones), with the official per-step tests (signed box distance < 0, most off-road box
+corner > 0) at the steps where the agent's log is valid, as the official indication does. So
+`collision[:, eval].mean()` is the official `simulated_collision_rate`.
+
+Shapes: R rollouts, S sim agents (in `record.sim_agent_ids` order), T = 80 steps.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from smart_r1.metrics.context import build_context
+from smart_r1.metrics.features import log_features, sim_features
+from smart_r1.metrics.features_interaction import gather_agents
+from smart_r1.metrics.wosac import default_specs, pad_states, score
+from smart_r1.types import ScenarioRecord
+
+
+@dataclass(frozen=True)
+class RolloutSignals:
+    """RL signals of the R rollouts of one scenario (tensors on the states' device).
+
+    collision: bool [R, S], the agent's box overlaps another box at a log-valid step
+    offroad: bool [R, S], a corner of the agent's box is beyond a road edge at a log-valid step
+    realism: float [R], the WOSAC metametric of each rollout alone (module docstring)
+    min_distance_to_object: float [R, S], smallest signed box distance over the valid steps
+    max_distance_to_road_edge: float [R, S], largest signed road-edge distance over valid steps
+    likelihoods: dict name -> float [R], each `*_likelihood` of the single-rollout metric
+    eval_mask: bool [S], agents in the official evaluation set (SDC and tracks to predict)
+    """
+
+    collision: torch.Tensor
+    offroad: torch.Tensor
+    realism: torch.Tensor
+    min_distance_to_object: torch.Tensor
+    max_distance_to_road_edge: torch.Tensor
+    likelihoods: dict
+    eval_mask: torch.Tensor
+
+
+def rollout_signals(record: ScenarioRecord, states, config=None) -> RolloutSignals:
+    """Signals of states [R, S, 80, 4] (numpy or tensor) of one scenario; see the module docstring."""
+    device = states.device if isinstance(states, torch.Tensor) else torch.device("cpu")
+    padded = pad_states([record], [states], device)  # [1, R, S, T, 4]
+    specs = default_specs(config)
+    with torch.no_grad():
+        ctx = build_context([record], device)
+        _, r, s = padded.shape[:3]
+        every_agent = torch.arange(s, device=device)[None]  # [1, S]: all sim agents are egos
+        sim_all = sim_features(ctx, padded, every_agent)
+        valid = ctx.log_valid[:, None]  # [1, 1, S, T]
+        far = torch.full_like(sim_all.distance_to_nearest_object, float("inf"))
+        min_distance = torch.where(valid, sim_all.distance_to_nearest_object, far).amin(-1)[0]
+        max_edge = torch.where(valid, sim_all.distance_to_road_edge, -far).amax(-1)[0]
+
+        # Single-rollout metametric: rollouts become the batch axis, each with R = 1.
+        log = log_features(ctx, ctx.eval_index)
+        # Every agent's features include the evaluated agents': take theirs instead of recomputing.
+        sim = type(sim_all)(**{k: gather_agents(v, ctx.eval_index) for k, v in vars(sim_all).items()})
+        per_rollout = lambda x: x.transpose(0, 1)  # [1, R, ...] -> [R, 1, ...]
+        repeat = lambda x: x.expand(r, *x.shape[1:])
+        sim_r = type(sim)(**{k: per_rollout(v) for k, v in vars(sim).items()})
+        log_r = type(log)(**{k: repeat(v) for k, v in vars(log).items()})
+        log_valid = gather_agents(ctx.log_valid[:, None], ctx.eval_index)[:, 0]
+        is_vehicle = torch.gather(ctx.is_vehicle, 1, ctx.eval_index)
+        metrics = score(log_r, sim_r, repeat(log_valid), repeat(ctx.eval_mask), repeat(is_vehicle),
+                        repeat(ctx.valid_steps), specs)
+    eval_mask = torch.zeros(s, dtype=torch.bool, device=device)
+    eval_mask[ctx.eval_index[0]] = True
+    return RolloutSignals(
+        collision=min_distance < 0,
+        offroad=max_edge > 0,
+        realism=metrics["metametric"],
+        min_distance_to_object=min_distance,
+        max_distance_to_road_edge=max_edge,
+        likelihoods={k: v for k, v in metrics.items() if k.endswith("_likelihood")},
+        eval_mask=eval_mask,
+    )
+
+
+def signals_summary(signals: RolloutSignals) -> dict[str, float]:
+    """Scalar summaries for logging: mean realism and collision / off-road rates (all agents)."""
+    return {"realism": float(signals.realism.mean()),
+            "collision_rate": float(signals.collision.float().mean()),
+            "offroad_rate": float(signals.offroad.float().mean()),
+            "eval_collision_rate": float(np.mean(signals.collision[:, signals.eval_mask].cpu().numpy()))}
