@@ -94,6 +94,32 @@ def _cmd_rollout(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_render(args: argparse.Namespace) -> int:
+    from smart_r1.data.womd import read_scenarios
+    from smart_r1.evaluation.submission import read_rollouts
+    from smart_r1.metrics.rollouts_io import scenario_rollouts_to_states
+    from smart_r1.viz.render import render_scenario
+
+    records = {r.scenario_id: r for r in read_scenarios(args.scenario)}
+    if not records:
+        raise ValueError(f"{args.scenario} holds no scenario")
+    if args.rollouts is None:
+        record, states = next(iter(records.values())), None
+    else:
+        rollouts = read_rollouts(args.rollouts)
+        match = [r for r in rollouts if r.scenario_id in records]
+        if not match:
+            raise ValueError(f"{args.rollouts} has rollouts for scenarios "
+                             f"{sorted({r.scenario_id for r in rollouts})[:5]}, none of which is in "
+                             f"{args.scenario} ({sorted(records)[:5]})")
+        record = records[match[0].scenario_id]
+        states = scenario_rollouts_to_states(record, match[0])
+    path = render_scenario(record, states, args.out, rollout_index=args.rollout_index,
+                           frame_stride=args.frame_stride)
+    print(f"scenario {record.scenario_id} -> {path}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="smart-r1", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -149,6 +175,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature")
     p.add_argument("--seed", type=int, default=0, help="sampling seed")
     p.set_defaults(func=_cmd_rollout)
+
+    p = sub.add_parser("render", help="draw a scenario and a rollout to a PNG or an animated GIF")
+    p.add_argument("--scenario", required=True, help="Scenario TFRecord")
+    p.add_argument("--rollouts", default=None,
+                   help="ScenarioRollouts / SimAgentsChallengeSubmission binproto or submission "
+                        "tar.gz (default: show the log)")
+    p.add_argument("--out", required=True, help="output FILE.png (still) or FILE.gif (animation)")
+    p.add_argument("--rollout-index", type=int, default=0, help="which joint scene to draw")
+    p.add_argument("--frame-stride", type=int, default=2, help="steps between GIF frames")
+    p.set_defaults(func=_cmd_render)
     return parser
 
 
