@@ -125,7 +125,12 @@ def cut_scenario(road: RoadMap, tracks: Tracks, object_type: np.ndarray, size: n
     centre = tracks.xy[sdc, start + CURRENT_TIME_INDEX]
     valid = tracks.valid[:, window]
     dist = np.linalg.norm(tracks.xy[:, window] - centre, axis=-1)
-    near = np.flatnonzero((np.where(valid, dist, np.inf) <= config.agent_radius).any(axis=1))
+    near = (np.where(valid, dist, np.inf) <= config.agent_radius).any(axis=1)
+    # Agents present now that leave the network before the window ends are left out: WOSAC needs
+    # every sim agent at all 80 future steps, and whatever fills the steps after it has gone puts
+    # a box where no agent is (a ghost that following traffic would drive through).
+    near &= ~(valid[:, CURRENT_TIME_INDEX] & ~valid[:, -1])
+    near = np.flatnonzero(near)
     agents = np.concatenate([[sdc], near[near != sdc]])  # the sdc is agent 0
     valid = valid[agents]
     xy = np.where(valid[..., None], tracks.xy[agents, window], 0.0)

@@ -54,6 +54,13 @@ def sumo_env() -> dict[str, str]:
     return {**os.environ, "SUMO_HOME": sumo.SUMO_HOME}
 
 
+def run_tool(args: list[str]) -> None:
+    """Run a SUMO binary; on failure raise with the end of its error output."""
+    done = subprocess.run(args, env=sumo_env(), capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"{Path(args[0]).name} failed ({done.returncode}): {done.stderr[-2000:]}")
+
+
 def build_network(spec: NetworkSpec, workdir: Path) -> Path:
     """Run netgenerate; every junction gets a traffic light, every road sidewalks and crossings."""
     out = workdir / "net.net.xml"
@@ -74,7 +81,7 @@ def build_network(spec: NetworkSpec, workdir: Path) -> Path:
                  "--rand.neighbor-dist5", "0", "--rand.neighbor-dist6", "0"]
     else:
         raise ValueError(f"unknown network kind {spec.kind!r}")
-    subprocess.run(args, check=True, env=sumo_env(), capture_output=True)
+    run_tool(args)
     return out
 
 
