@@ -18,6 +18,7 @@ Shapes: A agents, S sim agents, R rollouts, T = 91 steps.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import matplotlib
@@ -35,7 +36,6 @@ from smart_r1.types import (  # noqa: E402
     CROSSWALK, CYCLIST, DRIVEWAY, LANE, PEDESTRIAN, ROAD_EDGE, ROAD_LINE, SPEED_BUMP, STOP_SIGN,
     VEHICLE, ScenarioRecord,
 )
-from smart_r1.viz.signals import RolloutSignals, box_corners  # noqa: E402
 
 TYPE_COLORS = {VEHICLE: "#1f77b4", PEDESTRIAN: "#ff7f0e", CYCLIST: "#2ca02c"}
 OTHER_COLOR = "#7f7f7f"
@@ -60,24 +60,43 @@ def _agent_colors(object_type: np.ndarray) -> list[str]:
     return [TYPE_COLORS.get(int(t), OTHER_COLOR) for t in object_type]
 
 
-def _signals(record: ScenarioRecord, states: np.ndarray) -> RolloutSignals:
-    """Per-step flags of one rollout [S, 80, 4].
+@dataclass(frozen=True)
+class StepEvents:
+    """Per-step event flags of one rollout, bool [S, 80]: collision (signed box distance to the
+    nearest object < 0) and off-road (a box corner beyond the road edge)."""
 
-    The metrics package's `rollout_signals` is used when it exists and gives per-step flags
-    ([R, S, 80]); per-rollout flags ([R, S]) cannot show *when* an event happens, so then, as when
-    it is absent, the simple geometric tests of `smart_r1.viz.signals` are used.
+    collision: np.ndarray
+    offroad: np.ndarray
+
+
+def step_events(record: ScenarioRecord, rollout: np.ndarray) -> StepEvents:
+    """Flags of one rollout [S, 80, 4], from the fast WOSAC features (`smart_r1.metrics.features`).
+
+    Those are the official definitions (rounded-corner boxes, convexity-aware road-edge sign), for
+    every sim agent as ego, at every step; `smart_r1.metrics.rollout_signals` gives the same flags
+    reduced over time, which cannot show *when* an event happens.
     """
-    import smart_r1.metrics as metrics
+    import torch
 
-    if hasattr(metrics, "rollout_signals"):
-        s = metrics.rollout_signals(record, states[None])
-        get = (lambda k: s[k]) if isinstance(s, dict) else (lambda k: getattr(s, k))
-        collision, offroad = (np.asarray(get(k))[0] for k in ("collision", "offroad"))
-        if collision.shape == offroad.shape == states.shape[:2]:
-            return RolloutSignals(collision=collision.astype(bool), offroad=offroad.astype(bool))
-    from smart_r1.viz.signals import rollout_signals
+    from smart_r1.metrics.context import build_context
+    from smart_r1.metrics.features import sim_features
+    from smart_r1.metrics.wosac import pad_states
 
-    return rollout_signals(record, states)
+    with torch.no_grad():
+        padded = pad_states([record], [rollout[None]], "cpu")  # [1, 1, S, 80, 4]
+        every_agent = torch.arange(padded.shape[2])[None]  # [1, S]
+        features = sim_features(build_context([record], "cpu"), padded, every_agent)
+    return StepEvents(collision=features.collision_per_step[0, 0].numpy(),
+                      offroad=features.offroad_per_step[0, 0].numpy())
+
+
+def box_corners(x, y, heading, length, width) -> np.ndarray:
+    """float [..., 4, 2]: corners of oriented boxes; inputs broadcast to a common shape [...]."""
+    x, y, heading, length, width = np.broadcast_arrays(x, y, heading, length, width)
+    c, s = np.cos(heading)[..., None], np.sin(heading)[..., None]
+    dx = length[..., None] * np.array([0.5, -0.5, -0.5, 0.5])  # [..., 4] in the box frame
+    dy = width[..., None] * np.array([0.5, 0.5, -0.5, -0.5])
+    return np.stack([x[..., None] + c * dx - s * dy, y[..., None] + s * dx + c * dy], axis=-1)
 
 
 def _view_box(record: ScenarioRecord) -> tuple[float, float, float]:
@@ -153,10 +172,10 @@ class _Scene:
     """The figure and the collections that change from step to step."""
 
     def __init__(self, record: ScenarioRecord, states: np.ndarray | None,
-                 signals: RolloutSignals | None, title: str, figsize: float, dpi: int):
+                 events: StepEvents | None, title: str, figsize: float, dpi: int):
         self.record = record
         self.full, self.valid = _full_trajectories(record, states)
-        self.signals = signals
+        self.events = events
         self.simulated = states is not None
         mask = record.sim_agent_mask
         self.size = record.size[mask]  # [S, T, 3]; simulated steps use the current step's box
@@ -202,7 +221,7 @@ class _Scene:
     def draw_event_marks(self) -> None:
         """Crosses where the still's rollout collides (red) or leaves the road (magenta)."""
         sim = self.full[:, self.record.current_time_index + 1:, :2]  # [S, 80, 2]
-        for flags, color in ((self.signals.offroad, OFFROAD_COLOR), (self.signals.collision, COLLISION_COLOR)):
+        for flags, color in ((self.events.offroad, OFFROAD_COLOR), (self.events.collision, COLLISION_COLOR)):
             points = sim[flags]
             if len(points):
                 self.ax.scatter(points[:, 0], points[:, 1], marker="x", s=12, linewidths=0.8,
@@ -217,8 +236,8 @@ class _Scene:
         edges = np.full(present.sum(), "black", dtype=object)
         widths = np.full(present.sum(), 0.6)
         k = t - self.record.current_time_index - 1
-        if self.signals is not None and k >= 0:
-            off, hit = self.signals.offroad[present, k], self.signals.collision[present, k]
+        if self.events is not None and k >= 0:
+            off, hit = self.events.offroad[present, k], self.events.collision[present, k]
             edges[off], widths[off] = OFFROAD_COLOR, 2.0
             edges[hit], widths[hit] = COLLISION_COLOR, 2.0  # a collision outranks off-road
         self.boxes.set_verts(list(corners))
@@ -255,9 +274,9 @@ def render_scenario(record: ScenarioRecord, states: np.ndarray | None = None,
         if not 0 <= rollout_index < states.shape[0]:
             raise ValueError(f"rollout index {rollout_index} out of range: there are {states.shape[0]} rollouts")
         rollout = states[rollout_index]  # [S, 80, 4]
-    signals = _signals(record, rollout) if rollout is not None else None
+    events = step_events(record, rollout) if rollout is not None else None
     title = f"{record.scenario_id}" + (f" rollout {rollout_index}" if rollout is not None else " log")
-    scene = _Scene(record, rollout, signals, title, figsize, dpi)
+    scene = _Scene(record, rollout, events, title, figsize, dpi)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     try:
         if suffix == ".png":

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from smart_r1.viz.signals import box_corners, box_overlaps
+from smart_r1.viz.render import box_corners, step_events
 
 
 @pytest.fixture(scope="module")
@@ -83,20 +83,23 @@ def test_render_rejects_bad_requests(womd_record, states, tmp_path):
         render_scenario(womd_record, states[:, 1:], tmp_path / "scene.png")
 
 
-def test_box_overlaps_by_separating_axes():
-    # Two 4 x 2 boxes: overlapping, side by side with a gap, and one rotated 45 degrees whose
-    # corner passes close to the other (axis-aligned bounds overlap, the boxes do not).
-    x = np.array([[0.0, 3.0], [0.0, 0.0], [0.0, 3.8]])
-    y = np.array([[0.0, 0.5], [0.0, 2.2], [0.0, 2.4]])
-    heading = np.array([[0.0, 0.0], [0.0, 0.0], [0.0, np.pi / 4]])
-    corners = box_corners(x, y, heading, 4.0, 2.0)  # [3 steps, 2 boxes, 4, 2]
-    overlap = box_overlaps(corners)
-    assert overlap[:, 0, 1].tolist() == [True, False, False]
-    assert (overlap == overlap.transpose(0, 2, 1)).all()
-    assert not overlap[:, [0, 1], [0, 1]].any()
-    # Moving the rotated box closer brings the first box's corner inside it.
-    corners = box_corners(np.array([[0.0, 2.2]]), np.array([[0.0, 1.5]]), np.array([[0.0, np.pi / 4]]), 4.0, 2.0)
-    assert box_overlaps(corners)[0, 0, 1]
+def test_box_corners_are_oriented():
+    corners = box_corners(np.array([10.0]), np.array([5.0]), np.array([np.pi / 2]), 4.0, 2.0)
+    # Heading north: the front-left corner is 2 m north and 1 m west of the centre.
+    np.testing.assert_allclose(corners[0], [[9, 7], [9, 3], [11, 3], [11, 7]], atol=1e-9)
+
+
+def test_step_events_agree_with_the_metrics_signals(womd_record, states):
+    from smart_r1.metrics import rollout_signals
+
+    events = step_events(womd_record, states[3])
+    assert events.collision.shape == events.offroad.shape == states.shape[1:3]
+    signals = rollout_signals(womd_record, states[3:4])
+    # The RL signals count events at log-valid steps only: each of theirs is one of ours.
+    for ours, theirs in ((events.collision, signals.collision), (events.offroad, signals.offroad)):
+        theirs = theirs[0].numpy()
+        assert theirs.any()
+        assert not (theirs & ~ours.any(axis=1)).any()
 
 
 def test_cli_render_and_its_errors(womd_path, test_submission_path, tmp_path, capsys):
