@@ -29,7 +29,7 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class ModelSection:
-    preset: str = "cpu_tiny"  # a ModelConfig preset (see smart_r1.model); "default" = 7M SMART-tiny
+    preset: str = "cpu"  # a ModelConfig preset (smart_r1.model.config): default (7M) | cpu | test
     vocab_size: int = 2048
 
 

@@ -181,3 +181,49 @@ class Rollout:
         if not np.isfinite(self.states).all():
             raise ValueError(f"rollout {self.scenario_id}: non-finite states")
         return self
+
+
+@dataclass(frozen=True)
+class Experience:
+    """What a rollout worker returns for one scenario of an RL step (numpy, for the object store).
+
+    Agent slots A are the scene's sim agents in `build_scene(record, vocab, agents="sim")` order,
+    which is deterministic, so the learner rebuilds the same scene and lines tensors up with it.
+
+    Fields (dtype, shape):
+        scenario_index: int, index of the scenario in its dataset
+        scenario_id: str
+        version: int, the policy weights version that produced the rollouts
+        tokens: int64 [R, A, 16], sampled motion tokens
+        poses: float32 [R, A, 80, 3], (x, y, heading) reached, scene frame
+        log_probs: float32 [R, A, 16], log pi_old of the sampled tokens (behaviour policy)
+        rewards: float32 [R] (per rollout) or [R, A] (per-agent credit)
+        realism: float32 [R], per-rollout realism score (smart_r1.metrics.signals)
+        collision: bool [R, A]; offroad: bool [R, A]
+        seconds: dict phase name -> seconds spent in the worker (rollout, reward)
+    """
+
+    scenario_index: int
+    scenario_id: str
+    version: int
+    tokens: np.ndarray
+    poses: np.ndarray
+    log_probs: np.ndarray
+    rewards: np.ndarray
+    realism: np.ndarray
+    collision: np.ndarray
+    offroad: np.ndarray
+    seconds: dict
+
+    @property
+    def num_rollouts(self) -> int:
+        return int(self.tokens.shape[0])
+
+
+@dataclass(frozen=True)
+class RolloutFailure:
+    """A scenario whose rollout or scoring failed: dropped and counted, never scored as zero."""
+
+    scenario_index: int
+    scenario_id: str
+    error: str

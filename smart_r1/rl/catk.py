@@ -1,0 +1,68 @@
+"""Closed-loop supervised fine-tuning with CAT-K rollouts (Zhang et al., CVPR 2025).
+
+1. Unroll the policy from the logged history. At each 0.5 s step keep the K most likely tokens
+   and execute the one whose reached pose is closest to the logged pose (`CatKSelector`), so the
+   visited states stay near the log while still being the policy's own.
+2. At every visited state s_t, the target is the token that leads from s_t towards the log: the
+   token of the whole vocabulary whose end pose from s_t is closest to the logged pose at t + 1.
+3. Minimise the cross-entropy of those targets, teacher-forced on the visited states:
+
+       L_SFT = - (1 / |V|) * sum_{(b, r, a, t) in V} log p_theta(y_t | s_<=t, map)      (eq. CAT-K)
+
+   with V the valid (scene, rollout, agent, step) whose logged target exists.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from smart_r1.rollout.closed_loop import RolloutTensors, closed_loop, token_log_probs
+from smart_r1.rollout.sampling import catk_selector
+from smart_r1.tokens.geometry import compose, wrap_angle
+from smart_r1.tokens.motion_vocab import NUM_FUTURE_TOKENS, NUM_HISTORY_TOKENS, SHIFT, MotionVocab
+from smart_r1.tokens.scene import SceneBatch
+
+
+def catk_targets(batch: SceneBatch, rollout: RolloutTensors, vocab: MotionVocab,
+                 heading_weight: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Targets [B, R, A, 16] (long) and their validity [B, R, A, 16] (bool) for visited states."""
+    b, r, a = rollout.tokens.shape[:3]
+    reached = rollout.poses[:, :, :, SHIFT - 1::SHIFT]  # [B, R, A, 16, 3] pose after each token
+    now = batch.anchor_pose[:, None, :, NUM_HISTORY_TOKENS].expand(b, r, a, 3)  # [B, R, A, 3]
+    start = torch.cat([now[:, :, :, None], reached[:, :, :, :-1]], 3)  # [B, R, A, 16, 3]
+    first = NUM_HISTORY_TOKENS + 1
+    log_pose = batch.log_anchor_pose[:, None, :, first:]  # [B, 1, A, 16, 3]
+    valid = batch.anchor_valid[:, None, :, first:].expand(b, r, a, NUM_FUTURE_TOKENS)  # [B, R, A, 16]
+    ends = vocab.end_poses.to(start.device)[batch.agent_type][:, None]  # [B, 1, A, V, 3]
+    targets = []
+    for t in range(NUM_FUTURE_TOKENS):  # one step at a time bounds memory to [B, R, A, V, 3]
+        cand = compose(start[:, :, :, t, None], ends)  # [B, R, A, V, 3]
+        goal = log_pose[:, :, :, t, None]  # [B, 1, A, 1, 3]
+        dist = (cand[..., :2] - goal[..., :2]).norm(dim=-1) \
+            + heading_weight * wrap_angle(cand[..., 2] - goal[..., 2]).abs()  # [B, R, A, V]
+        targets.append(dist.argmin(-1))  # [B, R, A]
+    live = (batch.sim_mask & batch.agent_mask)[:, None, :, None]  # [B, 1, A, 1]
+    return torch.stack(targets, -1), valid & live  # [B, R, A, 16] each
+
+
+def catk_sft_loss(model, batch: SceneBatch, top_k: int, num_rollouts: int = 1,
+                  heading_weight: float = 1.0) -> tuple[torch.Tensor, dict]:
+    """L_SFT on one batch: CAT-K rollouts (no gradient), then the teacher-forced cross-entropy.
+
+    `model` may be wrapped (e.g. DistributedDataParallel); it is left in train mode."""
+    core = getattr(model, "module", model)
+    with torch.no_grad():
+        selector = catk_selector(batch, num_rollouts, top_k, heading_weight)
+        rollout = closed_loop(core, batch, num_rollouts, selector)
+        targets, valid = catk_targets(batch, rollout, core.vocab, heading_weight)
+    core.train()
+    _, logp_all = token_log_probs(model, batch, rollout.tokens, rollout.poses, full=True)  # [B, R, A, 16, V]
+    if not valid.any():
+        zero = logp_all.sum() * 0.0  # keeps the graph intact
+        return zero, {"loss": 0.0, "accuracy": 0.0, "tokens": 0, "executed_is_target": 0.0}
+    picked = logp_all.gather(-1, targets[..., None])[..., 0]  # [B, R, A, 16]
+    loss = -picked[valid].mean()
+    accuracy = (logp_all.argmax(-1) == targets)[valid].float().mean()
+    on_log = (rollout.tokens == targets)[valid].float().mean()
+    return loss, {"loss": float(loss.detach()), "accuracy": float(accuracy), "tokens": int(valid.sum()),
+                  "executed_is_target": float(on_log)}
