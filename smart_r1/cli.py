@@ -120,6 +120,33 @@ def _cmd_render(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_metrics(args: argparse.Namespace) -> int:
+    from smart_r1.data.womd import read_scenarios
+    from smart_r1.metrics import METRIC_FIELDS, compute_scenario_metrics, scenario_rollouts_to_states
+    from smart_r1.metrics.rollouts_io import read_rollouts
+
+    records = list(read_scenarios(args.scenario))
+    if args.scenario_id:
+        records = [r for r in records if r.scenario_id == args.scenario_id]
+    if len(records) != 1:
+        raise ValueError(f"{args.scenario} holds {len(records)} matching scenarios; pick one with --scenario-id")
+    record = records[0]
+    rollouts = read_rollouts(args.rollouts, record.scenario_id)
+    if args.official:
+        from smart_r1.metrics.official import official_scenario_metrics
+
+        metrics = official_scenario_metrics(record, rollouts)
+    else:
+        metrics = compute_scenario_metrics(record, scenario_rollouts_to_states(record, rollouts))
+    if args.json:
+        print(json.dumps({"scenario_id": record.scenario_id, **metrics}, indent=2))
+    else:
+        print(f"scenario_id {record.scenario_id} ({'official evaluator' if args.official else 'smart_r1.metrics'})")
+        for name in METRIC_FIELDS:
+            print(f"{name:40s} {metrics[name]:.6f}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="smart-r1", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -185,6 +212,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rollout-index", type=int, default=0, help="which joint scene to draw")
     p.add_argument("--frame-stride", type=int, default=2, help="steps between GIF frames")
     p.set_defaults(func=_cmd_render)
+    p = sub.add_parser("metrics", help="WOSAC 2025 sim-agents metrics of rollouts (fast PyTorch or official)")
+    p.add_argument("--scenario", required=True, help="Scenario TFRecord file")
+    p.add_argument("--rollouts", required=True, help="ScenarioRollouts or SimAgentsChallengeSubmission binproto")
+    p.add_argument("--scenario-id", default=None, help="which scenario of the file (default: the only one)")
+    p.add_argument("--official", action="store_true", help="use Waymo's official evaluator (slow)")
+    p.add_argument("--json", action="store_true", help="print JSON with the SimAgentMetrics field names")
+    p.set_defaults(func=_cmd_metrics)
     return parser
 
 

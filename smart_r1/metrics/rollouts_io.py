@@ -123,3 +123,34 @@ def log_replay_states(record: ScenarioRecord, num_rollouts: int) -> np.ndarray:
     out[..., 3] = (out[..., 3] + np.pi) % (2 * np.pi) - np.pi
     future = out[:, 1:]  # [S, 80, 4]
     return np.broadcast_to(future, (num_rollouts, *future.shape)).copy()
+
+
+def read_rollouts(path, scenario_id: str) -> submission_pb2.ScenarioRollouts:
+    """The rollouts of `scenario_id` from a binary `ScenarioRollouts` or `SimAgentsChallengeSubmission`.
+
+    A submission's bytes do not parse as `ScenarioRollouts` (its first field is a message, not a
+    UTF-8 id; its second a varint, not a message), so the two are told apart by trying.
+    """
+    from pathlib import Path
+
+    from google.protobuf.message import DecodeError
+
+    data = Path(path).read_bytes()
+    try:
+        rollouts = submission_pb2.ScenarioRollouts.FromString(data)
+        if rollouts.joint_scenes:
+            if rollouts.scenario_id != scenario_id:
+                raise ValueError(f"{path} holds rollouts of scenario {rollouts.scenario_id!r}, "
+                                 f"not {scenario_id!r}")
+            return rollouts
+    except DecodeError:
+        pass
+    try:
+        submission = submission_pb2.SimAgentsChallengeSubmission.FromString(data)
+    except DecodeError as e:
+        raise ValueError(f"{path} is neither a ScenarioRollouts nor a SimAgentsChallengeSubmission ({e})") from None
+    for rollouts in submission.scenario_rollouts:
+        if rollouts.scenario_id == scenario_id:
+            return rollouts
+    ids = [r.scenario_id for r in submission.scenario_rollouts]
+    raise ValueError(f"{path} has no rollouts for scenario {scenario_id!r} (it has {ids[:10]})")
