@@ -158,14 +158,8 @@ def compute_scenario_metrics(record: ScenarioRecord, states, config=None) -> dic
 
 
 def aggregate_metrics(per_scenario: Sequence[dict[str, float]]) -> dict[str, float]:
-    """Dataset-level metrics as the official `aggregate_scenario_metrics` computes them.
-
-    That function averages the fields the first scenario's proto lists, and proto3 does not list
-    fields equal to 0: a field that is exactly 0 in the first scenario is reported as 0 (a quirk
-    of the official code, reproduced so that the numbers match).
-    """
+    """Dataset-level metrics as the official `aggregate_scenario_metrics` computes them: the plain
+    mean over scenarios of every field (the metametric too, not recomputed from the means)."""
     if not per_scenario:
         raise ValueError("no scenario metrics to aggregate")
-    first = per_scenario[0]
-    return {name: float(np.mean([m[name] for m in per_scenario])) if first[name] != 0 else 0.0
-            for name in METRIC_FIELDS}
+    return {name: float(np.mean([m[name] for m in per_scenario])) for name in METRIC_FIELDS}
