@@ -147,6 +147,34 @@ def _cmd_metrics(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from smart_r1.evaluation.evaluate import EvaluateConfig, evaluate
+
+    cfg = EvaluateConfig(data=args.data, checkpoint=args.checkpoint, rollouts=args.rollouts,
+                         num_rollouts=args.num_rollouts, official=args.official, out=args.out,
+                         num_renders=args.renders, max_scenarios=args.max_scenarios, seed=args.seed)
+    result, renders = evaluate(cfg)
+    print(result.leaderboard.format_table())
+    print(f"{result.evaluator} evaluator, {result.seconds:.1f} s"
+          + (f"; results -> {args.out}" if args.out else "")
+          + (f"; renders -> {renders[0].parent}" if renders else ""))
+    return 0
+
+
+def _cmd_export_submission(args: argparse.Namespace) -> int:
+    from smart_r1.evaluation.evaluate import export_submission
+    from smart_r1.evaluation.submission import SubmissionInfo
+
+    info = SubmissionInfo(account_name=args.account_name, unique_method_name=args.method_name,
+                          authors=tuple(args.authors), affiliation=args.affiliation,
+                          description=args.description, method_link=args.method_link,
+                          num_model_parameters=args.num_model_parameters)
+    archive = export_submission(args.checkpoint, args.data, args.out, info, seed=args.seed,
+                                max_scenarios=args.max_scenarios)
+    print(f"submission -> {archive} (upload it on the WOSAC 2025 challenge page)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="smart-r1", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -212,6 +240,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rollout-index", type=int, default=0, help="which joint scene to draw")
     p.add_argument("--frame-stride", type=int, default=2, help="steps between GIF frames")
     p.set_defaults(func=_cmd_render)
+
+    p = sub.add_parser("evaluate", help="roll out and score every scenario; the WOSAC leaderboard table")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--checkpoint", help="SMART-tiny checkpoint to roll out")
+    source.add_argument("--rollouts", help="score these rollouts instead (binproto or submission tar.gz)")
+    p.add_argument("--data", required=True, help="Parquet folder or TFRecord file / glob")
+    p.add_argument("--num-rollouts", type=int, default=32, help="joint rollouts per scenario")
+    p.add_argument("--official", action="store_true", help="Waymo's evaluator (slow, Ray) instead of the fast one")
+    p.add_argument("--out", default=None, help="results JSON (renders go to <stem>_renders/ beside it)")
+    p.add_argument("--renders", type=int, default=2, help="scenarios to draw and attach to the MLflow run")
+    p.add_argument("--max-scenarios", type=int, default=None, help="evaluate only the first N scenarios")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed")
+    p.set_defaults(func=_cmd_evaluate)
+
+    p = sub.add_parser("export-submission", help="32 rollouts per scenario -> WOSAC 2025 submission tar.gz")
+    p.add_argument("--checkpoint", required=True, help="SMART-tiny checkpoint")
+    p.add_argument("--data", required=True, help="Parquet folder or TFRecord file / glob (the test split)")
+    p.add_argument("--out", required=True, help="empty output folder for the shards and submission.tar.gz")
+    p.add_argument("--account-name", required=True, help="Waymo Open Dataset account e-mail")
+    p.add_argument("--method-name", required=True, help="method name shown on the leaderboard")
+    p.add_argument("--authors", nargs="*", default=[], help="author names")
+    p.add_argument("--affiliation", default="", help="affiliation")
+    p.add_argument("--description", default="", help="short method description")
+    p.add_argument("--method-link", default="", help="paper or code URL")
+    p.add_argument("--num-model-parameters", default="", help="e.g. 7M (default: counted from the model)")
+    p.add_argument("--max-scenarios", type=int, default=None, help="export only the first N scenarios")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed")
+    p.set_defaults(func=_cmd_export_submission)
     p = sub.add_parser("metrics", help="WOSAC 2025 sim-agents metrics of rollouts (fast PyTorch or official)")
     p.add_argument("--scenario", required=True, help="Scenario TFRecord file")
     p.add_argument("--rollouts", required=True, help="ScenarioRollouts or SimAgentsChallengeSubmission binproto")
