@@ -330,6 +330,17 @@ def _network_job(args: tuple[int, int, SumoConfig]) -> list[bytes]:
     return network_scenarios(*args)
 
 
+def _interleave(per_network: list[list[bytes]], seed: int, first_index: int) -> list[bytes]:
+    """Scenarios of a batch of networks, alternating between the networks (so a small dataset
+    still mixes grid and random networks), each network's in a seeded random order of windows."""
+    shuffled = []
+    for i, scenarios in enumerate(per_network):
+        order = np.random.default_rng([seed, first_index + i, 2]).permutation(len(scenarios))
+        shuffled.append([scenarios[k] for k in order])
+    longest = max((len(s) for s in shuffled), default=0)
+    return [s[k] for k in range(longest) for s in shuffled if k < len(s)]
+
+
 def make_dataset(out_dir, num_scenarios: int, seed: int, scenarios_per_file: int = 50,
                  config: SumoConfig = SumoConfig()) -> dict:
     """Generate `num_scenarios` scenarios into `out_dir/sumo-SSSSS-of-NNNNN.tfrecord` files.
@@ -348,8 +359,7 @@ def make_dataset(out_dir, num_scenarios: int, seed: int, scenarios_per_file: int
         while len(scenarios) < num_scenarios:
             # Networks are independent: run a batch of them side by side, keep index order.
             batch = [(seed, networks + i, config) for i in range(workers)]
-            for result in pool.map(_network_job, batch):
-                scenarios.extend(result)
+            scenarios.extend(_interleave(list(pool.map(_network_job, batch)), seed, networks))
             networks += workers
     scenarios = scenarios[:num_scenarios]
     num_files = -(-num_scenarios // scenarios_per_file)

@@ -19,6 +19,7 @@ import numpy as np
 import sumo
 import sumolib
 from PIL import Image, ImageDraw
+from scipy import ndimage
 
 from smart_r1.types import CROSSWALK, LANE, ROAD_EDGE, ROAD_LINE
 
@@ -184,8 +185,8 @@ def extract_map(net_path: Path, num_steps: int, step_seconds: float,
             half = lane.getWidth() / 2
             right, left = offset_polyline(centre, -half), offset_polyline(centre, half)
             features.add(CROSSWALK, 0, np.vstack([right, left[::-1]]))
-    surface, origin = _rasterise_drivable(net, raster_resolution)
-    for ring in _trace_road_edges(surface, origin, raster_resolution):
+    surface, lanes, origin = _rasterise_drivable(net, raster_resolution)
+    for ring in _trace_road_edges(surface, lanes, origin, raster_resolution):
         group = len(features.group)
         for piece in _split_ring(ring):
             features.add(ROAD_EDGE, EDGE_BOUNDARY, piece, group=group)
@@ -221,15 +222,15 @@ def _add_road_lines(features: _Features, edge, vehicle_lanes: list, net) -> None
         features.add(ROAD_LINE, LINE_SOLID_DOUBLE_YELLOW, densify(line, 2.0))
 
 
-def _rasterise_drivable(net, res: float) -> tuple[np.ndarray, np.ndarray]:
-    """uint8 [H, W] image of the drivable surface (1) at `res` metres per pixel, and the world
-    position of pixel (0, 0)'s corner. Pixel [r, c] covers x in origin.x + [c, c+1) * res."""
+def _rasterise_drivable(net, res: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """uint8 [H, W] images of the drivable surface and of the vehicle lanes alone (1 inside) at
+    `res` metres per pixel, and the world position of pixel (0, 0)'s corner: pixel [r, c] covers
+    x in origin.x + [c, c+1) * res, y likewise with r."""
     (xmin, ymin), (xmax, ymax) = net.getBBoxXY()
     origin = np.array([xmin - 20.0, ymin - 20.0])
-    width = int(np.ceil((xmax - xmin + 40.0) / res))
-    height = int(np.ceil((ymax - ymin + 40.0) / res))
-    image = Image.new("L", (width, height), 0)
-    draw = ImageDraw.Draw(image)
+    size = (int(np.ceil((xmax - xmin + 40.0) / res)), int(np.ceil((ymax - ymin + 40.0) / res)))
+    surface, lanes = Image.new("L", size, 0), Image.new("L", size, 0)
+    draw, draw_lanes = ImageDraw.Draw(surface), ImageDraw.Draw(lanes)
 
     def pix(points) -> list[tuple[float, float]]:
         return [tuple(p) for p in ((np.asarray(points)[:, :2] - origin) / res).tolist()]
@@ -249,13 +250,14 @@ def _rasterise_drivable(net, res: float) -> tuple[np.ndarray, np.ndarray]:
         for lane in edge.getLanes():
             if not _is_vehicle_lane(lane):
                 continue
-            shape = np.array(lane.getShape())
-            shape = _extend_dead_ends(shape, edge)
-            # One pixel wider than the lane: neighbouring lanes share a border that rounding
-            # would otherwise leave as a one-pixel seam (a false road edge between lanes).
-            px = int(round(lane.getWidth() / res)) + 1
-            draw.line(pix(shape), fill=1, width=px, joint="curve")
-    return np.asarray(image, dtype=np.uint8), origin
+            centre = _extend_dead_ends(np.array(lane.getShape()), edge)
+            half = lane.getWidth() / 2
+            # Polygons, not wide lines: PIL's wide lines wobble by a pixel on slanted roads.
+            # PIL fills a polygon's boundary pixels too, so neighbouring lanes leave no seam.
+            outline = pix(np.vstack([offset_polyline(centre, half), offset_polyline(centre, -half)[::-1]]))
+            draw.polygon(outline, fill=1)
+            draw_lanes.polygon(outline, fill=1)
+    return np.asarray(surface, dtype=np.uint8), np.asarray(lanes, dtype=np.uint8), origin
 
 
 def _extend_dead_ends(shape: np.ndarray, edge, metres: float = 3.0) -> np.ndarray:
@@ -272,11 +274,30 @@ def _extend_dead_ends(shape: np.ndarray, edge, metres: float = 3.0) -> np.ndarra
     return shape
 
 
-def _trace_road_edges(surface: np.ndarray, origin: np.ndarray, res: float) -> list[np.ndarray]:
+def _clean_surface(surface: np.ndarray, lanes: np.ndarray, res: float,
+                   min_hole: float = 30.0) -> np.ndarray:
+    """float32 [H, W]: the drivable surface without slivers or pinholes, lightly blurred.
+    Junction outlines and walking areas do not match exactly: the difference leaves thin strips
+    of "road" beyond the curb, whose own outlines would face the wrong way. Only surface
+    connected to a vehicle lane is kept."""
+    disk = np.hypot(*np.mgrid[-2:3, -2:3]) <= 2.0  # ~0.8 m across at 0.2 m per pixel
+    solid = ndimage.binary_opening(surface.astype(bool), structure=disk) | lanes.astype(bool)
+    labels, _ = ndimage.label(solid)
+    solid = np.isin(labels, np.unique(labels[lanes.astype(bool)]))
+    holes, count = ndimage.label(~solid)
+    area = ndimage.sum_labels(np.ones_like(holes), holes, np.arange(1, count + 1)) * res**2
+    solid[np.isin(holes, np.flatnonzero(area < min_hole) + 1)] = True
+    # A 3x3 blur turns pixel staircases into a smooth 0.5 level on slanted boundaries.
+    return ndimage.uniform_filter(solid.astype(np.float32), size=3)
+
+
+def _trace_road_edges(surface: np.ndarray, lanes: np.ndarray, origin: np.ndarray,
+                      res: float) -> list[np.ndarray]:
     """Closed outlines of the drivable surface, oriented with the road on their left (port)
     side, as the official off-road metric requires: outer rims counterclockwise, holes
     (blocks between roads) clockwise."""
-    padded = np.pad(surface, 1).astype(np.float32)  # a zero border closes every outline
+    smooth = _clean_surface(surface, lanes, res)
+    padded = np.pad(smooth, 1)  # a zero border closes every outline
     generator = contourpy.contour_generator(z=padded, line_type=contourpy.LineType.Separate)
     rings = []
     for line in generator.lines(0.5):
@@ -284,10 +305,10 @@ def _trace_road_edges(surface: np.ndarray, origin: np.ndarray, res: float) -> li
             continue
         # Array element [r, c] sits at (c, r) for contourpy; pixel centres are at +0.5.
         world = origin + (line - 1.0 + 0.5) * res
-        world = _simplify(world, tolerance=0.6 * res)
+        world = _simplify(world, tolerance=0.25 * res)
         if len(world) < 4:
             continue
-        if not _road_on_left(world, surface, origin, res):
+        if not _road_on_left(world, smooth > 0.5, origin, res):
             world = world[::-1]
         rings.append(world)
     return rings
