@@ -102,9 +102,19 @@ def log_features(ctx: MetricContext, ego_index: torch.Tensor) -> MetricFeatures:
                             ego_index)
 
 
+# Pairwise tensors hold B * R * E * S * T elements; rollouts are processed in blocks that keep
+# them under this size (a few hundred MB of temporaries), whatever the batch.
+MAX_PAIRS = 1 << 21
+
+
 def sim_features(ctx: MetricContext, states: torch.Tensor, ego_index: torch.Tensor) -> MetricFeatures:
     """Features of simulated states [B, R, S, T, 4] (x, y, z, heading); every sim agent valid."""
     states = states.to(device=ctx.device, dtype=torch.float32)
     b, r, s, t, _ = states.shape
     valid = ctx.agent_mask[:, None, :, None].expand(b, 1, s, t)
-    return compute_features(ctx, states[..., :3], states[..., 3], valid, ego_index)
+    block = max(1, MAX_PAIRS // (b * ego_index.shape[1] * s * t))
+    parts = [compute_features(ctx, states[:, i : i + block, ..., :3], states[:, i : i + block, ..., 3], valid,
+                              ego_index) for i in range(0, r, block)]
+    if len(parts) == 1:
+        return parts[0]
+    return MetricFeatures(**{k: torch.cat([vars(p)[k] for p in parts], dim=1) for k in vars(parts[0])})

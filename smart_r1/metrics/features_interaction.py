@@ -91,33 +91,44 @@ def distance_to_nearest_object(xy: torch.Tensor, heading: torch.Tensor, length: 
 
     xy [B, R, S, T, 2], heading [B, R, S, T], length / width [B, S], valid [B, R, S, T] (R may be
     1 and broadcast), ego_index [B, E].
+
+    Exact, but computed only for pairs that can be the nearest: the distance between two boxes
+    is at most the distance between their centres (which lie inside them) and at least that minus
+    both circumradii, so a pair whose lower bound exceeds the smallest centre distance is skipped.
     """
     shrink = torch.minimum(length, width) * CORNER_ROUNDING_FACTOR / 2  # [B, S]
     half_l = (length - 2 * shrink) / 2
     half_w = (width - 2 * shrink) / 2
+    radius = torch.sqrt(length * length + width * width) / 2
     ego_xy = gather_agents(xy, ego_index)  # [B, R, E, T, 2]
     ego_h = gather_agents(heading, ego_index)
     ego_valid = gather_agents(valid, ego_index)
-    e_idx = ego_index[:, None, :]  # [B, 1, E]
     take = lambda v: torch.gather(v, 1, ego_index)  # [B, S] -> [B, E]
-    # Other box centres in each ego frame: [B, R, E, S, T].
+    # Pair layout [B, R, E, S, T].
     dx = xy[:, :, None, ..., 0] - ego_xy[:, :, :, None, :, 0]
     dy = xy[:, :, None, ..., 1] - ego_xy[:, :, :, None, :, 1]
-    cos_e, sin_e = torch.cos(ego_h)[:, :, :, None], torch.sin(ego_h)[:, :, :, None]
-    cx = dx * cos_e + dy * sin_e
-    cy = -dx * sin_e + dy * cos_e
-    phi = heading[:, :, None] - ego_h[:, :, :, None]
-    per_pair = lambda v: v[:, None, None, :, None]  # [B, S] -> [B, 1, 1, S, 1]
-    per_ego = lambda v: v[:, None, :, None, None]  # [B, E] -> [B, 1, E, 1, 1]
-    dist = _box_core_signed_distance(cx, cy, per_ego(take(half_l)), per_ego(take(half_w)),
-                                     per_pair(half_l), per_pair(half_w), torch.cos(phi), torch.sin(phi))
-    dist = dist - per_ego(take(shrink)) - per_pair(shrink)
     s_idx = torch.arange(xy.shape[2], device=xy.device)
-    is_self = (s_idx[None, None, :] == e_idx[..., None])[:, :, :, :, None]  # [B, 1, E, S, 1]
-    dist = dist + is_self * EXTREMELY_LARGE_DISTANCE
-    pair_valid = ego_valid[:, :, :, None] & valid[:, :, None]
-    dist = torch.where(pair_valid, dist, torch.full_like(dist, EXTREMELY_LARGE_DISTANCE))
-    return dist.amin(dim=3)
+    is_self = (s_idx[None, None, :] == ego_index[:, None, :, None])[..., None]  # [B, 1, E, S, 1]
+    usable = (ego_valid[:, :, :, None] & valid[:, :, None] & ~is_self).expand(dx.shape)
+    centre = torch.where(usable, torch.sqrt(dx * dx + dy * dy), torch.full_like(dx, float("inf")))
+    upper = centre.amin(dim=3, keepdim=True)
+    lower = centre - take(radius)[:, None, :, None, None] - radius[:, None, None, :, None]
+    b, r, e, s, t = dx.shape
+    bi, ri, ei, si, ti = torch.nonzero(usable & (lower <= upper), as_tuple=True)
+
+    # Exact signed distance of the kept pairs, in the ego box's frame.
+    h_ego, h_other = ego_h[bi, ri, ei, ti], heading[bi, ri, si, ti]
+    px, py = dx[bi, ri, ei, si, ti], dy[bi, ri, ei, si, ti]
+    cos_e, sin_e = torch.cos(h_ego), torch.sin(h_ego)
+    phi = h_other - h_ego
+    ego_s = ego_index[bi, ei]
+    dist = _box_core_signed_distance(px * cos_e + py * sin_e, -px * sin_e + py * cos_e,
+                                     half_l[bi, ego_s], half_w[bi, ego_s], half_l[bi, si], half_w[bi, si],
+                                     torch.cos(phi), torch.sin(phi))
+    dist = dist - shrink[bi, ego_s] - shrink[bi, si]
+    out = torch.full((b * r * e * t,), EXTREMELY_LARGE_DISTANCE, dtype=dx.dtype, device=dx.device)
+    out.scatter_reduce_(0, ((bi * r + ri) * e + ei) * t + ti, dist, reduce="amin")
+    return out.reshape(b, r, e, t)
 
 
 def time_to_collision(xy: torch.Tensor, heading: torch.Tensor, speed: torch.Tensor,

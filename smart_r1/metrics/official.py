@@ -95,8 +95,9 @@ def official_metrics_parallel(
 ) -> list[dict[str, float]]:
     """The official metrics of many (scenario, rollouts) pairs, one Ray task per scenario.
 
-    Uses the running Ray instance if there is one, else starts a local one with `num_workers`
-    CPUs (default: all) and leaves it running for later calls. Results keep the input order.
+    Uses Ray if this process already initialised it, else starts a private local instance with
+    `num_workers` CPUs (default: all) and leaves it running for later calls. Results keep the
+    input order.
     """
     import ray
 
@@ -105,7 +106,9 @@ def official_metrics_parallel(
         # Workers inherit the driver's environment: set the allocator variables before they start.
         for key, value in MALLOC_ENV.items():
             os.environ.setdefault(key, value)
-        ray.init(num_cpus=num_workers, include_dashboard=False, log_to_driver=False)
+        # address="local": a private instance, never another user's `ray start` cluster found on
+        # this machine (tasks would queue behind its jobs).
+        ray.init(address="local", num_cpus=num_workers, include_dashboard=False, log_to_driver=False)
     task = ray.remote(num_cpus=1)(_official_from_bytes)
     refs = []
     for scenario, rollouts in pairs:

@@ -21,6 +21,7 @@ import torch
 CHUNK = 16
 TOP_CHUNKS = 6
 GROUP_CHUNKS = 16
+_MAX_POINTS = 1 << 16  # query points per block (memory: ~100 candidates per point)
 _FALLBACK_BATCH = 256  # query points per exhaustive-search block (bounds memory)
 
 
@@ -275,6 +276,10 @@ def nearest_segment(points: torch.Tensor, segs: SegmentSet, top_chunks: int = TO
     those. Points whose answer is not proven by the bounds are searched exhaustively.
     """
     b, n, _ = points.shape
+    if b * n > _MAX_POINTS:  # bound the [B, N, candidates] temporaries: blocks of points
+        step = max(group, (_MAX_POINTS // b) // group * group)
+        return torch.cat([nearest_segment(points[:, i : i + step], segs, top_chunks, group)
+                          for i in range(0, n, step)], dim=1)
     num_chunks = segs.box_lo.shape[1]
     scale = points.new_tensor([1.0, 1.0, segs.z_stretch])
     p = (points * scale).reshape(b, n // group, group, 3)
