@@ -187,7 +187,9 @@ def apply_overrides(config: PipelineConfig, overrides: list[str]) -> PipelineCon
         key, value = item.split("=", 1)
         section, _, name = key.rpartition(".")
         if not section:
-            config = dataclasses.replace(config, **{name: _coerce(value, getattr(config, name, ""))})
+            if name not in {f.name for f in fields(config)} or name == "stages":
+                raise ValueError(f"override {item!r}: the pipeline config has no field {name!r}")
+            config = dataclasses.replace(config, **{name: _coerce(value, getattr(config, name))})
         elif section in ("data", "model", "ray", "eval"):
             part = getattr(config, section)
             if name not in {f.name for f in fields(part)}:

@@ -5,16 +5,17 @@ from __future__ import annotations
 import os
 
 
-def ensure_ray(num_cpus: int | None = None) -> None:
+def ensure_ray(num_cpus: int | None = None, log_to_driver: bool = False) -> None:
     """Join the cluster named by RAY_ADDRESS (as under `ray job submit`), else start a local Ray.
 
-    `num_cpus` caps a local Ray only; a cluster's resources are the cluster's.
+    `num_cpus` caps a local Ray only; a cluster's resources are the cluster's. `log_to_driver`
+    shows the workers' output (training progress) in this process.
     """
     import ray
 
     if ray.is_initialized():
         return
-    quiet = dict(log_to_driver=False, configure_logging=False)
+    quiet = dict(log_to_driver=log_to_driver, configure_logging=False)
     if os.environ.get("RAY_ADDRESS"):
         ray.init(**quiet)
     else:

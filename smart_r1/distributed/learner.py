@@ -1,0 +1,174 @@
+"""The Ray Train learner: a `TorchTrainer` (Train V2) whose workers run one stage's training loop.
+
+Shared here: the job description handed to every worker, gradient averaging across workers,
+Ray Train checkpoints (reported every epoch / RL step, resumed after a worker failure through
+`FailureConfig`, and copied to the stage folder so a re-run of the pipeline resumes too), and
+progress lines with an ETA.
+
+Gradients are averaged with an explicit all-reduce after `backward()` instead of wrapping the
+model in DistributedDataParallel: the rollout and log-prob code calls the model's submodules
+directly (`encode_map`, `decode`), which would bypass DDP's hooks.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from smart_r1.config import RayConfig, StageConfig
+from smart_r1.tracking.mlflow_runs import RunTracker
+
+STATE_NAME = "state.pt"  # inside a Ray Train checkpoint: model, optimizer, progress
+MODEL_NAME = "model.pt"  # a plain SMART-tiny checkpoint (smart_r1.model.checkpoint)
+LAST_NAME = "last_state.pt"  # in the stage folder: the newest state, for re-runs of the pipeline
+
+
+@dataclass(frozen=True)
+class LearnerJob:
+    """Everything a learner worker needs for one stage (plain values and actor handles)."""
+
+    stage: StageConfig
+    stage_dir: str
+    init_checkpoint: str  # the model this stage starts from
+    datasets: dict  # name -> data path ("train" at least)
+    seed: int = 0
+    ref_checkpoint: str = ""  # MPO: the frozen reference policy
+    rollout_workers: list = field(default_factory=list)  # MPO: RolloutWorker actor handles
+    tracker: RunTracker | None = None
+    threads: int = 1
+    fail_once_at: int = -1  # fault injection for tests: raise once at this step/epoch
+
+
+class Progress:
+    """Prints `[stage] unit i/n ... eta` lines (rank 0 only)."""
+
+    def __init__(self, stage: str, total: int, start: int = 0, enabled: bool = True):
+        self.stage, self.total, self.start, self.enabled = stage, total, start, enabled
+        self.t0 = time.perf_counter()
+
+    def line(self, done: int, text: str) -> None:
+        if not self.enabled:
+            return
+        elapsed = time.perf_counter() - self.t0
+        rate = (done - self.start) / elapsed if elapsed > 0 and done > self.start else 0.0
+        eta = (self.total - done) / rate if rate > 0 else float("nan")
+        eta_text = f"{eta // 60:.0f}m{eta % 60:02.0f}s" if eta == eta else "?"
+        print(f"[{self.stage}] {done}/{self.total} {text} | elapsed {elapsed:.0f}s eta {eta_text}", flush=True)
+
+
+def world() -> tuple[int, int]:
+    import ray.train
+
+    ctx = ray.train.get_context()
+    return ctx.get_world_rank(), ctx.get_world_size()
+
+
+def average_gradients(model: torch.nn.Module, world_size: int) -> None:
+    """All-reduce and average every gradient over the learner workers (no-op for one worker)."""
+    if world_size <= 1:
+        return
+    import torch.distributed as dist
+
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat)
+    flat /= world_size
+    offset = 0
+    for g in grads:
+        g.copy_(flat[offset:offset + g.numel()].view_as(g))
+        offset += g.numel()
+
+
+def optimizer_step(model, optimizer, loss: torch.Tensor, grad_clip: float, world_size: int) -> float:
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    for p in model.parameters():  # every rank all-reduces the same list of tensors
+        if p.grad is None and p.requires_grad:
+            p.grad = torch.zeros_like(p)
+    average_gradients(model, world_size)
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    optimizer.step()
+    return float(norm)
+
+
+def load_state(job: LearnerJob) -> dict | None:
+    """The newest training state: Ray Train's (after a worker failure) or the stage folder's."""
+    import ray.train
+
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as d:
+            return torch.load(Path(d) / STATE_NAME, map_location="cpu", weights_only=True)
+    last = Path(job.stage_dir) / LAST_NAME
+    if last.exists():
+        return torch.load(last, map_location="cpu", weights_only=True)
+    return None
+
+
+def report(job: LearnerJob, model, optimizer, progress: int, metrics: dict, rank: int) -> None:
+    """Report metrics and a checkpoint (rank 0 writes it) to Ray Train; log to MLflow."""
+    import ray.train
+    from ray.train import Checkpoint
+
+    from smart_r1.model.checkpoint import save_checkpoint
+
+    if job.tracker is not None:
+        job.tracker.for_rank(rank).log_metrics(metrics, step=progress)
+    if rank != 0:
+        ray.train.report(metrics, checkpoint=None)
+        return
+    with tempfile.TemporaryDirectory() as d:
+        core = getattr(model, "module", model)
+        state = {"model": {k: v.detach().cpu() for k, v in core.state_dict().items()},
+                 "optimizer": optimizer.state_dict(), "progress": progress}
+        torch.save(state, Path(d) / STATE_NAME)
+        save_checkpoint(Path(d) / MODEL_NAME, core, {"stage": job.stage.name, "progress": progress})
+        tmp = Path(job.stage_dir) / f".{LAST_NAME}.tmp"
+        shutil.copyfile(Path(d) / STATE_NAME, tmp)
+        os.replace(tmp, Path(job.stage_dir) / LAST_NAME)
+        ray.train.report(metrics, checkpoint=Checkpoint.from_directory(d))
+
+
+def maybe_fail(job: LearnerJob, progress: int) -> None:
+    """Fault injection for the failure test: fail once, the first time `progress` is reached."""
+    marker = Path(job.stage_dir) / ".injected_failure"
+    if progress == job.fail_once_at and not marker.exists():
+        marker.touch()
+        raise RuntimeError(f"injected learner failure at {progress}")
+
+
+def run_learner(job: LearnerJob, ray_cfg: RayConfig, storage_path: str) -> str:
+    """Run the stage's loop on a TorchTrainer; returns the path of the final SMART-tiny checkpoint."""
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from smart_r1.distributed.mpo_loop import mpo_loop
+    from smart_r1.distributed.supervised_loop import supervised_loop
+
+    loop = mpo_loop if job.stage.kind == "mpo" else supervised_loop
+    Path(job.stage_dir).mkdir(parents=True, exist_ok=True)
+    trainer = TorchTrainer(
+        loop,
+        train_loop_config={"job": job},
+        scaling_config=ScalingConfig(num_workers=ray_cfg.num_learners, use_gpu=ray_cfg.use_gpu,
+                                     resources_per_worker={"CPU": ray_cfg.cpus_per_learner,
+                                                           **({"GPU": 1} if ray_cfg.use_gpu else {})}),
+        run_config=RunConfig(name=f"{Path(job.stage_dir).parent.name}-{job.stage.name}",
+                             storage_path=storage_path,
+                             failure_config=FailureConfig(max_failures=ray_cfg.max_learner_failures)),
+    )
+    result = trainer.fit()
+    if result.error is not None:
+        raise RuntimeError(f"stage {job.stage.name}: learner failed") from result.error
+    out = Path(job.stage_dir) / MODEL_NAME
+    with result.checkpoint.as_directory() as d:
+        tmp = out.with_name(f".{MODEL_NAME}.tmp")
+        shutil.copyfile(Path(d) / MODEL_NAME, tmp)
+        os.replace(tmp, out)
+    return str(out)

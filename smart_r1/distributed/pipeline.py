@@ -1,0 +1,202 @@
+"""The stage DAG: BC -> closed-loop SFT (CAT-K) -> RFT (MPO) -> closed-loop SFT, on Ray.
+
+The driver prepares data (the embedded SUMO set unless a path is given), the motion vocabulary
+and an initial model, starts the rollout workers once, then runs each stage on a Ray Train
+learner and scores its checkpoint on held-out scenarios with the rollout workers. Everything a
+stage produces lives in `<out_dir>/<stage>/`; `done.json` marks a finished stage, so a re-run
+skips finished stages and continues an unfinished one from its last checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+
+from smart_r1.config import PipelineConfig
+from smart_r1.types import RolloutFailure
+
+TABLE_FIELDS = ("metametric", "simulated_collision_rate", "simulated_offroad_rate",
+                "min_average_displacement_error")
+SHARED_SCENARIO = Path(__file__).resolve().parents[2].parent / "shared" / "womd" / "motion_data_one_scenario.tfrecord"
+
+
+def prepare_data(config: PipelineConfig, out: Path) -> dict[str, str]:
+    """Data paths by name: train, heldout and (when available) the real WOMD scenario."""
+    from smart_r1.data.preprocess import preprocess
+
+    data = config.data
+    paths = {"train": data.train, "heldout": data.heldout}
+    for name, count, seed in (("train", data.embedded_train_scenarios, data.seed),
+                              ("heldout", data.embedded_heldout_scenarios, data.seed + 100_000)):
+        if paths[name]:
+            continue
+        raw, parquet = out / "data" / f"{name}_raw", out / "data" / name
+        if not (parquet / "preprocess_report.json").exists():
+            from smart_r1.data.sumo import make_dataset
+
+            print(f"[data] generating {count} SUMO scenarios ({name}, seed {seed}) ...", flush=True)
+            if not list(raw.glob("*.tfrecord")):
+                make_dataset(raw, num_scenarios=count, seed=seed)
+            report = preprocess(str(raw / "*.tfrecord"), parquet, verbose=False)
+            if report["bad_records"]:
+                raise RuntimeError(f"generated data has bad records: {report['bad_records'][:3]}")
+        paths[name] = str(parquet)
+    real = data.real_scenario
+    if real == "auto":
+        real = str(SHARED_SCENARIO) if SHARED_SCENARIO.exists() else ""
+    if real:
+        paths["real"] = real
+    return paths
+
+
+def prepare_model(config: PipelineConfig, datasets: dict[str, str], out: Path) -> str:
+    """The checkpoint the first stage starts from: the given one, or a fresh model with a
+    motion vocabulary built from the training data."""
+    import torch
+
+    from smart_r1.data.dataset import iter_scenarios
+    from smart_r1.model.checkpoint import save_checkpoint
+    from smart_r1.model.config import ModelConfig
+    from smart_r1.model.smart_tiny import SmartTiny
+    from smart_r1.tokens.motion_vocab import build_vocab
+
+    if config.init_checkpoint:
+        return config.init_checkpoint
+    init = out / "init.pt"
+    if not init.exists():
+        t0 = time.perf_counter()
+        vocab = build_vocab(iter_scenarios(datasets["train"], 200), size=config.model.vocab_size, seed=config.seed)
+        torch.manual_seed(config.seed)
+        cfg = ModelConfig.preset(config.model.preset, vocab_size=config.model.vocab_size)
+        model = SmartTiny(cfg, vocab)
+        save_checkpoint(init, model, {"stage": "init"})
+        print(f"[init] vocabulary of {vocab.size} tokens per type and a {model.num_parameters():,}-parameter "
+              f"model ({config.model.preset}) in {time.perf_counter() - t0:.0f}s", flush=True)
+    return str(init)
+
+
+def evaluate(workers: list, checkpoint: str, version: int, dataset: str, max_scenarios: int,
+             num_rollouts: int) -> dict:
+    """Fast WOSAC metrics of a checkpoint on a dataset, aggregated as the official code does."""
+    import ray
+    import torch
+
+    from smart_r1.distributed.rollout_worker import split
+    from smart_r1.metrics import aggregate_metrics
+
+    blob = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    ref = ray.put(blob["state_dict"])
+    count = min(max_scenarios, ray.get(workers[0].num_scenarios.remote(dataset)))
+    shards = split(list(range(count)), len(workers))
+    results = [r for part in ray.get([w.evaluate.remote(version, [ref], dataset, s, num_rollouts)
+                                      for w, s in zip(workers, shards)]) for r in part]
+    scored = [r for r in results if not isinstance(r, RolloutFailure)]
+    failed = [r for r in results if isinstance(r, RolloutFailure)]
+    for f in failed:
+        print(f"[eval] {f.scenario_id} dropped: {f.error}", flush=True)
+    if not scored:
+        raise RuntimeError(f"evaluation on {dataset}: every scenario failed")
+    summary = aggregate_metrics([{k: v for k, v in r.items() if k != "scenario_id"} for r in scored])
+    return {**summary, "scenarios": len(scored), "failed": len(failed), "num_rollouts": num_rollouts}
+
+
+def format_table(rows: dict[str, dict[str, dict]]) -> str:
+    """Markdown table: one row per (stage, dataset)."""
+    head = "| stage | data | realism meta | collision rate | off-road rate | minADE (m) | scenarios |"
+    lines = [head, "|" + "---|" * 7]
+    for stage, by_data in rows.items():
+        for dataset, m in by_data.items():
+            lines.append(f"| {stage} | {dataset} | {m['metametric']:.4f} | {m['simulated_collision_rate']:.4f} | "
+                         f"{m['simulated_offroad_rate']:.4f} | {m['min_average_displacement_error']:.3f} | "
+                         f"{m['scenarios']} |")
+    return "\n".join(lines)
+
+
+def run_pipeline(config: PipelineConfig, fail_once_at: dict[str, int] | None = None) -> dict:
+    """Run (or resume) every stage; returns {stage: {dataset: metrics}}."""
+    import ray
+
+    from smart_r1.distributed.learner import LearnerJob, run_learner
+    from smart_r1.distributed.rollout_worker import start_workers
+    from smart_r1.distributed.timing import PhaseTimer
+    from smart_r1.tracking.mlflow_runs import start_run
+
+    started = time.perf_counter()
+    out = Path(config.out_dir).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(json.dumps(config.to_dict(), indent=2))
+    run_id_file = out / "mlflow_run_id"  # a re-run resumes the same MLflow run
+    resumed = run_id_file.exists()
+    tracker = start_run(out.name, run_id=run_id_file.read_text().strip() if resumed else None)
+    run_id_file.write_text(tracker.run_id)
+    if not resumed:
+        tracker.log_params(config.to_dict())
+    timer = PhaseTimer()
+    with timer.phase("data"):
+        datasets = prepare_data(config, out)
+        current = prepare_model(config, datasets, out)
+    eval_sets = [d for d in ("heldout", "real") if d in datasets]
+    r = config.ray
+    workers = start_workers(current, datasets, r.num_rollout_workers, r.cpus_per_rollout_worker,
+                            r.gpus_per_rollout_worker, config.seed)
+    storage = r.storage_path or str(out / "ray")
+    rows: dict[str, dict] = {}
+    with timer.phase("eval"):
+        rows["start"] = {d: evaluate(workers, current, 10**6, d, config.eval.max_scenarios,
+                                     config.eval.num_rollouts) for d in eval_sets}
+    print(format_table(rows), flush=True)
+    reference = current
+    for i, stage in enumerate(config.stages):
+        stage_dir = out / stage.name
+        done = stage_dir / "done.json"
+        if stage.kind == "bc" and config.init_checkpoint:
+            print(f"[{stage.name}] skipped: starting from {config.init_checkpoint}", flush=True)
+            continue
+        if done.exists():
+            info = json.loads(done.read_text())
+            current, rows[stage.name] = info["checkpoint"], info["metrics"]
+            print(f"[{stage.name}] already finished: {current}", flush=True)
+            if stage.kind != "mpo":
+                reference = current
+            continue
+        stage_dir.mkdir(parents=True, exist_ok=True)
+        stage_tracker = tracker.child(stage.name)
+        stage_tracker.log_params(asdict(stage))
+        print(f"[{stage.name}] {stage.kind} from {current}", flush=True)
+        t0 = time.perf_counter()
+        job = LearnerJob(stage=stage, stage_dir=str(stage_dir), init_checkpoint=current, datasets=datasets,
+                         seed=config.seed, ref_checkpoint=reference if stage.kind == "mpo" else "",
+                         rollout_workers=workers if stage.kind == "mpo" else [], tracker=stage_tracker,
+                         threads=max(1, int(r.cpus_per_learner)),
+                         fail_once_at=(fail_once_at or {}).get(stage.name, -1))
+        with timer.phase(f"stage_{stage.name}"):
+            current = run_learner(job, r, storage)
+        with timer.phase("eval"):
+            rows[stage.name] = {d: evaluate(workers, current, 10**6 + i + 1, d, config.eval.max_scenarios,
+                                            config.eval.num_rollouts) for d in eval_sets}
+        seconds = time.perf_counter() - t0
+        for d, m in rows[stage.name].items():
+            stage_tracker.log_metrics({f"{d}/{k}": v for k, v in m.items()})
+        (stage_dir / "metrics.json").write_text(json.dumps(rows[stage.name], indent=2))
+        stage_tracker.log_artifact(stage_dir / "metrics.json")
+        stage_tracker.log_artifact(current, "checkpoints")
+        stage_tracker.finish()
+        done.write_text(json.dumps({"checkpoint": current, "metrics": rows[stage.name], "seconds": seconds}))
+        if stage.kind != "mpo":
+            reference = current  # MPO's KL anchors to the latest supervised checkpoint
+        print(f"[{stage.name}] finished in {seconds:.0f}s\n{format_table({stage.name: rows[stage.name]})}",
+              flush=True)
+    table = format_table(rows)
+    (out / "results.md").write_text(table + "\n")
+    (out / "results.json").write_text(json.dumps(rows, indent=2))
+    tracker.log_artifact(out / "results.md")
+    tracker.log_metrics({k: v for k, v in timer.lap().items()})
+    tracker.finish()
+    for w in workers:
+        ray.kill(w)
+    print(f"\nSFT-RFT-SFT finished in {time.perf_counter() - started:.0f}s; results in {out}\n{table}", flush=True)
+    return rows

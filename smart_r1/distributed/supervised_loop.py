@@ -1,0 +1,97 @@
+"""Learner loop of the supervised stages, run by every Ray Train worker:
+
+    bc        teacher-forced next-token cross-entropy on logged data (smart_r1.rl.bc)
+    catk_sft  closed-loop SFT on CAT-K rollouts (smart_r1.rl.catk)
+
+Each worker takes every world_size-th scenario; one report (metrics + checkpoint) per epoch.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+
+import torch
+
+from smart_r1.distributed.learner import (
+    LearnerJob, Progress, load_state, maybe_fail, optimizer_step, report, world,
+)
+from smart_r1.distributed.timing import PhaseTimer, format_phases
+
+
+def _scenes(job: LearnerJob, vocab, rank: int, world_size: int) -> tuple[list, int]:
+    """This rank's tokenised scenes, and the number of training scenarios over all ranks."""
+    from smart_r1.data.dataset import iter_scenarios
+    from smart_r1.tokens.scene import build_scene
+
+    everything = list(iter_scenarios(job.datasets["train"]))
+    records = everything[rank::world_size]
+    # BC learns from every agent with tokens; closed-loop SFT unrolls the sim agents.
+    agents = "all" if job.stage.kind == "bc" else "sim"
+    scenes = [build_scene(r, vocab, agents=agents, max_agents=64 if agents == "all" else 128)
+              for r in records]
+    return [s for s in scenes if bool(s.agent_mask.any())], len(everything)
+
+
+def supervised_loop(config: dict) -> None:
+    import ray.train
+
+    from smart_r1.model.checkpoint import load_checkpoint
+    from smart_r1.rl.bc import bc_loss
+    from smart_r1.rl.catk import catk_sft_loss
+    from smart_r1.tokens.scene import collate
+
+    job: LearnerJob = config["job"]
+    stage = job.stage
+    torch.set_num_threads(max(1, job.threads))
+    rank, world_size = world()
+    device = ray.train.torch.get_device()
+    model = load_checkpoint(job.init_checkpoint, map_location=device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=stage.lr, weight_decay=stage.weight_decay)
+    start_epoch = 0
+    state = load_state(job)
+    if state is not None:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        start_epoch = int(state["progress"]) + 1
+        if rank == 0:
+            print(f"[{stage.name}] resuming after epoch {start_epoch - 1}", flush=True)
+    timer = PhaseTimer()
+    with timer.phase("tokenize"):
+        scenes, total = _scenes(job, model.vocab, rank, world_size)
+    if not scenes:
+        raise ValueError(f"stage {stage.name}: no training scenes with agents on rank {rank}")
+    # Every rank takes the same number of steps (their gradients are all-reduced together);
+    # a rank with fewer scenes wraps around its own.
+    steps_per_epoch = math.ceil(total / world_size / stage.batch_scenarios)
+    progress = Progress(stage.name, stage.epochs * steps_per_epoch, start_epoch * steps_per_epoch, rank == 0)
+    torch.manual_seed(job.seed + rank)
+    for epoch in range(start_epoch, stage.epochs):
+        maybe_fail(job, epoch)
+        random.Random(job.seed * 7919 + epoch).shuffle(scenes)
+        totals = {"loss": 0.0, "accuracy": 0.0, "tokens": 0}
+        for i in range(steps_per_epoch):
+            picked = [scenes[(i * stage.batch_scenarios + j) % len(scenes)] for j in range(stage.batch_scenarios)]
+            batch = collate(picked).to(device)
+            model.train()
+            with timer.phase("forward"):
+                if stage.kind == "bc":
+                    loss, stats = bc_loss(model, batch)
+                else:
+                    loss, stats = catk_sft_loss(model, batch, stage.top_k)
+            with timer.phase("update"):
+                grad_norm = optimizer_step(model, optimizer, loss, stage.grad_clip, world_size)
+            for k in ("loss", "accuracy"):
+                totals[k] += stats[k] * stats["tokens"]
+            totals["tokens"] += stats["tokens"]
+            done = epoch * steps_per_epoch + i + 1
+            if i % max(1, steps_per_epoch // 4) == 0 or i == steps_per_epoch - 1:
+                progress.line(done, f"epoch {epoch + 1}/{stage.epochs} loss {stats['loss']:.3f} "
+                                    f"acc {stats['accuracy']:.3f} |grad| {grad_norm:.2f}")
+        n = max(totals["tokens"], 1)
+        times = timer.lap()
+        metrics = {"epoch": epoch, "loss": totals["loss"] / n, "accuracy": totals["accuracy"] / n, **times}
+        if rank == 0:
+            print(f"[{stage.name}] epoch {epoch + 1}/{stage.epochs}: loss {metrics['loss']:.4f} "
+                  f"accuracy {metrics['accuracy']:.3f} | {format_phases(times)}", flush=True)
+        report(job, model, optimizer, epoch, metrics, rank)
