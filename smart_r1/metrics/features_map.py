@@ -55,10 +55,10 @@ def _take(values: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
 def signed_distance_to_road_edge(points: torch.Tensor, edges: SegmentSet) -> torch.Tensor:
     """float [B, N]: signed 2D distance from points [B, N, 3] to the road edge (> 0 off-road).
 
-    Points close to each other in runs of 16 make the search faster (nearest_segment's groups).
+    Points close to each other in runs of 32 make the search faster (nearest_segment's groups).
     """
-    # Groups of 16 points: the 4 corners of 4 consecutive steps of one box (see the caller).
-    seg = nearest_segment(points, edges, group=16 if points.shape[1] % 16 == 0 else 1)  # [B, N]
+    # Groups of 32 points: the 4 corners of 8 consecutive steps of one box (see the caller).
+    seg = nearest_segment(points, edges, group=32 if points.shape[1] % 32 == 0 else 1)  # [B, N]
 
     def relative(index):
         a, b = _take(edges.start, index), _take(edges.end, index)

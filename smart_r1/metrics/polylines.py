@@ -18,9 +18,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-CHUNK = 16
+CHUNK = 8
 TOP_CHUNKS = 6
-GROUP_CHUNKS = 16
+GROUP_CHUNKS = 24
 _MAX_POINTS = 1 << 16  # query points per block (memory: ~100 candidates per point)
 _FALLBACK_BATCH = 256  # query points per exhaustive-search block (bounds memory)
 
