@@ -3,7 +3,7 @@
 A token is the agent's 5 poses (x, y, heading) over the next 0.5 s at 10 Hz, in the frame of its
 pose at the start of the interval. Tokens are chosen per type (vehicle, pedestrian, cyclist) by
 K-disk clustering: visit the samples in random order, keep one as a centre and drop every sample
-within `eps` of it (mean corner distance of a nominal box over the 5 poses); `eps` is the largest
+within `eps` of it (root-mean-square corner distance of a nominal box over the 5 poses); `eps` is the largest
 value (binary search) that still yields `size` centres, so the centres cover the data evenly.
 """
 
@@ -118,49 +118,63 @@ def synthetic_samples(type_id: int, n: int, rng: np.random.Generator) -> np.ndar
     return out
 
 
-def _contour_points(samples: torch.Tensor, type_id: int) -> torch.Tensor:
-    """[N, SHIFT, 3] -> [N, SHIFT * 4, 2] corner points of the nominal box along the contour."""
+def _contour_points(samples: np.ndarray, type_id: int) -> np.ndarray:
+    """[N, SHIFT, 3] -> float32 [N, SHIFT * 4, 2] corner points of the nominal box along the contour."""
     length, width = (float(v) for v in NOMINAL_SIZE[type_id])
-    return box_corners(samples, length, width).reshape(samples.shape[0], SHIFT * 4, 2)  # [N, 20, 2]
+    return box_corners(samples, length, width).reshape(samples.shape[0], SHIFT * 4, 2).astype(np.float32)
 
 
-def _kdisk_pass(points: torch.Tensor, order: torch.Tensor, eps: float, k: int) -> list[int]:
+def _pairwise_distance(points: np.ndarray, chunk: int = 2048) -> np.ndarray:
+    """float16 [N, N] root-mean-square distance between the corner points of every pair of samples."""
+    flat = points.reshape(points.shape[0], -1).astype(np.float32)  # [N, 40]
+    sq = (flat ** 2).sum(1)  # [N]
+    out = np.empty((flat.shape[0], flat.shape[0]), np.float16)
+    for i in range(0, flat.shape[0], chunk):  # row blocks bound the float32 temporary
+        d2 = sq[i:i + chunk, None] + sq[None] - 2 * flat[i:i + chunk] @ flat.T  # [chunk, N]
+        out[i:i + chunk] = np.sqrt(np.maximum(d2, 0) / points.shape[1])
+    return out
+
+
+def _kdisk_pass(dist: np.ndarray, order: np.ndarray, eps: float, k: int) -> list[int]:
     """Greedy K-disk cover in the given visiting order; stops after k centres."""
-    left = order.clone()  # uncovered samples, in visiting order
+    uncovered = np.ones(dist.shape[0], dtype=bool)
     chosen = []
-    while left.numel() and len(chosen) < k:
-        centre = int(left[0])
-        chosen.append(centre)
-        dist = (points[left] - points[centre]).norm(dim=-1).mean(-1)  # [n_left] mean corner distance
-        left = left[dist > eps]
+    for i in order:
+        if uncovered[i]:
+            chosen.append(int(i))
+            if len(chosen) == k:
+                break
+            uncovered &= dist[i] > eps
     return chosen
 
 
 def kdisk_cluster(samples: np.ndarray, k: int, type_id: int, seed: int = 0, iters: int = 10) -> np.ndarray:
-    """K-disk centres [k, SHIFT, 3] of samples [N, SHIFT, 3] (N >= k expected; see build_vocab)."""
-    x = torch.as_tensor(samples, dtype=torch.float32)
-    points = _contour_points(x, type_id)
-    order = torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(seed))
-    lo, hi = 0.0, float((points - points.mean(0)).norm(dim=-1).mean(-1).max()) * 2
-    best = _kdisk_pass(points, order, lo, k)
+    """K-disk centres [k, SHIFT, 3] of samples [N, SHIFT, 3] (N >= k expected; see build_vocab).
+
+    The distance is the root-mean-square distance between the nominal box's corners along the two
+    contours; memory is N^2 half floats (200 MB at N = 10000)."""
+    x = np.asarray(samples, np.float32)
+    dist = _pairwise_distance(_contour_points(x, type_id))  # [N, N]
+    order = np.random.default_rng(seed).permutation(x.shape[0])
+    lo, hi = 0.0, float(dist.max()) if x.shape[0] else 0.0
+    best = _kdisk_pass(dist, order, lo, k)
     for _ in range(iters):  # largest eps that still gives k centres
         mid = (lo + hi) / 2
-        chosen = _kdisk_pass(points, order, mid, k)
+        chosen = _kdisk_pass(dist, order, mid, k)
         if len(chosen) >= k:
             lo, best = mid, chosen
         else:
             hi = mid
     centres = x[best]
     if len(best) < k:  # fewer distinct samples than tokens: fill with jittered copies
-        g = torch.Generator().manual_seed(seed + 1)
-        extra = centres[torch.randint(len(best), (k - len(best),), generator=g)]
-        extra = extra + 0.01 * torch.randn(extra.shape, generator=g)
-        centres = torch.cat([centres, extra])
-    return centres.numpy()
+        rng = np.random.default_rng(seed + 1)
+        extra = centres[rng.integers(len(best), size=k - len(best))]
+        centres = np.concatenate([centres, extra + rng.normal(0, 0.01, extra.shape).astype(np.float32)])
+    return centres
 
 
 def build_vocab(records: Iterable[ScenarioRecord], size: int = 2048, seed: int = 0,
-                max_samples: int = 30000, min_samples_factor: int = 4, iters: int = 10) -> MotionVocab:
+                max_samples: int = 10000, min_samples_factor: int = 4, iters: int = 10) -> MotionVocab:
     """Cluster the logged contours of `records` into `size` tokens per type.
 
     Each type uses at most `max_samples` random data samples; a type with fewer than
