@@ -10,6 +10,7 @@ same `ScenarioRecord` -> proto path as WOMD data, so `smart-r1 preprocess` reads
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import tempfile
 import time
@@ -37,7 +38,7 @@ class SumoConfig:
 
     warmup_seconds: float = 60.0  # let the network fill before the first window
     record_seconds: float = 90.0  # simulated time that windows are cut from
-    window_stride_seconds: float = 3.0  # start of one window to the next
+    window_stride_seconds: float = 2.0  # start of one window to the next
     sdcs_per_window: int = 4  # self-driving cars per window, each its own scenario
     sdc_separation: float = 60.0  # metres between the sdcs of one window (at the current step)
     agent_radius: float = 50.0  # agents that come this close to the sdc's current position
@@ -355,12 +356,18 @@ def make_dataset(out_dir, num_scenarios: int, seed: int, scenarios_per_file: int
     scenarios: list[bytes] = []
     networks = 0
     workers = max(1, min(config.workers, os.cpu_count() or 1))
-    with ProcessPoolExecutor(max_workers=workers) as pool:
+    # Spawned, not forked: the caller may have started threads (TensorFlow, torch, Ray) that a
+    # forked child would inherit in an undefined state.
+    with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn")) as pool:
         while len(scenarios) < num_scenarios:
             # Networks are independent: run a batch of them side by side, keep index order.
             batch = [(seed, networks + i, config) for i in range(workers)]
+            before = len(scenarios)
             scenarios.extend(_interleave(list(pool.map(_network_job, batch)), seed, networks))
             networks += workers
+            if len(scenarios) == before and networks >= 10 * workers:
+                raise RuntimeError(f"{networks} SUMO networks gave only {before} scenarios: "
+                                   "no vehicle drove through a whole window (gridlock?)")
     scenarios = scenarios[:num_scenarios]
     num_files = -(-num_scenarios // scenarios_per_file)
     files = []

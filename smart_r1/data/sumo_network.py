@@ -178,7 +178,7 @@ def extract_map(net_path: Path, num_steps: int, step_seconds: float,
                     LANE, subtype, densify(np.array(lane.getShape()), 1.0),
                     speed=lane.getSpeed() * MPS_TO_MPH)
             if function == "":
-                _add_road_lines(features, edge, vehicle_lanes, net)
+                _add_road_lines(features, edge, vehicle_lanes)
         elif function == "crossing":
             lane = edge.getLanes()[0]
             centre = np.array(lane.getShape())
@@ -207,7 +207,7 @@ def extract_map(net_path: Path, num_steps: int, step_seconds: float,
     )
 
 
-def _add_road_lines(features: _Features, edge, vehicle_lanes: list, net) -> None:
+def _add_road_lines(features: _Features, edge, vehicle_lanes: list) -> None:
     """Broken white lines between neighbouring lanes of one edge; a double yellow centre line
     on the left of a two-way road (drawn once, by the edge whose id sorts first)."""
     for right, left in zip(vehicle_lanes[:-1], vehicle_lanes[1:]):
