@@ -14,10 +14,12 @@ Modules, in data order:
     signals                per-rollout / per-agent RL signals (collision, off-road, realism)
     official               the official evaluator, with the 2025 config, serial or over Ray tasks
     fields                 the `SimAgentMetrics` field names
+    compiled               opt-in torch.compile of the hot kernels (`enable_compile()`)
 
 `official` is not imported here: it loads TensorFlow on use.
 """
 
+from smart_r1.metrics.compiled import enable_compile
 from smart_r1.metrics.fields import FEATURE_NAMES, LIKELIHOOD_FIELDS, METRIC_FIELDS
 from smart_r1.metrics.rollouts_io import (
     log_replay_states, scenario_rollouts_to_states, states_to_scenario_rollouts,
@@ -27,6 +29,6 @@ from smart_r1.metrics.wosac import aggregate_metrics, compute_metrics_batch, com
 
 __all__ = [
     "FEATURE_NAMES", "LIKELIHOOD_FIELDS", "METRIC_FIELDS", "RolloutSignals", "aggregate_metrics",
-    "compute_metrics_batch", "compute_scenario_metrics", "log_replay_states", "rollout_signals",
+    "compute_metrics_batch", "enable_compile", "compute_scenario_metrics", "log_replay_states", "rollout_signals",
     "scenario_rollouts_to_states", "states_to_scenario_rollouts",
 ]

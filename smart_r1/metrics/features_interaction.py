@@ -22,6 +22,8 @@ import math
 
 import torch
 
+from smart_r1.metrics.compiled import hot_kernel
+
 EXTREMELY_LARGE_DISTANCE = 1e10
 CORNER_ROUNDING_FACTOR = 0.7
 MAX_HEADING_DIFF = math.radians(75.0)
@@ -47,6 +49,7 @@ def _point_segment_distance(px, py, ax, ay, bx, by) -> torch.Tensor:
     return torch.sqrt(ex * ex + ey * ey)
 
 
+@hot_kernel
 def _box_core_signed_distance(cx, cy, a1, a2, b1, b2, cos_phi, sin_phi) -> torch.Tensor:
     """Signed distance between an axis-aligned core box at the origin (half extents a1, a2) and a
     core box centred at (cx, cy), half extents b1, b2, rotated by phi. Negative when overlapping."""
@@ -131,6 +134,7 @@ def distance_to_nearest_object(xy: torch.Tensor, heading: torch.Tensor, length: 
     return out.reshape(b, r, e, t)
 
 
+@hot_kernel
 def time_to_collision(xy: torch.Tensor, heading: torch.Tensor, speed: torch.Tensor,
                       length: torch.Tensor, width: torch.Tensor, valid: torch.Tensor,
                       ego_index: torch.Tensor) -> torch.Tensor:

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from smart_r1.metrics.polylines import SegmentSet, _rel_t, nearest_segment
+from smart_r1.metrics.polylines import SegmentSet, segment_param, nearest_segment
 
 EXTREMELY_LARGE_DISTANCE = 1e10
 # Lanes crowd together at intersections: more chunk candidates keep fallbacks rare.
@@ -65,7 +65,7 @@ def signed_distance_to_road_edge(points: torch.Tensor, edges: SegmentSet) -> tor
         return points - a, b - a
 
     start_to_point, start_to_end = relative(seg)
-    rel_t = _rel_t(start_to_point, start_to_end)
+    rel_t = segment_param(start_to_point, start_to_end)
     n = _side(start_to_point, start_to_end)
     n_prior = _side(*relative(_take(edges.prev, seg)))
     n_next = _side(*relative(_take(edges.next, seg)))
@@ -102,7 +102,7 @@ def red_light_violation(xy: torch.Tensor, valid: torch.Tensor, lanes: SegmentSet
     """
     b, r, e, t1, _ = xy.shape
     start_to_xy = xy[..., None, :] - fence_start[:, None, None, None]  # [B, R, E, T+1, L, 2]
-    along = _rel_t(start_to_xy, fence_dir[:, None, None, None].expand_as(start_to_xy))  # [B, R, E, T+1, L]
+    along = segment_param(start_to_xy, fence_dir[:, None, None, None].expand_as(start_to_xy))  # [B, R, E, T+1, L]
     stop = stop_t[:, None, None, None]
     crossed = (along[:, :, :, :-1] < stop) & (along[:, :, :, 1:] > stop)  # [B, R, E, T, L]
     possible = (valid[:, :, :, 1:, None] & tl_stop[:, None, None, 1:] & tl_lane_known[:, None, None, None]

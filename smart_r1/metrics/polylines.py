@@ -2,11 +2,13 @@
 
 The official evaluator compares every query point with every segment of the map (a dense
 [points, polylines, max_segments] tensor). That is tens of millions of pairs per scenario. Here
-segments are grouped in chunks of `CHUNK` consecutive segments with an axis-aligned bounding box;
-each point is compared exactly with the segments of its `TOP_CHUNKS` nearest boxes, and the
-answer is accepted only when it is provably the global minimum (closer than the lower bound of
-every other box). The few points that fail the proof are searched exhaustively, so the result is
-the same segment the dense search picks, ties included (lowest flat index first).
+segments are grouped in chunks of `CHUNK` consecutive segments with an axis-aligned bounding box.
+A group of nearby query points (e.g. the corners of one box over 8 steps) keeps its
+`GROUP_CHUNKS` nearest boxes; each point of it is compared exactly with the segments of its
+`TOP_CHUNKS` nearest among those; the answer is accepted only when it is provably the global
+minimum (closer than the lower bound of every box left out). The few points that fail the proof
+are searched exhaustively, so the result is the segment the dense search picks, ties included
+(lowest flat index first).
 
 Shapes: B scenarios, M segments (padded), C = M / CHUNK chunks, N query points.
 """
@@ -17,6 +19,8 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+
+from smart_r1.metrics.compiled import hot_kernel
 
 CHUNK = 8
 TOP_CHUNKS = 6
@@ -187,7 +191,7 @@ def search_distance(points: torch.Tensor, start: torch.Tensor, end: torch.Tensor
     """
     start_to_point = points - start
     start_to_end = end - start
-    rel_t = _rel_t(start_to_point, start_to_end).clamp(0.0, 1.0)
+    rel_t = segment_param(start_to_point, start_to_end).clamp(0.0, 1.0)
     if reflected:  # the official lane search adds the projection (see module docstring)
         v = start_to_point[..., :2] + start_to_end[..., :2] * rel_t[..., None]
         return torch.sqrt(v[..., 0] * v[..., 0] + v[..., 1] * v[..., 1])
@@ -196,13 +200,14 @@ def search_distance(points: torch.Tensor, start: torch.Tensor, end: torch.Tensor
     return torch.sqrt(v[..., 0] * v[..., 0] + v[..., 1] * v[..., 1] + vz * vz)
 
 
-def _rel_t(start_to_point: torch.Tensor, start_to_end: torch.Tensor) -> torch.Tensor:
+def segment_param(start_to_point: torch.Tensor, start_to_end: torch.Tensor) -> torch.Tensor:
     """Projection parameter of points on segments in 2D; 0 for degenerate segments (divide_no_nan)."""
     num = start_to_point[..., 0] * start_to_end[..., 0] + start_to_point[..., 1] * start_to_end[..., 1]
     den = start_to_end[..., 0] * start_to_end[..., 0] + start_to_end[..., 1] * start_to_end[..., 1]
     return torch.where(den == 0, torch.zeros_like(num), num / torch.where(den == 0, 1.0, den))
 
 
+@hot_kernel
 def _candidate_distance(points: torch.Tensor, comp: torch.Tensor, z_stretch: float, reflected: bool
                         ) -> torch.Tensor:
     """`search_distance` from points [..., N, 3] to gathered segments comp [..., 7, N, K] -> [..., N, K].
@@ -230,22 +235,13 @@ def _gather_comp(segs: SegmentSet, index: torch.Tensor) -> torch.Tensor:
     return torch.gather(segs.comp, 2, flat).reshape(b, -1, n, k)
 
 
-def _gather_segments(segs: SegmentSet, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """start, end [B, N, K, 3] and valid [B, N, K] of segments `index` [B, N, K]."""
-    b, n, k = index.shape
-    flat = index.reshape(b, n * k)
-    start = torch.gather(segs.start, 1, flat[..., None].expand(-1, -1, 3)).reshape(b, n, k, 3)
-    end = torch.gather(segs.end, 1, flat[..., None].expand(-1, -1, 3)).reshape(b, n, k, 3)
-    valid = torch.gather(segs.valid, 1, flat).reshape(b, n, k)
-    return start, end, valid
-
-
 def _gap2(lo_a, hi_a, lo_b, hi_b) -> torch.Tensor:
     """Squared distance between axis-aligned intervals (broadcast), 0 where they overlap."""
     gap = (lo_b - hi_a).clamp_min(0) + (lo_a - hi_b).clamp_min(0)
     return gap * gap
 
 
+@hot_kernel
 def _box_bounds(lo: torch.Tensor, hi: torch.Tensor, box_lo: torch.Tensor, box_hi: torch.Tensor,
                 z_stretch: float) -> torch.Tensor:
     """Squared lower bound of the search distance between query boxes lo/hi [..., 3] (already
