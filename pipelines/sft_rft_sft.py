@@ -24,6 +24,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="override a config value (repeatable)")
     p.add_argument("--out-dir", default=None, help="where stages write checkpoints and tables")
     p.add_argument("--init-checkpoint", default=None, help="start from this checkpoint (skips BC)")
+    p.add_argument("--inject-learner-failure", action="append", default=[], metavar="STAGE:N",
+                   help="fault drill: make the learner fail once at epoch/step N of STAGE "
+                        "(it must resume from its last checkpoint)")
     return p.parse_args(argv)
 
 
@@ -39,6 +42,11 @@ def main(argv=None) -> int:
         overrides.append(f"init_checkpoint={args.init_checkpoint}")
     try:
         config = load_config(args.config, overrides)  # every check before any cluster work
+        failures = {}
+        for item in args.inject_learner_failure:
+            stage, _, n = item.partition(":")
+            config.stage(stage)  # an unknown stage name fails here
+            failures[stage] = int(n)
     except ValueError as e:
         print(f"sft_rft_sft: invalid configuration: {e}", file=sys.stderr)
         return 2
@@ -46,7 +54,7 @@ def main(argv=None) -> int:
     from smart_r1.distributed.ray_runtime import ensure_ray
 
     ensure_ray(log_to_driver=True)
-    run_pipeline(config)
+    run_pipeline(config, fail_once_at=failures)
     return 0
 
 

@@ -12,6 +12,7 @@ directly (`encode_map`, `decode`), which would bypass DDP's hooks.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
@@ -27,6 +28,7 @@ from smart_r1.tracking.mlflow_runs import RunTracker
 STATE_NAME = "state.pt"  # inside a Ray Train checkpoint: model, optimizer, progress
 MODEL_NAME = "model.pt"  # a plain SMART-tiny checkpoint (smart_r1.model.checkpoint)
 LAST_NAME = "last_state.pt"  # in the stage folder: the newest state, for re-runs of the pipeline
+TRAIN_LOG = "train_log.jsonl"  # in the stage folder: metrics of every epoch / RL step
 
 
 @dataclass(frozen=True)
@@ -123,6 +125,8 @@ def report(job: LearnerJob, model, optimizer, progress: int, metrics: dict, rank
     if rank != 0:
         ray.train.report(metrics, checkpoint=None)
         return
+    with open(Path(job.stage_dir) / TRAIN_LOG, "a") as f:  # the stage's metrics table, one row per report
+        f.write(json.dumps({"progress": progress, **metrics}) + "\n")
     with tempfile.TemporaryDirectory() as d:
         core = getattr(model, "module", model)
         state = {"model": {k: v.detach().cpu() for k, v in core.state_dict().items()},

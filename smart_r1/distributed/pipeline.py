@@ -145,10 +145,6 @@ def run_pipeline(config: PipelineConfig, fail_once_at: dict[str, int] | None = N
                             r.gpus_per_rollout_worker, config.seed)
     storage = r.storage_path or str(out / "ray")
     rows: dict[str, dict] = {}
-    with timer.phase("eval"):
-        rows["start"] = {d: evaluate(workers, current, 10**6, d, config.eval.max_scenarios,
-                                     config.eval.num_rollouts) for d in eval_sets}
-    print(format_table(rows), flush=True)
     reference = current
     for i, stage in enumerate(config.stages):
         stage_dir = out / stage.name
