@@ -207,7 +207,6 @@ def segment_param(start_to_point: torch.Tensor, start_to_end: torch.Tensor) -> t
     return torch.where(den == 0, torch.zeros_like(num), num / torch.where(den == 0, 1.0, den))
 
 
-@hot_kernel
 def _candidate_distance(points: torch.Tensor, comp: torch.Tensor, z_stretch: float, reflected: bool
                         ) -> torch.Tensor:
     """`search_distance` from points [..., N, 3] to gathered segments comp [..., 7, N, K] -> [..., N, K].
@@ -226,6 +225,20 @@ def _candidate_distance(points: torch.Tensor, comp: torch.Tensor, z_stretch: flo
     vx, vy = sx - dx * rel_t, sy - dy * rel_t
     vz = ((pz - az) - dz * rel_t) * z_stretch
     return torch.sqrt(vx * vx + vy * vy + vz * vz)
+
+
+@hot_kernel
+def _candidate_distance_at(points: torch.Tensor, comp: torch.Tensor, index: torch.Tensor, valid: torch.Tensor,
+                           z_stretch: float, reflected: bool) -> torch.Tensor:
+    """float [B, N, K]: search distance from points [B, N, 3] to segments index [B, N, K] of
+    comp [B, 7, M] (inf where `valid` [B, M] is False). One function, so that compiled, the
+    gathers fuse into the distance loop instead of materialising [B, 7, N, K]."""
+    b, n, k = index.shape
+    flat = index.reshape(b, 1, n * k).expand(-1, comp.shape[1], -1)
+    gathered = torch.gather(comp, 2, flat).reshape(b, -1, n, k)
+    ok = torch.gather(valid, 1, index.reshape(b, n * k)).reshape(b, n, k)
+    dist = _candidate_distance(points, gathered, z_stretch, reflected)
+    return torch.where(ok, dist, torch.full_like(dist, float("inf")))
 
 
 def _gather_comp(segs: SegmentSet, index: torch.Tensor) -> torch.Tensor:
@@ -298,9 +311,7 @@ def nearest_segment(points: torch.Tensor, segs: SegmentSet, top_chunks: int = TO
     next_bound = next_bound.reshape(b, n)
 
     seg_index = (chunks[..., None] * CHUNK + torch.arange(CHUNK, device=points.device)).reshape(b, n, k * CHUNK)
-    valid = torch.gather(segs.valid, 1, seg_index.reshape(b, -1)).reshape(seg_index.shape)
-    dist = _candidate_distance(points, _gather_comp(segs, seg_index), segs.z_stretch, segs.reflected)
-    dist = torch.where(valid, dist, torch.full_like(dist, float("inf")))
+    dist = _candidate_distance_at(points, segs.comp, seg_index, segs.valid, segs.z_stretch, segs.reflected)
     if segs.dense_valid.any():
         # Dense segments join the candidates; re-sort so that argmin's first hit is the lowest index.
         dense = segs.dense_index[:, None].expand(b, n, -1)
