@@ -36,7 +36,7 @@ from smart_r1.types import (
 class SumoConfig:
     """How networks, traffic and scenario windows are drawn. Defaults give about 20 scenarios/s."""
 
-    warmup_seconds: float = 60.0  # let the network fill before the first window
+    warmup_seconds: float = 40.0  # let the network fill before the first window
     record_seconds: float = 90.0  # simulated time that windows are cut from
     window_stride_seconds: float = 2.0  # start of one window to the next
     sdcs_per_window: int = 4  # self-driving cars per window, each its own scenario
