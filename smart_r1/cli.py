@@ -133,9 +133,12 @@ def _cmd_metrics(args: argparse.Namespace) -> int:
     record = records[0]
     rollouts = read_rollouts(args.rollouts, record.scenario_id)
     if args.official:
+        from smart_r1.data.womd import read_scenario_protos
         from smart_r1.metrics.official import official_scenario_metrics
 
-        metrics = official_scenario_metrics(record, rollouts)
+        # The original proto, not one rebuilt from the record: the official code sees the file as is.
+        proto = next(p for p in read_scenario_protos(args.scenario) if p.scenario_id == record.scenario_id)
+        metrics = official_scenario_metrics(proto, rollouts)
     else:
         metrics = compute_scenario_metrics(record, scenario_rollouts_to_states(record, rollouts))
     if args.json:
