@@ -3,7 +3,8 @@
     map            lanes thin grey, road edges black, road lines dashed, crosswalks hatched,
                    speed bumps and driveways as light polygons, stop signs as red octagons
     traffic lights a dot at each controlled lane's stop point, coloured by its state
-    agents         oriented boxes coloured by type (vehicle, pedestrian, cyclist, other)
+    agents         oriented boxes coloured by type (vehicle, pedestrian, cyclist, other); the sim
+                   agents (valid at the current step), the only ones a rollout moves
     trajectories   logged history (thin), logged future (dashed), simulated future (solid)
     events         boxes with a red edge while colliding, magenta while off-road; in the still,
                    crosses where those events happen along the simulated futures
@@ -266,6 +267,8 @@ def render_scenario(record: ScenarioRecord, states: np.ndarray | None = None,
     suffix = out_path.suffix.lower()
     if suffix not in (".png", ".gif"):
         raise ValueError(f"render output must end in .png or .gif, got {out_path.name!r}")
+    if frame_stride < 1:
+        raise ValueError(f"frame_stride must be at least 1, got {frame_stride}")
     rollout = None
     if states is not None:
         from smart_r1.metrics.rollouts_io import check_states
