@@ -128,7 +128,7 @@ class SubmissionWriter:
         self.out_dir.mkdir(parents=True, exist_ok=True)
         stale = sorted(self.out_dir.glob(f"{SHARD_PREFIX}-*"))
         if stale:
-            raise FileExistsError(f"{self.out_dir} already holds submission shards ({stale[0].name}, ...): "
+            raise ValueError(f"{self.out_dir} already holds submission shards ({stale[0].name}, ...): "
                                   "use an empty folder, so that no old shard ends up in the archive")
 
     def add(self, scenario: ScenarioRecord | scenario_pb2.Scenario,
@@ -202,10 +202,13 @@ def read_rollouts(path: str | Path) -> list[submission_pb2.ScenarioRollouts]:
         raise FileNotFoundError(f"rollouts file {path} does not exist")
     if path.name.endswith((".tar.gz", ".tgz")):
         out = []
-        with tarfile.open(path, "r:gz") as tar:
-            for member in sorted(tar.getmembers(), key=lambda m: m.name):
-                if member.isfile():
-                    out += read_rollouts_bytes(tar.extractfile(member).read(), f"{path}:{member.name}")
+        try:
+            with tarfile.open(path, "r:gz") as tar:
+                for member in sorted(tar.getmembers(), key=lambda m: m.name):
+                    if member.isfile():
+                        out += read_rollouts_bytes(tar.extractfile(member).read(), f"{path}:{member.name}")
+        except (tarfile.TarError, OSError, EOFError) as e:  # damaged or not a gzip tar
+            raise ValueError(f"{path} is not a readable submission archive: {e}") from e
         return out
     return read_rollouts_bytes(path.read_bytes(), str(path))
 

@@ -122,7 +122,7 @@ def test_writer_refuses_duplicates_empty_and_bad_metadata(womd_record, official_
     with pytest.raises(ValueError, match="account name"):
         SubmissionWriter(tmp_path / "c", SubmissionInfo(account_name=" ", unique_method_name="m"))
     writer.close()
-    with pytest.raises(FileExistsError, match="already holds submission shards"):
+    with pytest.raises(ValueError, match="already holds submission shards"):
         SubmissionWriter(tmp_path / "a", INFO)
 
 
@@ -134,3 +134,7 @@ def test_read_rollouts_takes_a_bare_scenario_rollouts(official_rollouts, tmp_pat
     with pytest.raises(FileNotFoundError):
         read_rollouts(tmp_path / "absent.binproto")
     assert np.isfinite(back.joint_scenes[0].simulated_trajectories[0].center_x).all()
+    damaged = tmp_path / "damaged.tar.gz"
+    damaged.write_bytes(b"\x1f\x8b not really gzip")
+    with pytest.raises(ValueError, match="not a readable submission archive"):
+        read_rollouts(damaged)
