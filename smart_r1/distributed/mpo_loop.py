@@ -163,6 +163,8 @@ def mpo_loop(config: dict) -> None:
                                                                         stage.scenarios_per_step), spec)
     for step in range(start, stage.steps):
         maybe_fail(job, step)
+        for phase in ("rollout", "sync"):  # every row names every phase (0 s where skipped)
+            timer.add(phase, 0.0)
         experiences, failed, stale = [], 0, 0
         if rank == 0:
             with timer.phase("rollout"):

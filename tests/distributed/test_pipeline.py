@@ -1,0 +1,104 @@
+"""The SFT-RFT-SFT pipeline end to end: `ray job submit` against a local `ray start --head`,
+a learner failure that resumes from its checkpoint, per-stage tables, a re-run that resumes."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+
+pytestmark = pytest.mark.slow
+
+
+def _job_env(address: str) -> dict:
+    # Ray 2.59+ turns token authentication on for local clusters; the job client sends the
+    # token from ~/.ray/auth_token when RAY_AUTH_MODE=token.
+    return {**os.environ, "RAY_ADDRESS": address, "RAY_AUTH_MODE": "token"}
+
+
+@pytest.fixture(scope="module")
+def submitted(ray_head, tmp_path_factory, tiny_config):
+    tmp = tmp_path_factory.mktemp("pipeline")
+    out = tmp / "run"
+    tracking = json.dumps({"env_vars": {"MLFLOW_TRACKING_URI": f"sqlite:///{tmp}/mlflow.db"}})
+    config = tiny_config(REPO / "pipelines" / f".test_tiny_{os.getpid()}.yaml", out)
+    try:
+        cmd = [sys.executable, "-m", "ray.scripts.scripts", "job", "submit", "--working-dir", str(REPO),
+               "--runtime-env-json", tracking, "--", "python", "pipelines/sft_rft_sft.py", "--config", f"pipelines/{config.name}",
+               "--inject-learner-failure", "sft:1"]
+        proc = subprocess.run(cmd, env=_job_env(ray_head), capture_output=True, text=True, timeout=1500)
+    finally:
+        config.unlink()
+    return out, proc
+
+
+def test_job_succeeds_with_tables(submitted):
+    out, proc = submitted
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    rows = json.loads((out / "results.json").read_text())
+    assert list(rows) == ["bc", "sft", "rft", "sft_final"]
+    for stage, by_data in rows.items():
+        m = by_data["heldout"]
+        assert 0.0 < m["metametric"] < 1.0 and m["scenarios"] == 3
+        for key in ("simulated_collision_rate", "simulated_offroad_rate"):
+            assert 0.0 <= m[key] <= 1.0
+        assert m["min_average_displacement_error"] > 0
+        assert (out / stage / "done.json").exists()
+    assert "| rft | heldout |" in (out / "results.md").read_text()
+
+
+def test_learner_failure_resumed_from_checkpoint(submitted):
+    out, proc = submitted
+    assert "injected learner failure at 1" in proc.stdout + proc.stderr
+    assert "[sft] resuming after epoch 0" in proc.stdout + proc.stderr
+    log = [json.loads(line) for line in (out / "sft" / "train_log.jsonl").read_text().splitlines()]
+    assert [row["progress"] for row in log] == [0, 1]  # epoch 0 was not trained twice
+
+
+def test_rft_updates_the_policy_with_phase_timings(submitted):
+    out, _ = submitted
+    log = [json.loads(line) for line in (out / "rft" / "train_log.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in log] == [0, 1, 2]
+    for row in log:
+        for phase in ("time_rollout_s", "time_adv_s", "time_update_s", "time_sync_s"):
+            assert phase in row
+        assert row["rollouts_failed"] == 0 and row["scenarios"] == 2
+        assert row["kl"] >= 0.0
+    sft = torch.load(out / "sft" / "model.pt", weights_only=True)["state_dict"]
+    rft = torch.load(out / "rft" / "model.pt", weights_only=True)["state_dict"]
+    changed = [k for k in sft if not torch.equal(sft[k], rft[k])]
+    assert len(changed) > 0.9 * len(sft), "MPO should move (nearly) every parameter"
+
+
+def test_rerun_resumes_without_redoing_stages(submitted, tiny_config):
+    out, _ = submitted
+    config = tiny_config(out.parent / "again.yaml", out)
+    before = {p: p.stat().st_mtime for p in out.glob("*/model.pt")}
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{out.parent}/mlflow.db"}
+    proc = subprocess.run([sys.executable, str(REPO / "pipelines" / "sft_rft_sft.py"), "--config", str(config)],
+                          capture_output=True, text=True, timeout=900, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for stage in ("bc", "sft", "rft", "sft_final"):
+        assert f"[{stage}] already finished" in proc.stdout
+    assert before == {p: p.stat().st_mtime for p in out.glob("*/model.pt")}
+
+
+def test_invalid_config_fails_before_cluster_work(tmp_path, tiny_config):
+    config = tiny_config(tmp_path / "bad.yaml", tmp_path / "never")
+    for override, message in (("rft.alpha=1.2", "alpha must lie in [0, 1]"),
+                              ("sft.top_k=0", "top_k"), ("data.train=/no/such/data", "no such path")):
+        proc = subprocess.run([sys.executable, str(REPO / "pipelines" / "sft_rft_sft.py"), "--config", str(config),
+                               "--set", override], capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 2 and message in proc.stderr
+        assert not (tmp_path / "never").exists()
+    proc = subprocess.run([sys.executable, str(REPO / "pipelines" / "sft_rft_sft.py"), "--config", str(config),
+                           "--inject-learner-failure", "nostage:1"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "unknown stage name 'nostage'" in proc.stderr
