@@ -137,17 +137,20 @@ def evaluate(ctx: MetricContext, states: torch.Tensor, specs: dict[str, FeatureS
 
 
 def compute_metrics_batch(records: Sequence[ScenarioRecord], states: Sequence, config=None,
-                          device: str | torch.device | None = None) -> list[dict[str, float]]:
+                          device: str | torch.device | None = None, context: MetricContext | None = None
+                          ) -> list[dict[str, float]]:
     """WOSAC metrics of several scenarios in one padded batch, one dict per scenario.
 
     states: per scenario [R, S_i, 80, 4] (numpy or tensor; the same R for all), sim agents in
     `record.sim_agent_ids` order. Runs on `device` (default: the first tensor's device, else CPU).
+    context: `build_context(records, device)`, when the caller scores the same scenarios often.
     """
     if device is None:
         device = next((s.device for s in states if isinstance(s, torch.Tensor)), torch.device("cpu"))
     padded = pad_states(records, states, device)
     with torch.no_grad():
-        metrics, _, _ = evaluate(build_context(records, device), padded, default_specs(config))
+        ctx = context if context is not None else build_context(records, device)
+        metrics, _, _ = evaluate(ctx, padded, default_specs(config))
     values = {name: v.double().cpu().numpy() for name, v in metrics.items()}
     return [{name: float(values[name][i]) for name in METRIC_FIELDS} for i in range(len(records))]
 
