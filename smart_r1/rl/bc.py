@@ -106,13 +106,14 @@ def load_scenes(data, vocab: MotionVocab, cfg: BCConfig) -> list[SceneBatch]:
 
 
 def train_bc(data, out, model_cfg: ModelConfig, cfg: BCConfig = BCConfig(), vocab: MotionVocab | None = None,
-             vocab_size_data: int = 200, log=print) -> dict:
+             vocab_size_data: int = 200, log=None) -> dict:
     """Train SMART-tiny by BC on `data` and save a checkpoint to `out` after every epoch.
 
     Without `vocab`, one is built from the first `vocab_size_data` scenarios. Returns a summary
     with per-epoch mean loss / accuracy and phase timings (vocab, tokenise, train)."""
     from smart_r1.data.dataset import iter_scenarios
 
+    log = log or (lambda message: print(message, flush=True))
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)

@@ -89,6 +89,8 @@ def build_scene(record: ScenarioRecord, vocab: MotionVocab, agents: str = "all",
     sim agents first, then by distance to the origin, at most `max_agents`.
     Map segments within `map_radius` of an agent's current (or first valid) position are kept,
     the nearest `max_map_segments` of them."""
+    if agents not in ("sim", "all"):
+        raise ValueError(f"agents must be 'sim' or 'all', got {agents!r}")
     if record.current_time_index != 2 * SHIFT:
         raise ValueError(f"scenario {record.scenario_id}: tokens assume the current step is {2 * SHIFT}")
     now = record.current_time_index
