@@ -1,0 +1,1 @@
+"""SMART-tiny: relative-pose attention layers, map encoder, agent decoder, config, checkpoints."""

@@ -1,0 +1,1 @@
+"""Closed-loop simulation with SMART-tiny: token selectors (sampling, CAT-K) and batched rollouts."""

@@ -1,0 +1,1 @@
+"""Motion tokens (K-disk vocabulary, tokeniser), map segments, and tokenised scene batches."""
