@@ -7,10 +7,8 @@ Distance to nearest object follows `interaction_features.compute_distance_to_nea
 boxes are rounded rectangles (the core rectangle shrunk by `min(length, width) * 0.7 / 2` on every
 side, then inflated back isotropically), the signed distance between two cores is the signed
 distance from the origin to their Minkowski difference, and invalid or self pairs count as 1e10.
-The official code builds the Minkowski octagon in world coordinates; here the same polygon is
-handled in the ego box's frame: the depth of an overlap is the smallest slack over the four
-face normals (separating-axis theorem), the gap between disjoint boxes the distance to the
-nearest of the octagon's edges. Same geometry, with less float32 cancellation.
+The official code builds the Minkowski octagon in world coordinates; here the same geometry is
+computed in the ego box's frame (see `_box_core_signed_distance`), with less float32 cancellation.
 
 Time to collision follows `compute_time_to_collision_with_object_in_front` exactly (no angle
 wrapping of the yaw difference, the 75/10 degree alignment rules, 5 s cap).
@@ -40,50 +38,42 @@ def gather_agents(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return torch.gather(x, 2, idx)
 
 
-def _point_segment_distance(px, py, ax, ay, bx, by) -> torch.Tensor:
-    """Distance from points (px, py) to segments (a, b), all broadcast component tensors."""
-    dx, dy = bx - ax, by - ay
-    t = ((px - ax) * dx + (py - ay) * dy) / (dx * dx + dy * dy).clamp_min(1e-12)
-    t = t.clamp(0.0, 1.0)
-    ex, ey = px - ax - t * dx, py - ay - t * dy
-    return torch.sqrt(ex * ex + ey * ey)
+def _outside_rectangle(px: torch.Tensor, py: torch.Tensor, half_x, half_y) -> torch.Tensor:
+    """Distance from points to an axis-aligned rectangle [-half_x, half_x] x [-half_y, half_y]
+    centred at the origin (0 inside)."""
+    gx = (px.abs() - half_x).clamp_min(0)
+    gy = (py.abs() - half_y).clamp_min(0)
+    return torch.sqrt(gx * gx + gy * gy)
 
 
 @hot_kernel
 def _box_core_signed_distance(cx, cy, a1, a2, b1, b2, cos_phi, sin_phi) -> torch.Tensor:
     """Signed distance between an axis-aligned core box at the origin (half extents a1, a2) and a
-    core box centred at (cx, cy), half extents b1, b2, rotated by phi. Negative when overlapping."""
+    core box centred at (cx, cy), half extents b1, b2, rotated by phi. Negative when overlapping.
+
+    Overlap depth: the smallest slack over the four face normals of both boxes (separating-axis
+    theorem; the Minkowski difference is convex, so this is the distance from the origin to its
+    boundary). Gap between disjoint boxes: the closest pair of points always includes a corner
+    of one box, so it is the smallest distance from a corner of either box to the other box.
+    """
     abs_c, abs_s = cos_phi.abs(), sin_phi.abs()
-    # Support of the Minkowski sum P = A + B along A's axes (x, y) and B's axes (u, v).
-    h_x = a1 + b1 * abs_c + b2 * abs_s
-    h_y = a2 + b1 * abs_s + b2 * abs_c
-    h_u = a1 * abs_c + a2 * abs_s + b1
-    h_v = a1 * abs_s + a2 * abs_c + b2
-    c_u = cx * cos_phi + cy * sin_phi
+    c_u = cx * cos_phi + cy * sin_phi  # B's centre along B's own axes u, v
     c_v = -cx * sin_phi + cy * cos_phi
-    slack = torch.stack([h_x - cx.abs(), h_y - cy.abs(), h_u - c_u.abs(), h_v - c_v.abs()]).amin(0)
-    # P is point-symmetric: fold the query into the half-planes where faces +x, +y, +u, +v face it,
-    # then its nearest boundary point lies on one of those four faces.
-    sx, sy = torch.where(cx < 0, -cx, cx), torch.where(cx < 0, -cy, cy)  # fold for face +x
-    tx, ty = torch.where(cy < 0, -cx, cx), torch.where(cy < 0, -cy, cy)  # fold for face +y
-    ux, uy = torch.where(c_u < 0, -cx, cx), torch.where(c_u < 0, -cy, cy)  # fold for face +u
-    vx, vy = torch.where(c_v < 0, -cx, cx), torch.where(c_v < 0, -cy, cy)  # fold for face +v
-    # B's vertex extreme along +x / +y (its y / x offset), A's vertex extreme along +u / +v.
-    sgn = lambda x: torch.where(x < 0, -1.0, 1.0)
-    bx_y = sgn(cos_phi) * b1 * sin_phi + sgn(-sin_phi) * b2 * cos_phi
-    by_x = sgn(sin_phi) * b1 * cos_phi + sgn(cos_phi) * b2 * (-sin_phi)
-    au_x, au_y = sgn(cos_phi) * a1, sgn(sin_phi) * a2
-    av_x, av_y = sgn(-sin_phi) * a1, sgn(cos_phi) * a2
-    d_x = _point_segment_distance(sx, sy, h_x, bx_y - a2, h_x, bx_y + a2)
-    d_y = _point_segment_distance(tx, ty, by_x - a1, h_y, by_x + a1, h_y)
-    # Face +u: A's extreme vertex plus B's +u face (centre b1 u, spanning +-b2 v).
-    fux, fuy = au_x + b1 * cos_phi, au_y + b1 * sin_phi
-    d_u = _point_segment_distance(ux, uy, fux + b2 * sin_phi, fuy - b2 * cos_phi,
-                                  fux - b2 * sin_phi, fuy + b2 * cos_phi)
-    fvx, fvy = av_x - b2 * sin_phi, av_y + b2 * cos_phi
-    d_v = _point_segment_distance(vx, vy, fvx - b1 * cos_phi, fvy - b1 * sin_phi,
-                                  fvx + b1 * cos_phi, fvy + b1 * sin_phi)
-    gap = torch.stack([d_x, d_y, d_u, d_v]).amin(0)
+    slack = torch.stack([
+        a1 + b1 * abs_c + b2 * abs_s - cx.abs(),
+        a2 + b1 * abs_s + b2 * abs_c - cy.abs(),
+        a1 * abs_c + a2 * abs_s + b1 - c_u.abs(),
+        a1 * abs_s + a2 * abs_c + b2 - c_v.abs(),
+    ]).amin(0)
+    gaps = []
+    for su, sv in ((1, 1), (1, -1), (-1, 1), (-1, -1)):
+        # Corner of B in A's frame, and corner of A in B's frame (B's centre at the origin).
+        bx = cx + su * b1 * cos_phi - sv * b2 * sin_phi
+        by = cy + su * b1 * sin_phi + sv * b2 * cos_phi
+        gaps.append(_outside_rectangle(bx, by, a1, a2))
+        ax, ay = su * a1 - cx, sv * a2 - cy
+        gaps.append(_outside_rectangle(ax * cos_phi + ay * sin_phi, -ax * sin_phi + ay * cos_phi, b1, b2))
+    gap = torch.stack(gaps).amin(0)
     return torch.where(slack >= 0, -slack, gap)
 
 
