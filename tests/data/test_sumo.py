@@ -145,7 +145,9 @@ def test_generated_files_go_through_preprocess(dataset, tmp_path):
 @pytest.mark.slow
 def test_log_replay_is_on_road_and_collision_free(records):
     """The official WOSAC evaluator on log replay: logged agents neither leave the road nor
-    crash. Scenarios from both networks (grid and random) are checked."""
+    crash. One scenario of each network kind (grid and random) is checked; with up to 9
+    evaluated agents each, a single off-road or colliding agent fails the test. The benchmark
+    `benchmarks/log_replay_realism.py` checks 40."""
     from smart_r1.metrics.official import official_scenario_metrics
     from smart_r1.metrics.rollouts_io import log_replay_states, states_to_scenario_rollouts
 
@@ -153,7 +155,7 @@ def test_log_replay_is_on_road_and_collision_free(records):
     for r in records:
         networks.setdefault(r.scenario_id.split("-")[2], []).append(r)
     assert len(networks) >= 2
-    chosen = [rs[k] for rs in list(networks.values())[:2] for k in (0, len(rs) - 1)]
+    chosen = [rs[0] for rs in list(networks.values())[:2]]  # ~20 s each on an idle machine
     collision, offroad, evaluated = 0.0, 0.0, 0
     for r in chosen:
         rollouts = states_to_scenario_rollouts(r, log_replay_states(r, num_rollouts=1))
