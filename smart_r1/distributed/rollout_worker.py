@@ -95,8 +95,10 @@ class RolloutWorker:
                           generator=self.generator)
         out: list[Experience | RolloutFailure] = []
         for index in indices:
-            record = self.records(dataset)[index]
+            scenario_id = "?"
             try:
+                record = self.records(dataset)[index]
+                scenario_id = record.scenario_id
                 t0 = time.perf_counter()
                 scene = self._scene(dataset, index)
                 tensors = closed_loop(self.model, scene, spec.num_rollouts, sampler)
@@ -116,7 +118,7 @@ class RolloutWorker:
                     collision=signals.collision.cpu().numpy(), offroad=signals.offroad.cpu().numpy(),
                     seconds={"rollout": t1 - t0, "reward": time.perf_counter() - t1}))
             except Exception as e:  # one bad scenario must not sink the batch; the learner counts it
-                out.append(RolloutFailure(index, record.scenario_id, f"{type(e).__name__}: {e}\n"
+                out.append(RolloutFailure(index, scenario_id, f"{type(e).__name__}: {e}\n"
                                           + traceback.format_exc(limit=3)))
         return out
 
@@ -130,8 +132,10 @@ class RolloutWorker:
         self._sync(version, weights)
         out: list[dict | RolloutFailure] = []
         for index in indices:
-            record = self.records(dataset)[index]
+            scenario_id = "?"
             try:
+                record = self.records(dataset)[index]
+                scenario_id = record.scenario_id
                 if not record.sim_agent_mask.any():
                     raise ValueError("no valid sim agents")
                 scene = self._scene(dataset, index)
@@ -140,7 +144,7 @@ class RolloutWorker:
                 metrics = compute_scenario_metrics(record, torch.as_tensor(rollout.states))
                 out.append({"scenario_id": record.scenario_id, **metrics})
             except Exception as e:
-                out.append(RolloutFailure(index, record.scenario_id, f"{type(e).__name__}: {e}"))
+                out.append(RolloutFailure(index, scenario_id, f"{type(e).__name__}: {e}"))
         return out
 
     def num_scenarios(self, dataset: str) -> int:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -85,6 +86,30 @@ def ray_head(tmp_path_factory):
     yield address
     os.killpg(proc.pid, signal.SIGTERM)
     try:
-        proc.wait(timeout=30)
+        proc.wait(timeout=10)
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
+
+
+def _job_env(address: str) -> dict:
+    # Ray 2.59+ turns token authentication on for local clusters; the job client sends the
+    # token from ~/.ray/auth_token when RAY_AUTH_MODE=token.
+    return {**os.environ, "RAY_ADDRESS": address, "RAY_AUTH_MODE": "token"}
+
+
+@pytest.fixture(scope="session")
+def submitted(ray_head, tmp_path_factory, tiny_config):
+    """The tiny pipeline run once through `ray job submit` (with a learner failure drill in sft):
+    (out_dir, completed process)."""
+    tmp = tmp_path_factory.mktemp("pipeline")
+    out = tmp / "run"
+    tracking = json.dumps({"env_vars": {"MLFLOW_TRACKING_URI": f"sqlite:///{tmp}/mlflow.db"}})
+    config = tiny_config(REPO / "pipelines" / f".test_tiny_{os.getpid()}.yaml", out)
+    try:
+        cmd = [sys.executable, "-m", "ray.scripts.scripts", "job", "submit", "--working-dir", str(REPO),
+               "--runtime-env-json", tracking, "--", "python", "pipelines/sft_rft_sft.py", "--config", f"pipelines/{config.name}",
+               "--inject-learner-failure", "sft:1"]
+        proc = subprocess.run(cmd, env=_job_env(ray_head), capture_output=True, text=True, timeout=1500)
+    finally:
+        config.unlink()
+    return out, proc
