@@ -179,7 +179,8 @@ def _cmd_export_submission(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="smart-r1", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="smart-r1", description="SMART-tiny traffic simulation: WOMD data, tokens, model, rollouts, WOSAC metrics.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("make-dataset", help="generate WOMD-format scenarios with Eclipse SUMO")
