@@ -2,8 +2,9 @@
 
 Cases: the official test submission (32 rollouts) on the real WOMD scenario, 4 perturbed
 rollouts of it (noise, agents pushed off the road, forced collisions, red-light runs: one each),
-and 4 noisy log-replay rollouts of a SUMO-generated scenario. The official results are computed
-once per module (the official evaluator takes tens of seconds per case).
+and 4 noisy log-replay rollouts of a SUMO-generated scenario (grid roads: many boxes exactly
+parallel, a degenerate case for box geometry). The official results are computed once per
+module (the official evaluator takes tens of seconds per case, minutes on a loaded machine).
 """
 
 from __future__ import annotations
