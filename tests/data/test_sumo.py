@@ -47,8 +47,8 @@ def test_same_seed_same_bytes(dataset, tmp_path):
 
 
 def test_other_seed_other_networks():
-    assert network_spec(3, 0) != network_spec(4, 0)
-    assert network_spec(3, 0)[0].kind == "grid" and network_spec(3, 1)[0].kind == "random"
+    assert network_spec(3, 0, 100.0) != network_spec(4, 0, 100.0)
+    assert network_spec(3, 0, 100.0)[0].kind == "grid" and network_spec(3, 1, 100.0)[0].kind == "random"
 
 
 def test_files_and_summary(dataset, records):
