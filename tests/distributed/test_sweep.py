@@ -1,0 +1,205 @@
+"""The alpha/beta Tune sweep: bad input fails before any trial; a 2 x 2 grid from the shared SFT
+checkpoint of the tiny pipeline, interrupted (SIGKILL) after its first finished trial and
+resumed with Tuner.restore without redoing that trial; best config and MLflow runs."""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from smart_r1.config import RayConfig, load_config
+from smart_r1.distributed.sweep import (
+    best_row, format_sweep_table, load_sweep_config, trial_config, whole_trials,
+)
+
+REPO = Path(__file__).resolve().parents[2]
+SCRIPT = REPO / "pipelines" / "sweep_alpha_beta.py"
+
+
+def _sweep_yaml(tmp_path: Path, tiny_config, **fields) -> Path:
+    pipeline = tiny_config(tmp_path / "tiny.yaml", tmp_path / "unused")
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump({"pipeline": str(pipeline), "out_dir": str(tmp_path / "sweep"),
+                                    "alpha": [0.5, 0.9], "beta": [0.0, 0.1], **fields}))
+    return path
+
+
+def _main(argv, capsys) -> tuple[int, str]:
+    sys.path.insert(0, str(SCRIPT.parent))
+    import sweep_alpha_beta
+
+    rc = sweep_alpha_beta.main(argv)
+    return rc, capsys.readouterr().err
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--alpha", "0.5,1.2"], "alpha must be [0, 1]"),
+    (["--beta", "-0.01"], "beta must be >= 0"),
+    (["--sft-checkpoint", "/no/such/sft.pt"], "no such file or run folder"),
+])
+def test_bad_input_fails_before_any_trial(tmp_path, tiny_config, capsys, args, message):
+    config = _sweep_yaml(tmp_path, tiny_config)
+    rc, err = _main(["--config", str(config), *args], capsys)
+    assert rc == 2 and "invalid sweep" in err and message in err, err
+    assert not (tmp_path / "sweep").exists(), "nothing may start before the checks pass"
+
+
+def test_run_folder_without_finished_sft_is_refused(tmp_path, tiny_config, capsys):
+    config = _sweep_yaml(tmp_path, tiny_config)
+    (tmp_path / "run" / "sft").mkdir(parents=True)  # started, never finished: no done.json
+    rc, err = _main(["--config", str(config), "--sft-checkpoint", str(tmp_path / "run")], capsys)
+    assert rc == 2 and "finished 'sft' stage" in err, err
+
+
+def test_unreachable_tracking_server_fails_before_any_trial(tmp_path, tiny_config, capsys, monkeypatch):
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{port}")
+    sft = tmp_path / "sft.pt"
+    sft.write_bytes(b"")
+    rc, err = _main(["--config", str(_sweep_yaml(tmp_path, tiny_config)), "--sft-checkpoint", str(sft)], capsys)
+    assert rc == 2 and f"127.0.0.1:{port} is unreachable" in err, err
+    assert not (tmp_path / "sweep").exists()
+
+
+def test_resuming_with_another_space_is_refused(tmp_path, tiny_config, capsys):
+    config = _sweep_yaml(tmp_path, tiny_config)
+    sweep = load_sweep_config(config)
+    from smart_r1.distributed.sweep import _identity
+
+    (tmp_path / "sweep").mkdir()
+    (tmp_path / "sweep" / "sweep.json").write_text(json.dumps(_identity(sweep, load_config(sweep.pipeline))))
+    rc, err = _main(["--config", str(config), "--alpha", "0.6,0.9"], capsys)
+    assert rc == 2 and "different search space" in err, err
+
+
+def test_trial_config_sweeps_only_rft_and_later_stages(tmp_path, tiny_config):
+    base = load_config(tiny_config(tmp_path / "tiny.yaml", tmp_path / "run"))
+    config = trial_config(base, "rft", 0.6, 0.1, str(tmp_path / "trial"))
+    assert [s.name for s in config.stages] == ["rft", "sft_final"]
+    assert (config.stage("rft").alpha, config.stage("rft").beta) == (0.6, 0.1)
+    assert config.stage("sft_final") == base.stage("sft_final")
+    assert base.stage("rft").alpha == 0.77  # the base config is frozen, untouched
+
+
+def test_concurrency_counts_rollout_actors_and_learners():
+    # 1 + 1 CPU per trial on 2 CPUs: one trial at a time, or two trials would each hold a
+    # rollout CPU while their learners wait forever
+    assert whole_trials(RayConfig(cpus_per_rollout_worker=1, cpus_per_learner=1), {"CPU": 2.0}) == 1
+    assert whole_trials(RayConfig(cpus_per_rollout_worker=0.5, cpus_per_learner=0.5), {"CPU": 2.0}) == 2
+    gpu = RayConfig(num_rollout_workers=4, cpus_per_rollout_worker=1, use_gpu=True, num_learners=1)
+    assert whole_trials(gpu, {"CPU": 64.0, "GPU": 3.0}) == 3  # GPUs limit
+    assert whole_trials(gpu, {"CPU": 2.0}) == 1  # an autoscaling cluster's idle head: one at a time
+
+
+def test_best_config_objective_and_tie_break():
+    def row(trial, meta, collision, status="complete"):
+        return {"trial_id": trial, "alpha": 0.5, "beta": 0.0, "status": status,
+                "metrics": {"metametric": meta, "simulated_collision_rate": collision,
+                            "simulated_offroad_rate": 0.1, "min_average_displacement_error": 2.0}}
+
+    rows = [row("a", 0.70001, 0.30), row("b", 0.69999, 0.20), row("c", 0.65, 0.0),
+            row("d", 0.9, 0.0, status="stopped after rft")]
+    assert best_row(rows)["trial_id"] == "b"  # tie at 4 decimals: fewer collisions wins; d never finished
+    assert best_row([row("x", 0.5, 0.5), row("y", 0.6, 0.9)])["trial_id"] == "y"
+    assert format_sweep_table(rows).splitlines()[2].endswith("| b |")
+    with pytest.raises(RuntimeError, match="no trial"):
+        best_row([rows[-1]])
+
+
+# -- the tiny 2 x 2 sweep, interrupted and resumed ---------------------------------------------
+
+def _trial_states(out: Path) -> dict[str, str]:
+    states = {}
+    for path in glob.glob(str(out / "tune" / "sweep" / "experiment_state-*.json")):
+        try:
+            data = json.loads(Path(path).read_text())
+        except (json.JSONDecodeError, OSError):  # being rewritten
+            continue
+        for item in data["trial_data"]:
+            trial = json.loads(item[0])
+            states[trial["trial_id"]] = trial["status"]
+    return states
+
+
+@pytest.mark.slow
+def test_tiny_sweep_interrupted_then_resumed(submitted, mlflow_server, tmp_path, tiny_config):
+    from mlflow.tracking import MlflowClient
+
+    run, proc = submitted
+    assert proc.returncode == 0
+    # fractional CPUs: a trial (rollout actor + learner) needs 1 CPU, so two run side by side here
+    ray = {"num_rollout_workers": 1, "cpus_per_rollout_worker": 0.5, "num_learners": 1, "cpus_per_learner": 0.5}
+    pipeline = tiny_config(tmp_path / "tiny.yaml", tmp_path / "unused", ray=ray,
+                           eval={"num_rollouts": 2, "max_scenarios": 2})
+    stages = yaml.safe_load(pipeline.read_text())["stages"]
+    stages[2]["steps"] = 1
+    pipeline.write_text(yaml.safe_dump({**yaml.safe_load(pipeline.read_text()), "stages": stages}))
+    out = tmp_path / "sweep"
+    config = tmp_path / "sweep.yaml"
+    config.write_text(yaml.safe_dump({"pipeline": str(pipeline), "out_dir": str(out),
+                                      "alpha": [0.5, 0.9], "beta": [0.0, 0.1]}))
+    cmd = [sys.executable, str(SCRIPT), "--config", str(config), "--sft-checkpoint", str(run)]
+    env = {**os.environ, "MLFLOW_TRACKING_URI": mlflow_server}
+    env.pop("RAY_ADDRESS", None)  # its own local Ray, which dies with its process group
+
+    log1 = open(tmp_path / "first.log", "w")
+    first = subprocess.Popen(cmd, env=env, stdout=log1, stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.time() + 1500
+    finished = []
+    while time.time() < deadline and not finished and first.poll() is None:
+        time.sleep(2)
+        finished = [t for t, s in _trial_states(out).items() if s == "TERMINATED"]
+    os.killpg(first.pid, signal.SIGKILL)  # the driver, its Ray and every trial, mid-sweep
+    first.wait()
+    log1.close()
+    assert finished, (tmp_path / "first.log").read_text()[-4000:]
+    done = finished[0]
+    (done_dir,) = list((out / "trials").glob(f"{done}_*"))
+    stamps = {p: p.stat().st_mtime_ns for p in done_dir.glob("*/model.pt")}
+    assert len(stamps) == 2  # rft and sft_final
+
+    second = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1500)
+    assert second.returncode == 0, second.stdout[-4000:] + second.stderr[-4000:]
+    output = second.stdout + second.stderr
+    assert "resuming" in output
+    assert f"trial {done} starts" not in output, "a finished trial was run again"
+    assert {p: p.stat().st_mtime_ns for p in done_dir.glob("*/model.pt")} == stamps
+
+    rows = json.loads((out / "results.json").read_text())
+    assert sorted((r["alpha"], r["beta"]) for r in rows) == [(0.5, 0.0), (0.5, 0.1), (0.9, 0.0), (0.9, 0.1)]
+    assert all(r["status"] == "complete" for r in rows), rows
+    for r in rows:
+        m = r["metrics"]
+        assert 0.0 < m["metametric"] < 1.0 and m["min_average_displacement_error"] > 0
+        assert 0.0 <= m["simulated_collision_rate"] <= 1.0 and 0.0 <= m["simulated_offroad_rate"] <= 1.0
+    # every trial started from the one shared SFT checkpoint; none re-ran the earlier stages
+    assert not any((out / "trials").glob("*/sft/model.pt")) and not (out / "base" / "sft").exists()
+    best = json.loads((out / "best.json").read_text())
+    assert best["metrics"]["metametric"] == pytest.approx(max(r["metrics"]["metametric"] for r in rows), abs=1e-4)
+    assert best["config"]["stages"][0]["alpha"] == best["alpha"]
+    assert f"alpha={best['alpha']:.4g}" in second.stdout
+
+    client = MlflowClient(mlflow_server)
+    sweep_id = (out / "mlflow_run_id").read_text().strip()
+    assert client.get_run(sweep_id).info.status == "FINISHED"
+    children = client.search_runs([client.get_run(sweep_id).info.experiment_id],
+                                  filter_string=f"tags.mlflow.parentRunId = '{sweep_id}'")
+    trials = [c for c in children if c.info.run_name.startswith("trial ")]
+    assert len(trials) == 4  # the resumed trials kept their runs
+    for t in trials:
+        assert {"alpha", "beta", "config.stages.rft.alpha"} <= set(t.data.params)
+        assert t.data.params["config.stages.rft.alpha"] == t.data.params["alpha"]
+        assert "heldout_metametric" in t.data.metrics
+    assert client.get_run(sweep_id).data.metrics["best_alpha"] == best["alpha"]
