@@ -98,12 +98,12 @@ def _job_env(address: str) -> dict:
 
 
 @pytest.fixture(scope="session")
-def submitted(ray_head, tmp_path_factory, tiny_config):
+def submitted(ray_head, mlflow_server, tmp_path_factory, tiny_config):
     """The tiny pipeline run once through `ray job submit` (with a learner failure drill in sft):
-    (out_dir, completed process)."""
+    (out_dir, completed process). It logs to the real MLflow server of `mlflow_server`."""
     tmp = tmp_path_factory.mktemp("pipeline")
     out = tmp / "run"
-    tracking = json.dumps({"env_vars": {"MLFLOW_TRACKING_URI": f"sqlite:///{tmp}/mlflow.db"}})
+    tracking = json.dumps({"env_vars": {"MLFLOW_TRACKING_URI": mlflow_server}})
     config = tiny_config(REPO / "pipelines" / f".test_tiny_{os.getpid()}.yaml", out)
     try:
         cmd = [sys.executable, "-m", "ray.scripts.scripts", "job", "submit", "--working-dir", str(REPO),

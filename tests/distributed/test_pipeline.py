@@ -56,11 +56,35 @@ def test_rft_updates_the_policy_with_phase_timings(submitted):
     assert len(changed) > 0.9 * len(sft), "MPO should move (nearly) every parameter"
 
 
-def test_rerun_resumes_without_redoing_stages(submitted, tiny_config):
+def test_mlflow_holds_the_pipeline_and_its_stages(submitted, mlflow_server):
+    from mlflow.tracking import MlflowClient
+
+    out, _ = submitted
+    client = MlflowClient(mlflow_server)
+    parent_id = (out / "mlflow_run_id").read_text().strip()
+    parent = client.get_run(parent_id)
+    assert parent.info.status == "FINISHED"
+    assert parent.data.params["stages.rft.alpha"] == "0.77"
+    children = client.search_runs([parent.info.experiment_id],
+                                  filter_string=f"tags.mlflow.parentRunId = '{parent_id}'")
+    by_name = {r.info.run_name: r for r in children}
+    assert set(by_name) == {"bc", "sft", "rft", "sft_final"}
+    rft = by_name["rft"]
+    assert rft.data.params["alpha"] == "0.77" and rft.data.params["kind"] == "mpo"
+    assert [m.step for m in client.get_metric_history(rft.info.run_id, "reward")] == [0, 1, 2]
+    assert "heldout_metametric" in rft.data.metrics
+    assert client.get_metric_history(rft.info.run_id, "time_update_s")
+    artifacts = {a.path for a in client.list_artifacts(rft.info.run_id)}
+    assert {"checkpoints", "plots", "metrics.json"} <= artifacts
+    assert [a.path for a in client.list_artifacts(rft.info.run_id, "plots")] == ["plots/rollout.png"]
+    assert "results.md" in {a.path for a in client.list_artifacts(parent_id)}
+
+
+def test_rerun_resumes_without_redoing_stages(submitted, tiny_config, mlflow_server):
     out, _ = submitted
     config = tiny_config(out.parent / "again.yaml", out)
     before = {p: p.stat().st_mtime for p in out.glob("*/model.pt")}
-    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{out.parent}/mlflow.db"}
+    env = {**os.environ, "MLFLOW_TRACKING_URI": mlflow_server}
     proc = subprocess.run([sys.executable, str(REPO / "pipelines" / "sft_rft_sft.py"), "--config", str(config)],
                           capture_output=True, text=True, timeout=900, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
