@@ -8,8 +8,8 @@ only the trial's stages, starting from the shared checkpoint (so the earlier DAG
 recomputed). It calls `run_pipeline` once per stage, growing the stage list, and reports the
 stage's held-out metrics with `ray.tune.report` after each: ASHA can then stop a bad trial after
 RFT. `run_pipeline` skips finished stages, so a trial that is restarted (after an interrupted
-sweep, or an errored trial) continues where it stopped; `Tuner.restore` leaves finished trials
-alone.
+sweep, or a failure retried by Tune) continues where it stopped; `Tuner.restore` leaves finished
+trials alone.
 
 Resources. A trial is the driver of a Ray Train run (Train V2 pattern): its own process only
 waits, its rollout actors and its learners do the work. The trial's placement group therefore
@@ -343,7 +343,10 @@ def run_sweep(sweep: SweepConfig, base: PipelineConfig, checkpoint: str = "") ->
     path = out / "tune" / "sweep"
     if tune.Tuner.can_restore(path):
         print(f"[sweep] resuming {path}: finished trials are kept", flush=True)
-        tuner = tune.Tuner.restore(str(path), trainable, resume_unfinished=True, resume_errored=True)
+        # Errored trials (already retried by FailureConfig) stay errored: Tune starts every
+        # restored unfinished trial at once, and the search algorithm's concurrency cap only
+        # bounds those (it limits trials alive at a time), not extra errored ones on top.
+        tuner = tune.Tuner.restore(str(path), trainable, resume_unfinished=True, resume_errored=False)
     else:
         concurrent = sweep.max_concurrent_trials or whole_trials(base.ray, ray.cluster_resources())
         _, stages = split_stages(base, sweep.rft_stage)
