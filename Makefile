@@ -25,8 +25,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 run: install
-	$(PY) -m smart_r1.cli make-dataset --out data/embedded/raw --scenarios 100 --seed 0
-	$(PY) -m smart_r1.cli preprocess --input 'data/embedded/raw/*.tfrecord' --out data/embedded/parquet
+	$(PY) pipelines/sft_rft_sft.py
 
 test: install
 	$(PY) -m pytest -q --timeout=1500

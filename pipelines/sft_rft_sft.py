@@ -54,7 +54,11 @@ def main(argv=None) -> int:
     from smart_r1.distributed.ray_runtime import ensure_ray
 
     ensure_ray(log_to_driver=True)
-    run_pipeline(config, fail_once_at=failures)
+    try:
+        run_pipeline(config, fail_once_at=failures)
+    except ValueError as e:  # resources that cannot fit, unreadable data: say so, no traceback
+        print(f"sft_rft_sft: {e}", file=sys.stderr)
+        return 2
     return 0
 
 

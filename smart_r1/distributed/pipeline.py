@@ -127,6 +127,26 @@ def format_table(rows: dict[str, dict[str, dict]]) -> str:
     return "\n".join(lines)
 
 
+def check_resources(config: PipelineConfig) -> None:
+    """On a fixed-size (local) Ray, the learners and rollout workers must fit at once, else the
+    learner waits forever for CPUs the workers hold. Autoscaling clusters grow instead."""
+    import os
+
+    import ray
+
+    if os.environ.get("RAY_ADDRESS"):
+        return
+    r = config.ray
+    need = {"CPU": r.num_rollout_workers * r.cpus_per_rollout_worker + r.num_learners * r.cpus_per_learner,
+            "GPU": r.num_rollout_workers * r.gpus_per_rollout_worker + (r.num_learners if r.use_gpu else 0)}
+    have = ray.cluster_resources()
+    for key, amount in need.items():
+        if amount > have.get(key, 0.0) + 1e-9:
+            raise ValueError(f"the pipeline needs {amount:g} {key} at once (rollout workers + learners) but "
+                             f"this Ray has {have.get(key, 0.0):g}; lower ray.num_rollout_workers, "
+                             f"ray.cpus_per_rollout_worker or ray.cpus_per_learner")
+
+
 def run_pipeline(config: PipelineConfig, fail_once_at: dict[str, int] | None = None) -> dict:
     """Run (or resume) every stage; returns {stage: {dataset: metrics}}."""
     import ray
@@ -137,6 +157,7 @@ def run_pipeline(config: PipelineConfig, fail_once_at: dict[str, int] | None = N
     from smart_r1.tracking.mlflow_runs import start_run
 
     started = time.perf_counter()
+    check_resources(config)
     out = Path(config.out_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(config.to_dict(), indent=2))
