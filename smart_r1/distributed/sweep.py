@@ -348,7 +348,13 @@ def run_sweep(sweep: SweepConfig, base: PipelineConfig, checkpoint: str = "") ->
         # bounds those (it limits trials alive at a time), not extra errored ones on top.
         tuner = tune.Tuner.restore(str(path), trainable, resume_unfinished=True, resume_errored=False)
     else:
-        concurrent = sweep.max_concurrent_trials or whole_trials(base.ray, ray.cluster_resources())
+        cluster = ray.cluster_resources()
+        concurrent = sweep.max_concurrent_trials or whole_trials(base.ray, cluster)
+        r = base.ray
+        if r.num_rollout_workers * r.cpus_per_rollout_worker + r.num_learners * r.cpus_per_learner > cluster.get("CPU", 0):
+            print(f"[sweep] warning: one trial needs more CPUs than the cluster has now ({cluster.get('CPU', 0):g}); "
+                  "it waits for the autoscaler (or forever on a fixed machine: lower ray.cpus_* in the config)",
+                  flush=True)
         _, stages = split_stages(base, sweep.rft_stage)
         scheduler = (ASHAScheduler(time_attr="training_iteration", max_t=len(stages),
                                    grace_period=sweep.asha_grace_period, reduction_factor=2)
