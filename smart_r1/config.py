@@ -142,7 +142,8 @@ class PipelineConfig:
 
 
 def _coerce(value: str, like: Any) -> Any:
-    """Parse a command-line string to the type of the field's current value."""
+    """Parse a command-line string to the type of the field's current value (an int field also
+    takes a float: YAML writes `1` for a CPU count that `--set` may make 0.5)."""
     if isinstance(like, bool):
         if value.lower() in ("1", "true", "yes", "on"):
             return True
@@ -150,7 +151,8 @@ def _coerce(value: str, like: Any) -> Any:
             return False
         raise ValueError(f"expected a boolean, got {value!r}")
     if isinstance(like, int):
-        return int(value)
+        number = float(value)
+        return int(number) if number.is_integer() and "." not in value else number
     if isinstance(like, float):
         return float(value)
     return value

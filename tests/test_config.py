@@ -23,6 +23,9 @@ def test_overrides():
                                    "out_dir=/tmp/x"])
     assert config.stage("rft").alpha == 0.8 and config.stage("rft").per_agent_credit is True
     assert config.eval.num_rollouts == 4 and config.out_dir == "/tmp/x"
+    # a CPU count written as an integer in YAML may become fractional on the command line
+    config = load_config(DEFAULT, ["ray.cpus_per_learner=0.5"])
+    assert config.ray.cpus_per_learner == 0.5
 
 
 @pytest.mark.parametrize("override, message", [

@@ -113,6 +113,30 @@ def load_state(job: LearnerJob) -> dict | None:
     return None
 
 
+def start_training(job: LearnerJob, unit: str) -> tuple:
+    """What every learner loop starts with: torch threads, rank and world size, the device, the
+    stage's model and AdamW optimizer, resumed from the newest state when there is one.
+    Returns (model, optimizer, device, rank, world_size, first epoch/step)."""
+    import ray.train
+
+    from smart_r1.model.checkpoint import load_checkpoint
+
+    torch.set_num_threads(max(1, job.threads))
+    rank, world_size = world()
+    device = ray.train.torch.get_device()
+    model = load_checkpoint(job.init_checkpoint, map_location=device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=job.stage.lr, weight_decay=job.stage.weight_decay)
+    start = 0
+    state = load_state(job)
+    if state is not None:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        start = int(state["progress"]) + 1
+        if rank == 0:
+            print(f"[{job.stage.name}] resuming after {unit} {start - 1}", flush=True)
+    return model, optimizer, device, rank, world_size, start
+
+
 def report(job: LearnerJob, model, optimizer, progress: int, metrics: dict, rank: int) -> None:
     """Report metrics and a checkpoint (rank 0 writes it) to Ray Train; log to MLflow."""
     import ray.train

@@ -19,7 +19,7 @@ import ray
 import torch
 
 from smart_r1.distributed.learner import (
-    LearnerJob, Progress, load_state, maybe_fail, optimizer_step, report, world,
+    LearnerJob, Progress, maybe_fail, optimizer_step, report, start_training,
 )
 from smart_r1.distributed.rollout_worker import spec_from_stage, split
 from smart_r1.distributed.timing import PhaseTimer, format_phases
@@ -121,29 +121,15 @@ def _share(experiences: list[Experience], rank: int, world_size: int) -> list[Ex
 
 
 def mpo_loop(config: dict) -> None:
-    import ray.train
-
     from smart_r1.data.dataset import iter_scenarios
     from smart_r1.model.checkpoint import load_checkpoint
     from smart_r1.tokens.scene import build_scene
 
     job: LearnerJob = config["job"]
     stage = job.stage
-    torch.set_num_threads(max(1, job.threads))
-    rank, world_size = world()
-    device = ray.train.torch.get_device()
-    model = load_checkpoint(job.init_checkpoint, map_location=device)
+    model, optimizer, device, rank, world_size, start = start_training(job, "step")
     ref_model = load_checkpoint(job.ref_checkpoint or job.init_checkpoint, map_location=device)
     ref_model.requires_grad_(False)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=stage.lr, weight_decay=stage.weight_decay)
-    start = 0
-    state = load_state(job)
-    if state is not None:
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        start = int(state["progress"]) + 1
-        if rank == 0:
-            print(f"[{stage.name}] resuming after step {start - 1}", flush=True)
     records = list(iter_scenarios(job.datasets["train"]))
     scenes: dict[int, object] = {}
     spec = spec_from_stage(stage)

@@ -18,5 +18,14 @@ def ensure_ray(num_cpus: int | None = None, log_to_driver: bool = False) -> None
     quiet = dict(log_to_driver=log_to_driver, configure_logging=False)
     if os.environ.get("RAY_ADDRESS"):
         ray.init(**quiet)
-    else:
-        ray.init(num_cpus=num_cpus, include_dashboard=False, **quiet)
+        return
+    # Ray gives a local node a fixed 30 s to start; a busy machine can miss that, so try again.
+    for attempt in range(3):
+        try:
+            ray.init(num_cpus=num_cpus, include_dashboard=False, **quiet)
+            return
+        except Exception as e:  # ray raises a bare Exception for the start-up timeout
+            if "timed out during startup" not in str(e) or attempt == 2:
+                raise
+            print(f"Ray did not start in time (attempt {attempt + 1} of 3); retrying", flush=True)
+            ray.shutdown()

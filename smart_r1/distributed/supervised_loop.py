@@ -14,7 +14,7 @@ import random
 import torch
 
 from smart_r1.distributed.learner import (
-    LearnerJob, Progress, load_state, maybe_fail, optimizer_step, report, world,
+    LearnerJob, Progress, maybe_fail, optimizer_step, report, start_training,
 )
 from smart_r1.distributed.timing import PhaseTimer, format_phases
 
@@ -34,28 +34,13 @@ def _scenes(job: LearnerJob, vocab, rank: int, world_size: int) -> tuple[list, i
 
 
 def supervised_loop(config: dict) -> None:
-    import ray.train
-
-    from smart_r1.model.checkpoint import load_checkpoint
     from smart_r1.rl.bc import bc_loss
     from smart_r1.rl.catk import catk_sft_loss
     from smart_r1.tokens.scene import collate
 
     job: LearnerJob = config["job"]
     stage = job.stage
-    torch.set_num_threads(max(1, job.threads))
-    rank, world_size = world()
-    device = ray.train.torch.get_device()
-    model = load_checkpoint(job.init_checkpoint, map_location=device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=stage.lr, weight_decay=stage.weight_decay)
-    start_epoch = 0
-    state = load_state(job)
-    if state is not None:
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        start_epoch = int(state["progress"]) + 1
-        if rank == 0:
-            print(f"[{stage.name}] resuming after epoch {start_epoch - 1}", flush=True)
+    model, optimizer, device, rank, world_size, start_epoch = start_training(job, "epoch")
     timer = PhaseTimer()
     with timer.phase("tokenize"):
         scenes, total = _scenes(job, model.vocab, rank, world_size)
