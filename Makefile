@@ -12,6 +12,8 @@ export MALLOC_MMAP_THRESHOLD_ ?= 17179869184
 export MALLOC_TRIM_THRESHOLD_ ?= 17179869184
 export MALLOC_TOP_PAD_ ?= 1073741824
 export TF_CPP_MIN_LOG_LEVEL ?= 2
+# Subprocesses that call `python` or `ray` (Ray Jobs, the tests' local cluster) get the venv's.
+export PATH := $(abspath $(VENV))/bin:$(PATH)
 
 .PHONY: install run test test-fast bench clean
 

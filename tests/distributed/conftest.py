@@ -70,7 +70,10 @@ def ray_head(tmp_path_factory):
            f"--metrics-export-port={metrics}", f"--ray-client-server-port={client}",
            "--num-cpus=2", f"--temp-dir={temp}"]
     log = open(tmp_path_factory.mktemp("ray") / "head.log", "w")
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    # Jobs run `python ...` with the head's PATH: put this interpreter's bin folder first, so
+    # jobs get the same environment even when the venv is not activated (as under `make test`).
+    head_env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=head_env)
     address = f"http://127.0.0.1:{dash}"
     env = {**os.environ, "RAY_ADDRESS": address, "RAY_AUTH_MODE": "token"}
     deadline = time.time() + 180
