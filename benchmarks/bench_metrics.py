@@ -25,14 +25,9 @@ import sys
 import time
 from pathlib import Path
 
-MALLOC_ENV = {
-    "MALLOC_MMAP_THRESHOLD_": "17179869184",
-    "MALLOC_TRIM_THRESHOLD_": "17179869184",
-    "MALLOC_TOP_PAD_": "1073741824",
-    "TF_CPP_MIN_LOG_LEVEL": "2",
-}
-if any(k not in os.environ for k in MALLOC_ENV):  # glibc reads them at start-up only
-    os.execve(sys.executable, [sys.executable, *sys.argv], {**MALLOC_ENV, **os.environ})
+from smart_r1.metrics.official import reexec_with_malloc_env  # noqa: E402
+
+reexec_with_malloc_env()  # the official evaluator runs ~2x faster with glibc's MALLOC_* set
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
