@@ -68,7 +68,8 @@ def main() -> None:
 
     stage = StageConfig(name="rft", kind="mpo", steps=args.steps, num_rollouts=args.rollouts,
                         scenarios_per_step=4, lr=1e-4)
-    workers = start_workers(checkpoint, datasets, 2, cpus=1, gpus=0)
+    # 2 x 0.5 CPU + a 1-CPU learner: the RFT stage's layout on 2 cores (3 CPUs would never schedule)
+    workers = start_workers(checkpoint, datasets, 2, cpus=0.5, gpus=0)
     job = LearnerJob(stage=stage, stage_dir=str(tmp / "rft"), init_checkpoint=checkpoint, datasets=datasets,
                      ref_checkpoint=checkpoint, rollout_workers=workers)
     run_learner(job, RayConfig(num_learners=1, cpus_per_learner=1), str(tmp / "ray"))

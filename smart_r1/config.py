@@ -40,6 +40,7 @@ class StageConfig:
     name: str
     kind: str  # bc | catk_sft | mpo
     epochs: int = 1  # bc / catk_sft: passes over the training scenarios
+    steps_per_epoch: int = 0  # bc / catk_sft: 0 = a whole pass; else this many batches, freshly shuffled
     steps: int = 10  # mpo: RL updates
     lr: float = 5e-4
     batch_scenarios: int = 4  # scenarios per gradient step
@@ -48,7 +49,7 @@ class StageConfig:
     # closed-loop SFT (CAT-K)
     top_k: int = 5  # K most likely tokens among which the one closest to the log is kept
     # MPO
-    alpha: float = 0.77  # fixed baseline: advantage = reward - alpha
+    alpha: float = 0.77  # fixed baseline, advantage = reward - alpha; near the SFT policy's mean reward
     beta: float = 0.04  # KL(pi || pi_ref) weight
     num_rollouts: int = 8  # rollouts per scenario per RL step (paper: 32)
     scenarios_per_step: int = 4
@@ -56,8 +57,10 @@ class StageConfig:
     clip_eps: float = 0.2
     kl_estimator: str = "k3"
     per_agent_credit: bool = False  # each agent's own collision/off-road flags in its reward
-    collision_penalty: float = 1.0  # reward terms (see smart_r1.rl.rewards)
-    offroad_penalty: float = 1.0
+    # reward = weighted mean of realism and the collision-free / on-road fractions of agents
+    # (smart_r1.rl.rewards); 0 and 0 = the realism score alone
+    collision_weight: float = 1.0
+    offroad_weight: float = 1.0
     max_staleness: int = 1  # drop rollouts made with weights older than this many updates
     temperature: float = 1.0
     top_k_sampling: int = 0  # 0 = sample from the whole vocabulary
@@ -82,6 +85,10 @@ class StageConfig:
             raise ValueError(f"stage {self.name!r}: kl_estimator must be 'k3' or 'full'")
         if self.max_staleness < 0:
             raise ValueError(f"stage {self.name!r}: max_staleness must be >= 0")
+        if self.collision_weight < 0 or self.offroad_weight < 0:
+            raise ValueError(f"stage {self.name!r}: collision_weight and offroad_weight must be >= 0")
+        if self.steps_per_epoch < 0:
+            raise ValueError(f"stage {self.name!r}: steps_per_epoch must be >= 0 (0 = a whole pass)")
 
 
 @dataclass(frozen=True)
@@ -92,6 +99,9 @@ class RayConfig:
     num_learners: int = 1  # Ray Train workers (DDP)
     use_gpu: bool = False
     cpus_per_learner: float = 1.0
+    # torch threads per learner worker; 0 = its CPUs. More pays off on a small machine: the
+    # rollout workers sit idle during BC and SFT, and their cores would go unused.
+    learner_threads: int = 0
     max_learner_failures: int = 2
     storage_path: str = ""  # Ray Train / Tune storage; "" = <out_dir>/ray
 
@@ -133,6 +143,8 @@ class PipelineConfig:
                 raise ValueError(f"{what}: no such path {path!r}")
         if self.ray.num_rollout_workers < 1 or self.ray.num_learners < 1:
             raise ValueError("ray.num_rollout_workers and ray.num_learners must be >= 1")
+        if self.ray.learner_threads < 0:
+            raise ValueError(f"ray.learner_threads must be >= 0 (0 = the learner's CPUs), got {self.ray.learner_threads}")
         if self.eval.num_rollouts < 1:
             raise ValueError("eval.num_rollouts must be >= 1")
         return self

@@ -35,6 +35,8 @@ def test_overrides():
     ("nosuchstage.alpha=0.5", "unknown stage name 'nosuchstage'"),
     ("rft.nosuchfield=1", "no field 'nosuchfield'"),
     ("data.train=/no/such/path", "data.train: no such path"),
+    ("sft.steps_per_epoch=-1", "steps_per_epoch must be >= 0"),
+    ("ray.learner_threads=-2", "learner_threads must be >= 0"),
 ])
 def test_invalid_values_fail_clearly(override, message):
     with pytest.raises(ValueError, match=message):

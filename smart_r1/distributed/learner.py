@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -47,6 +48,12 @@ class LearnerJob:
     fail_once_at: int = -1  # fault injection for tests: raise once at this step/epoch
 
 
+def say(message: str) -> None:
+    """Print one line from a learner worker. Ray Train patches `print` in its workers to both echo
+    and log a line, which shows it twice on the driver; the real stdout shows it once."""
+    print(message, file=sys.__stdout__ or sys.stdout, flush=True)
+
+
 class Progress:
     """Prints `[stage] unit i/n ... eta` lines (rank 0 only)."""
 
@@ -61,7 +68,7 @@ class Progress:
         rate = (done - self.start) / elapsed if elapsed > 0 and done > self.start else 0.0
         eta = (self.total - done) / rate if rate > 0 else float("nan")
         eta_text = f"{eta // 60:.0f}m{eta % 60:02.0f}s" if eta == eta else "?"
-        print(f"[{self.stage}] {done}/{self.total} {text} | elapsed {elapsed:.0f}s eta {eta_text}", flush=True)
+        say(f"[{self.stage}] {done}/{self.total} {text} | elapsed {elapsed:.0f}s eta {eta_text}")
 
 
 def world() -> tuple[int, int]:
@@ -133,7 +140,7 @@ def start_training(job: LearnerJob, unit: str) -> tuple:
         optimizer.load_state_dict(state["optimizer"])
         start = int(state["progress"]) + 1
         if rank == 0:
-            print(f"[{job.stage.name}] resuming after {unit} {start - 1}", flush=True)
+            say(f"[{job.stage.name}] resuming after {unit} {start - 1}")
     return model, optimizer, device, rank, world_size, start
 
 

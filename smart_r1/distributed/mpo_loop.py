@@ -19,7 +19,7 @@ import ray
 import torch
 
 from smart_r1.distributed.learner import (
-    LearnerJob, Progress, maybe_fail, optimizer_step, report, start_training,
+    LearnerJob, Progress, maybe_fail, optimizer_step, report, say, start_training,
 )
 from smart_r1.distributed.rollout_worker import spec_from_stage, split
 from smart_r1.distributed.timing import PhaseTimer, format_phases
@@ -44,13 +44,12 @@ def collect(pending: list) -> tuple[list[Experience], int]:
         try:
             results = ray.get(ref)
         except ray.exceptions.RayError as e:
-            print(f"[rft] a rollout task failed and is dropped: {type(e).__name__}", flush=True)
+            say(f"[rft] a rollout task failed and is dropped: {type(e).__name__}")
             failed += 1
             continue
         for r in results:
             if isinstance(r, RolloutFailure):
-                print(f"[rft] rollout of {r.scenario_id} failed and is dropped: {r.error.splitlines()[0]}",
-                      flush=True)
+                say(f"[rft] rollout of {r.scenario_id} failed and is dropped: {r.error.splitlines()[0]}")
                 failed += 1
             else:
                 experiences.append(r)

@@ -198,7 +198,7 @@ def run_pipeline(config: PipelineConfig, fail_once_at: dict[str, int] | None = N
         job = LearnerJob(stage=stage, stage_dir=str(stage_dir), init_checkpoint=current, datasets=datasets,
                          seed=config.seed, ref_checkpoint=reference if stage.kind == "mpo" else "",
                          rollout_workers=workers if stage.kind == "mpo" else [], tracker=stage_tracker,
-                         threads=max(1, int(r.cpus_per_learner)),
+                         threads=r.learner_threads or max(1, int(r.cpus_per_learner)),
                          fail_once_at=(fail_once_at or {}).get(stage.name, -1))
         with timer.phase(f"stage_{stage.name}"):
             current = run_learner(job, r, storage)

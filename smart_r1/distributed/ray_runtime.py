@@ -20,9 +20,11 @@ def ensure_ray(num_cpus: int | None = None, log_to_driver: bool = False) -> None
         ray.init(**quiet)
         return
     # Ray gives a local node a fixed 30 s to start; a busy machine can miss that, so try again.
+    # The dashboard stays on: Ray Train's placement-group cleaner asks its State API once a
+    # second whether the train controller lives, and warns every time it cannot.
     for attempt in range(3):
         try:
-            ray.init(num_cpus=num_cpus, include_dashboard=False, **quiet)
+            ray.init(num_cpus=num_cpus, **quiet)
             return
         except Exception as e:  # ray raises a bare Exception for the start-up timeout
             if "timed out during startup" not in str(e) or attempt == 2:

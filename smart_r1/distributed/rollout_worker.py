@@ -28,8 +28,8 @@ class SamplingSpec:
     temperature: float = 1.0
     top_k: int = 0
     top_p: float = 1.0
-    collision_penalty: float = 1.0
-    offroad_penalty: float = 1.0
+    collision_weight: float = 1.0
+    offroad_weight: float = 1.0
     per_agent_credit: bool = False
 
 
@@ -106,7 +106,7 @@ class RolloutWorker:
                 t1 = time.perf_counter()
                 signals = rollout_signals(record, rollout.states)
                 rewards = rollout_rewards(signals.realism.float(), signals.collision, signals.offroad,
-                                          spec.collision_penalty, spec.offroad_penalty, spec.per_agent_credit)
+                                          spec.collision_weight, spec.offroad_weight, spec.per_agent_credit)
                 if not torch.isfinite(rewards).all():
                     raise FloatingPointError("non-finite reward")
                 out.append(Experience(
@@ -153,8 +153,8 @@ class RolloutWorker:
 
 def spec_from_stage(stage, num_rollouts: int | None = None) -> SamplingSpec:
     return SamplingSpec(num_rollouts=num_rollouts or stage.num_rollouts, temperature=stage.temperature,
-                        top_k=stage.top_k_sampling, collision_penalty=stage.collision_penalty,
-                        offroad_penalty=stage.offroad_penalty, per_agent_credit=stage.per_agent_credit)
+                        top_k=stage.top_k_sampling, collision_weight=stage.collision_weight,
+                        offroad_weight=stage.offroad_weight, per_agent_credit=stage.per_agent_credit)
 
 
 def start_workers(checkpoint: str, datasets: dict[str, str], count: int, cpus: float, gpus: float,

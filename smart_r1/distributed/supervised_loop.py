@@ -1,6 +1,7 @@
 """Learner loop of the supervised stages, run by every Ray Train worker:
 
-    bc        teacher-forced next-token cross-entropy on logged data (smart_r1.rl.bc)
+    bc        teacher-forced next-token cross-entropy on logged data (smart_r1.rl.bc), with
+              warm-up and cosine decay of the learning rate (the SFT stages keep theirs constant)
     catk_sft  closed-loop SFT on CAT-K rollouts (smart_r1.rl.catk)
 
 Each worker takes every world_size-th scenario; one report (metrics + checkpoint) per epoch.
@@ -14,7 +15,7 @@ import random
 import torch
 
 from smart_r1.distributed.learner import (
-    LearnerJob, Progress, maybe_fail, optimizer_step, report, start_training,
+    LearnerJob, Progress, maybe_fail, optimizer_step, report, say, start_training,
 )
 from smart_r1.distributed.timing import PhaseTimer, format_phases
 
@@ -34,7 +35,7 @@ def _scenes(job: LearnerJob, vocab, rank: int, world_size: int) -> tuple[list, i
 
 
 def supervised_loop(config: dict) -> None:
-    from smart_r1.rl.bc import bc_loss
+    from smart_r1.rl.bc import bc_loss, warmup_cosine
     from smart_r1.rl.catk import catk_sft_loss
     from smart_r1.tokens.scene import collate
 
@@ -48,7 +49,7 @@ def supervised_loop(config: dict) -> None:
         raise ValueError(f"stage {stage.name}: no training scenes with agents on rank {rank}")
     # Every rank takes the same number of steps (their gradients are all-reduced together);
     # a rank with fewer scenes wraps around its own.
-    steps_per_epoch = math.ceil(total / world_size / stage.batch_scenarios)
+    steps_per_epoch = stage.steps_per_epoch or math.ceil(total / world_size / stage.batch_scenarios)
     progress = Progress(stage.name, stage.epochs * steps_per_epoch, start_epoch * steps_per_epoch, rank == 0)
     torch.manual_seed(job.seed + rank)
     for epoch in range(start_epoch, stage.epochs):
@@ -58,6 +59,10 @@ def supervised_loop(config: dict) -> None:
         for i in range(steps_per_epoch):
             picked = [scenes[(i * stage.batch_scenarios + j) % len(scenes)] for j in range(stage.batch_scenarios)]
             batch = collate(picked).to(device)
+            if stage.kind == "bc":  # pretraining from scratch: warm-up, then cosine decay to 10%
+                factor = warmup_cosine(epoch * steps_per_epoch + i, stage.epochs * steps_per_epoch)
+                for group in optimizer.param_groups:
+                    group["lr"] = stage.lr * factor
             model.train()
             with timer.phase("forward"):
                 if stage.kind == "bc":
@@ -77,6 +82,6 @@ def supervised_loop(config: dict) -> None:
         times = timer.lap()
         metrics = {"epoch": epoch, "loss": totals["loss"] / n, "accuracy": totals["accuracy"] / n, **times}
         if rank == 0:
-            print(f"[{stage.name}] epoch {epoch + 1}/{stage.epochs}: loss {metrics['loss']:.4f} "
-                  f"accuracy {metrics['accuracy']:.3f} | {format_phases(times)}", flush=True)
+            say(f"[{stage.name}] epoch {epoch + 1}/{stage.epochs}: loss {metrics['loss']:.4f} "
+                f"accuracy {metrics['accuracy']:.3f} | {format_phases(times)}")
         report(job, model, optimizer, epoch, metrics, rank)

@@ -59,17 +59,21 @@ def bc_train_step(model, optimizer: torch.optim.Optimizer, batch: SceneBatch, gr
     return stats
 
 
+def warmup_cosine(step: int, total_steps: int, warmup_steps: int = 50) -> float:
+    """Learning-rate factor at `step`: linear warm-up, then cosine decay to 10% at `total_steps`."""
+    warmup_steps = min(warmup_steps, max(1, total_steps // 10))
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
+
+
 def make_optimizer(model, lr: float = 5e-4, weight_decay: float = 0.01, total_steps: int = 1000,
                    warmup_steps: int = 50) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
     """AdamW with linear warm-up then cosine decay to 10% of `lr`."""
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
-
-    def factor(step: int) -> float:
-        if step < warmup_steps:
-            return (step + 1) / warmup_steps
-        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
-        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
-    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: warmup_cosine(step, total_steps, warmup_steps))
 
 
 def data_source(path: str | Path) -> str:

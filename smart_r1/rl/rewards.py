@@ -1,17 +1,22 @@
 """Rewards for MPO from the fast WOSAC metrics of each sampled rollout.
 
-Per-rollout reward (default), for rollout r over its S sim agents:
+Per-rollout reward (default), for rollout r over its S sim agents, with weights w_c, w_o >= 0:
 
-    R_r = realism_r - c_col * mean_a collision_{r,a} - c_off * mean_a offroad_{r,a}
+    R_r = (realism_r + w_c * (1 - mean_a collision_{r,a}) + w_o * (1 - mean_a offroad_{r,a}))
+          / (1 + w_c + w_o)
 
 Per-agent credit (option `per_agent_credit`): each agent is charged only for its own events,
 
-    R_{r,a} = realism_r - c_col * collision_{r,a} - c_off * offroad_{r,a}
+    R_{r,a} = (realism_r + w_c * (1 - collision_{r,a}) + w_o * (1 - offroad_{r,a})) / (1 + w_c + w_o)
 
-`realism_r` is the per-rollout realism score of `smart_r1.metrics.rollout_signals` (on the
-metametric's [0, 1] scale, which is why a fixed baseline alpha near the model's metametric works).
-The explicit penalties sharpen the signal of the two safety metrics that WOSAC also reports as
-rates; they are 0/1 events, so c = 1 makes one colliding agent in S cost 1/S of the reward.
+`realism_r` is the per-rollout realism score of `smart_r1.metrics.rollout_signals`, the WOSAC
+metametric of that rollout alone, in [0, 1]. The reward is a weighted mean of it and of the
+fractions of agents free of collision and off-road, so it stays on the metric's [0, 1] scale, where
+MPO's fixed baseline alpha lives: alpha should sit near the SFT policy's mean reward (rollouts
+better than it are reinforced, worse ones suppressed). With w_c = w_o = 0 the reward is the
+realism score alone, as in the paper; the two extra terms sharpen the signal of the safety
+metrics that WOSAC also reports as rates (they are 0/1 events, which the metametric's smoothed
+likelihoods blur). The per-agent rewards of a rollout average to its per-rollout reward.
 """
 
 from __future__ import annotations
@@ -20,17 +25,19 @@ import torch
 
 
 def rollout_rewards(realism: torch.Tensor, collision: torch.Tensor, offroad: torch.Tensor,
-                    collision_penalty: float, offroad_penalty: float,
+                    collision_weight: float, offroad_weight: float,
                     per_agent: bool = False) -> torch.Tensor:
-    """Rewards, [R] per rollout or [R, S] per agent.
+    """Rewards in [0, 1], [R] per rollout or [R, S] per agent.
 
     Args:
         realism: [R] per-rollout realism score.
         collision, offroad: [R, S] bool, whether each agent collided / left the road.
     """
-    col, off = collision.to(realism.dtype), offroad.to(realism.dtype)
+    free_col = 1.0 - collision.to(realism.dtype)  # [R, S]
+    free_off = 1.0 - offroad.to(realism.dtype)
+    norm = 1.0 + collision_weight + offroad_weight
     if per_agent:
-        return realism[:, None] - collision_penalty * col - offroad_penalty * off
-    if col.shape[1] == 0:
-        return realism.clone()
-    return realism - collision_penalty * col.mean(1) - offroad_penalty * off.mean(1)
+        return (realism[:, None] + collision_weight * free_col + offroad_weight * free_off) / norm
+    if free_col.shape[1] == 0:  # no agents: nothing to charge
+        return realism * (1.0 + collision_weight + offroad_weight) / norm
+    return (realism + collision_weight * free_col.mean(1) + offroad_weight * free_off.mean(1)) / norm

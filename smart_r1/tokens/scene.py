@@ -125,7 +125,7 @@ def build_scene(record: ScenarioRecord, vocab: MotionVocab, agents: str = "all",
     z = record.xyz[index, now, 2].astype(np.float32)
     return SceneBatch(
         scenario_id=[record.scenario_id],
-        origin=torch.as_tensor(np.asarray(origin, np.float64))[None],
+        origin=torch.as_tensor(np.array(origin, np.float64))[None],  # a copy: `origin` may view a read-only array
         agent_index=torch.as_tensor(index, dtype=torch.long)[None],
         agent_id=torch.as_tensor(record.object_id[index], dtype=torch.long)[None],
         agent_mask=torch.ones(1, index.size, dtype=torch.bool),

@@ -1,6 +1,6 @@
-"""The alpha/beta Tune sweep: bad input fails before any trial; a tiny 2 x 2 grid whose shared
-BC -> SFT stages run once, interrupted (SIGKILL) after its first finished trial and resumed with
-Tuner.restore without redoing that trial; best config and MLflow runs."""
+"""The alpha/beta Tune sweep: bad input fails before any trial; a tiny 2 x 2 grid from one shared
+SFT checkpoint (the pipeline test's run folder), interrupted (SIGKILL) after its first finished
+trial and resumed with Tuner.restore without redoing that trial; best config and MLflow runs."""
 
 from __future__ import annotations
 
@@ -134,22 +134,23 @@ def _trial_states(out: Path) -> dict[str, str]:
 
 
 @pytest.mark.slow
-def test_tiny_sweep_interrupted_then_resumed(mlflow_server, tmp_path, tiny_config):
+def test_tiny_sweep_interrupted_then_resumed(submitted, mlflow_server, tmp_path, tiny_config):
     from mlflow.tracking import MlflowClient
+
+    shared_run, _ = submitted  # its finished sft is every trial's start (made once, not per trial)
 
     # fractional CPUs: a trial (rollout actor + learner) needs 1 CPU, so two run side by side here
     ray = {"num_rollout_workers": 1, "cpus_per_rollout_worker": 0.5, "num_learners": 1, "cpus_per_learner": 0.5}
     pipeline = tiny_config(tmp_path / "tiny.yaml", tmp_path / "unused", ray=ray,
                            eval={"num_rollouts": 2, "max_scenarios": 2})
     raw = yaml.safe_load(pipeline.read_text())
-    raw["stages"][1]["epochs"] = 1  # sft
     raw["stages"][2]["steps"] = 1  # rft
     pipeline.write_text(yaml.safe_dump(raw))
     out = tmp_path / "sweep"
     config = tmp_path / "sweep.yaml"
     config.write_text(yaml.safe_dump({"pipeline": str(pipeline), "out_dir": str(out),
                                       "alpha": [0.5, 0.9], "beta": [0.0, 0.1]}))
-    cmd = [sys.executable, str(SCRIPT), "--config", str(config)]  # the shared bc -> sft made once
+    cmd = [sys.executable, str(SCRIPT), "--config", str(config), "--sft-checkpoint", str(shared_run)]
     env = {**os.environ, "MLFLOW_TRACKING_URI": mlflow_server}
     env.pop("RAY_ADDRESS", None)  # its own local Ray, which dies with its process group
 
@@ -184,7 +185,7 @@ def test_tiny_sweep_interrupted_then_resumed(mlflow_server, tmp_path, tiny_confi
         assert 0.0 < m["metametric"] < 1.0 and m["min_average_displacement_error"] > 0
         assert 0.0 <= m["simulated_collision_rate"] <= 1.0 and 0.0 <= m["simulated_offroad_rate"] <= 1.0
     # every trial started from the one shared SFT checkpoint; none re-ran the earlier stages
-    assert (out / "base" / "sft" / "model.pt").exists() and "[sft] already finished" in output
+    assert f"[rft] mpo from {shared_run / 'sft' / 'model.pt'}" in output
     assert not any((out / "trials").glob("*/bc")) and not any((out / "trials").glob("*/sft"))
     best = json.loads((out / "best.json").read_text())
     assert best["metrics"]["metametric"] == pytest.approx(max(r["metrics"]["metametric"] for r in rows), abs=1e-4)
@@ -197,7 +198,7 @@ def test_tiny_sweep_interrupted_then_resumed(mlflow_server, tmp_path, tiny_confi
     children = client.search_runs([client.get_run(sweep_id).info.experiment_id],
                                   filter_string=f"tags.mlflow.parentRunId = '{sweep_id}'")
     trials = [c for c in children if c.info.run_name.startswith("trial ")]
-    assert "shared stages" in {c.info.run_name for c in children}
+    assert "shared stages" not in {c.info.run_name for c in children}  # given, not made
     assert len(trials) == 4  # the resumed trials kept their runs
     for t in trials:
         assert {"alpha", "beta", "config.stages.rft.alpha"} <= set(t.data.params)
