@@ -110,6 +110,10 @@ class RayConfig:
 class EvalConfig:
     num_rollouts: int = 8  # per held-out scenario (WOSAC: 32)
     max_scenarios: int = 20
+    # how the evaluated policy samples its tokens (part of the policy, as in a WOSAC submission);
+    # RFT stages sample with their own temperature / top_k_sampling, best set alike
+    top_k: int = 0  # 0 = the whole vocabulary
+    temperature: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -147,6 +151,8 @@ class PipelineConfig:
             raise ValueError(f"ray.learner_threads must be >= 0 (0 = the learner's CPUs), got {self.ray.learner_threads}")
         if self.eval.num_rollouts < 1:
             raise ValueError("eval.num_rollouts must be >= 1")
+        if self.eval.top_k < 0 or self.eval.temperature <= 0:
+            raise ValueError("eval.top_k must be >= 0 and eval.temperature > 0")
         return self
 
     def to_dict(self) -> dict[str, Any]:

@@ -15,7 +15,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 
-from smart_r1.config import PipelineConfig
+from smart_r1.config import EvalConfig, PipelineConfig
 from smart_r1.types import RolloutFailure
 
 TABLE_FIELDS = ("metametric", "simulated_collision_rate", "simulated_offroad_rate",
@@ -78,20 +78,21 @@ def prepare_model(config: PipelineConfig, datasets: dict[str, str], out: Path) -
     return str(init)
 
 
-def evaluate(workers: list, checkpoint: str, version: int, dataset: str, max_scenarios: int,
-             num_rollouts: int) -> dict:
-    """Fast WOSAC metrics of a checkpoint on a dataset, aggregated as the official code does."""
+def evaluate(workers: list, checkpoint: str, version: int, dataset: str, cfg: EvalConfig) -> dict:
+    """Fast WOSAC metrics of a checkpoint on (the first `cfg.max_scenarios` scenarios of) a
+    dataset, sampled as `cfg` says, aggregated as the official code does."""
     import ray
     import torch
 
-    from smart_r1.distributed.rollout_worker import split
+    from smart_r1.distributed.rollout_worker import SamplingSpec, split
     from smart_r1.metrics import aggregate_metrics
 
     blob = torch.load(checkpoint, map_location="cpu", weights_only=True)
     ref = ray.put(blob["state_dict"])
-    count = min(max_scenarios, ray.get(workers[0].num_scenarios.remote(dataset)))
+    count = min(cfg.max_scenarios, ray.get(workers[0].num_scenarios.remote(dataset)))
     shards = split(list(range(count)), len(workers))
-    results = [r for part in ray.get([w.evaluate.remote(version, [ref], dataset, s, num_rollouts)
+    spec = SamplingSpec(num_rollouts=cfg.num_rollouts, top_k=cfg.top_k, temperature=cfg.temperature)
+    results = [r for part in ray.get([w.evaluate.remote(version, [ref], dataset, s, spec)
                                       for w, s in zip(workers, shards)]) for r in part]
     scored = [r for r in results if not isinstance(r, RolloutFailure)]
     failed = [r for r in results if isinstance(r, RolloutFailure)]
@@ -100,7 +101,7 @@ def evaluate(workers: list, checkpoint: str, version: int, dataset: str, max_sce
     if not scored:
         raise RuntimeError(f"evaluation on {dataset}: every scenario failed")
     summary = aggregate_metrics([{k: v for k, v in r.items() if k != "scenario_id"} for r in scored])
-    return {**summary, "scenarios": len(scored), "failed": len(failed), "num_rollouts": num_rollouts}
+    return {**summary, "scenarios": len(scored), "failed": len(failed), "num_rollouts": cfg.num_rollouts}
 
 
 def render_stage(checkpoint: str, data: str, out_path: Path, seed: int = 0) -> Path:
@@ -203,8 +204,7 @@ def run_pipeline(config: PipelineConfig, fail_once_at: dict[str, int] | None = N
         with timer.phase(f"stage_{stage.name}"):
             current = run_learner(job, r, storage)
         with timer.phase("eval"):
-            rows[stage.name] = {d: evaluate(workers, current, 10**6 + i + 1, d, config.eval.max_scenarios,
-                                            config.eval.num_rollouts) for d in eval_sets}
+            rows[stage.name] = {d: evaluate(workers, current, 10**6 + i + 1, d, config.eval) for d in eval_sets}
         seconds = time.perf_counter() - t0
         for d, m in rows[stage.name].items():
             stage_tracker.log_metrics({f"{d}/{k}": v for k, v in m.items()})

@@ -123,8 +123,8 @@ class RolloutWorker:
         return out
 
     def evaluate(self, version: int, weights: list, dataset: str, indices: list[int],
-                 num_rollouts: int) -> list[dict | RolloutFailure]:
-        """Per-scenario fast WOSAC metrics of `num_rollouts` sampled rollouts."""
+                 spec: SamplingSpec) -> list[dict | RolloutFailure]:
+        """Per-scenario fast WOSAC metrics of `spec.num_rollouts` sampled rollouts."""
         from smart_r1.metrics import compute_scenario_metrics
         from smart_r1.rollout.closed_loop import closed_loop, to_rollouts
         from smart_r1.rollout.sampling import Sampler
@@ -139,7 +139,9 @@ class RolloutWorker:
                 if not record.sim_agent_mask.any():
                     raise ValueError("no valid sim agents")
                 scene = self._scene(dataset, index)
-                tensors = closed_loop(self.model, scene, num_rollouts, Sampler(generator=self.generator))
+                sampler = Sampler(top_k=spec.top_k, top_p=spec.top_p, temperature=spec.temperature,
+                                  generator=self.generator)
+                tensors = closed_loop(self.model, scene, spec.num_rollouts, sampler)
                 (rollout,) = to_rollouts(scene, tensors)
                 metrics = compute_scenario_metrics(record, torch.as_tensor(rollout.states))
                 out.append({"scenario_id": record.scenario_id, **metrics})
