@@ -155,7 +155,8 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
     cfg = EvaluateConfig(data=args.data, checkpoint=args.checkpoint, rollouts=args.rollouts,
                          num_rollouts=args.num_rollouts, official=args.official, out=args.out,
-                         num_renders=args.renders, max_scenarios=args.max_scenarios, seed=args.seed)
+                         num_renders=args.renders, max_scenarios=args.max_scenarios, seed=args.seed,
+                         top_k=args.top_k, temperature=args.temperature)
     result, renders = evaluate(cfg)
     print(result.leaderboard.format_table())
     print(f"{result.evaluator} evaluator, {result.seconds:.1f} s"
@@ -173,9 +174,15 @@ def _cmd_export_submission(args: argparse.Namespace) -> int:
                           description=args.description, method_link=args.method_link,
                           num_model_parameters=args.num_model_parameters)
     archive = export_submission(args.checkpoint, args.data, args.out, info, seed=args.seed,
-                                max_scenarios=args.max_scenarios)
+                                max_scenarios=args.max_scenarios, top_k=args.top_k, temperature=args.temperature)
     print(f"submission -> {archive} (upload it on the WOSAC 2025 challenge page)")
     return 0
+
+
+def _sampling_args(p: argparse.ArgumentParser) -> None:
+    """How the model samples its tokens: part of the policy being scored or submitted."""
+    p.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (0: all)")
+    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -256,6 +263,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--renders", type=int, default=2, help="scenarios to draw and attach to the MLflow run")
     p.add_argument("--max-scenarios", type=int, default=None, help="evaluate only the first N scenarios")
     p.add_argument("--seed", type=int, default=0, help="sampling seed")
+    _sampling_args(p)
     p.set_defaults(func=_cmd_evaluate)
 
     p = sub.add_parser("export-submission", help="32 rollouts per scenario -> WOSAC 2025 submission tar.gz")
@@ -271,6 +279,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-model-parameters", default="", help="e.g. 7M (default: counted from the model)")
     p.add_argument("--max-scenarios", type=int, default=None, help="export only the first N scenarios")
     p.add_argument("--seed", type=int, default=0, help="sampling seed")
+    _sampling_args(p)
     p.set_defaults(func=_cmd_export_submission)
     p = sub.add_parser("metrics", help="WOSAC 2025 sim-agents metrics of rollouts (fast PyTorch or official)")
     p.add_argument("--scenario", required=True, help="Scenario TFRecord file")

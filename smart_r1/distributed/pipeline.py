@@ -104,14 +104,15 @@ def evaluate(workers: list, checkpoint: str, version: int, dataset: str, cfg: Ev
     return {**summary, "scenarios": len(scored), "failed": len(failed), "num_rollouts": cfg.num_rollouts}
 
 
-def render_stage(checkpoint: str, data: str, out_path: Path, seed: int = 0) -> Path:
+def render_stage(checkpoint: str, data: str, out_path: Path, cfg: EvalConfig, seed: int = 0) -> Path:
     """One sampled rollout of the first held-out scenario, drawn for the stage's MLflow run."""
     from smart_r1.data.dataset import iter_scenarios
     from smart_r1.evaluation.evaluate import load_model, model_states
     from smart_r1.viz.render import render_scenario
 
     record = next(iter_scenarios(data, 1))
-    states = model_states(load_model(checkpoint), record, num_rollouts=1, seed=seed)
+    states = model_states(load_model(checkpoint), record, num_rollouts=1, seed=seed, top_k=cfg.top_k,
+                          temperature=cfg.temperature)
     return render_scenario(record, states, out_path)
 
 
@@ -213,7 +214,7 @@ def run_pipeline(config: PipelineConfig, fail_once_at: dict[str, int] | None = N
         stage_tracker.log_artifact(current, "checkpoints")
         with timer.phase("render"):
             stage_tracker.log_artifact(render_stage(current, datasets["heldout"], stage_dir / "rollout.png",
-                                                    config.seed), "plots")
+                                                    config.eval, config.seed), "plots")
         stage_tracker.finish()
         done.write_text(json.dumps({"checkpoint": current, "metrics": rows[stage.name], "seconds": seconds}))
         if stage.kind != "mpo":

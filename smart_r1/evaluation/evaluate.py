@@ -40,6 +40,7 @@ class EvaluateConfig:
     num_renders: scenarios drawn (rollout 0) and attached to the active MLflow run
     max_scenarios: evaluate only the first N scenarios
     seed: sampling seed
+    top_k, temperature: how the model samples its tokens (top_k 0: the whole vocabulary)
     """
 
     data: str
@@ -51,6 +52,8 @@ class EvaluateConfig:
     num_renders: int = 2
     max_scenarios: int | None = None
     seed: int = 0
+    top_k: int = 0
+    temperature: float = 1.0
 
     def validate(self) -> "EvaluateConfig":
         if (self.checkpoint is None) == (self.rollouts is None):
@@ -115,7 +118,8 @@ def scenarios(data: str | Path, limit: int | None = None) -> tuple[int, Iterator
     return total, iter_scenarios(data, limit)
 
 
-def model_states(model, record: ScenarioRecord, num_rollouts: int, seed: int) -> np.ndarray:
+def model_states(model, record: ScenarioRecord, num_rollouts: int, seed: int, top_k: int = 0,
+                 temperature: float = 1.0) -> np.ndarray:
     """float [R, S, 80, 4]: closed-loop rollouts of one scenario, sim agents in record order."""
     import torch
 
@@ -123,7 +127,8 @@ def model_states(model, record: ScenarioRecord, num_rollouts: int, seed: int) ->
     from smart_r1.rollout.sampling import Sampler
 
     generator = torch.Generator(device=model.device).manual_seed(seed)
-    (rollout,) = rollout_records(model, [record], num_rollouts, Sampler(generator=generator))
+    sampler = Sampler(top_k=top_k, temperature=temperature, generator=generator)
+    (rollout,) = rollout_records(model, [record], num_rollouts, sampler)
     if rollout.scenario_id != record.scenario_id or not np.array_equal(rollout.agent_ids, record.sim_agent_ids):
         raise ValueError(f"scenario {record.scenario_id}: the model's rollouts are for scenario "
                          f"{rollout.scenario_id} / other agents")
@@ -145,7 +150,8 @@ class _RolloutSource:
 
     def states(self, index: int, record: ScenarioRecord) -> np.ndarray:
         if self.model is not None:
-            return model_states(self.model, record, self.cfg.num_rollouts, self.cfg.seed + index)
+            return model_states(self.model, record, self.cfg.num_rollouts, self.cfg.seed + index,
+                                self.cfg.top_k, self.cfg.temperature)
         from smart_r1.metrics.rollouts_io import scenario_rollouts_to_states
 
         proto = self.protos.get(record.scenario_id)
@@ -249,7 +255,8 @@ def evaluate(cfg: EvaluateConfig, progress: bool = True) -> tuple[EvaluationResu
 
 
 def export_submission(checkpoint: str, data: str, out_dir: str | Path, info, seed: int = 0,
-                      max_scenarios: int | None = None, progress: bool = True) -> Path:
+                      max_scenarios: int | None = None, progress: bool = True, top_k: int = 0,
+                      temperature: float = 1.0) -> Path:
     """Roll out every scenario 32 times with the model and write a checked submission; the tar.gz.
 
     info: a `SubmissionInfo`; its num_model_parameters is filled from the model when left empty.
@@ -269,6 +276,6 @@ def export_submission(checkpoint: str, data: str, out_dir: str | Path, info, see
     with SubmissionWriter(Path(out_dir), info) as writer:
         for i, record in enumerate(tqdm(records, total=total, desc="export", unit="scenario",
                                         disable=not progress)):
-            states = model_states(model, record, NUM_SUBMISSION_ROLLOUTS, seed + i)
+            states = model_states(model, record, NUM_SUBMISSION_ROLLOUTS, seed + i, top_k, temperature)
             writer.add(record, states_to_scenario_rollouts(record, states))
     return writer.archive
