@@ -37,6 +37,8 @@ def test_overrides():
     ("data.train=/no/such/path", "data.train: no such path"),
     ("sft.steps_per_epoch=-1", "steps_per_epoch must be >= 0"),
     ("ray.learner_threads=-2", "learner_threads must be >= 0"),
+    ("eval.top_k=-1", "eval.top_k must be >= 0"),
+    ("rft.collision_weight=-1", "collision_weight and offroad_weight must be >= 0"),
 ])
 def test_invalid_values_fail_clearly(override, message):
     with pytest.raises(ValueError, match=message):
