@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from smart_r1.config import apply_overrides, load_config
+from smart_r1.config import StageConfig, apply_overrides, load_config
 
 DEFAULT = Path(__file__).resolve().parents[1] / "pipelines" / "sft_rft_sft.yaml"
 
@@ -15,7 +15,10 @@ def test_default_config_loads():
     config = load_config(DEFAULT)
     assert [s.kind for s in config.stages] == ["bc", "catk_sft", "mpo", "catk_sft"]
     rft = config.stage("rft")
-    assert rft.alpha == 0.77 and rft.beta == 0.04
+    # the SUMO preset sets alpha near its SFT policy's reward; the method's defaults are the paper's
+    assert rft.alpha == 0.6 and rft.beta == 0.04
+    assert StageConfig(name="x", kind="mpo").alpha == 0.77
+    assert rft.top_k_sampling == config.eval.top_k  # RFT samples as the evaluation does
 
 
 def test_overrides():
