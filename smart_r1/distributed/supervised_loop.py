@@ -20,18 +20,31 @@ from smart_r1.distributed.learner import (
 from smart_r1.distributed.timing import PhaseTimer, format_phases
 
 
-def _scenes(job: LearnerJob, vocab, rank: int, world_size: int) -> tuple[list, int]:
-    """This rank's tokenised scenes, and the number of training scenarios over all ranks."""
-    from smart_r1.data.dataset import iter_scenarios
-    from smart_r1.tokens.scene import build_scene
+class SceneCache:
+    """This rank's training scenes, tokenised on first use: a stage that trains on part of the
+    scenarios (`steps_per_epoch`) only pays for the scenes it draws."""
 
-    everything = list(iter_scenarios(job.datasets["train"]))
-    records = everything[rank::world_size]
-    # BC learns from every agent with tokens; closed-loop SFT unrolls the sim agents.
-    agents = "all" if job.stage.kind == "bc" else "sim"
-    scenes = [build_scene(r, vocab, agents=agents, max_agents=64 if agents == "all" else 128)
-              for r in records]
-    return [s for s in scenes if bool(s.agent_mask.any())], len(everything)
+    def __init__(self, job: LearnerJob, vocab, rank: int, world_size: int):
+        from smart_r1.data.dataset import iter_scenarios
+
+        everything = list(iter_scenarios(job.datasets["train"]))
+        self.total = len(everything)  # training scenarios over all ranks
+        # BC learns from every agent with tokens; closed-loop SFT unrolls the sim agents.
+        self.agents = "all" if job.stage.kind == "bc" else "sim"
+        self.records = [r for r in everything[rank::world_size] if r.sim_agent_mask.any() or self.agents == "all"]
+        self.vocab = vocab
+        self.scenes: dict[int, object] = {}
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, i: int):
+        from smart_r1.tokens.scene import build_scene
+
+        if i not in self.scenes:
+            self.scenes[i] = build_scene(self.records[i], self.vocab, agents=self.agents,
+                                         max_agents=64 if self.agents == "all" else 128)
+        return self.scenes[i]
 
 
 def supervised_loop(config: dict) -> None:
@@ -43,21 +56,23 @@ def supervised_loop(config: dict) -> None:
     stage = job.stage
     model, optimizer, device, rank, world_size, start_epoch = start_training(job, "epoch")
     timer = PhaseTimer()
-    with timer.phase("tokenize"):
-        scenes, total = _scenes(job, model.vocab, rank, world_size)
-    if not scenes:
+    scenes = SceneCache(job, model.vocab, rank, world_size)
+    if not len(scenes):
         raise ValueError(f"stage {stage.name}: no training scenes with agents on rank {rank}")
+    order = list(range(len(scenes)))
     # Every rank takes the same number of steps (their gradients are all-reduced together);
     # a rank with fewer scenes wraps around its own.
-    steps_per_epoch = stage.steps_per_epoch or math.ceil(total / world_size / stage.batch_scenarios)
+    steps_per_epoch = stage.steps_per_epoch or math.ceil(scenes.total / world_size / stage.batch_scenarios)
     progress = Progress(stage.name, stage.epochs * steps_per_epoch, start_epoch * steps_per_epoch, rank == 0)
     torch.manual_seed(job.seed + rank)
     for epoch in range(start_epoch, stage.epochs):
         maybe_fail(job, epoch)
-        random.Random(job.seed * 7919 + epoch).shuffle(scenes)
+        random.Random(job.seed * 7919 + epoch).shuffle(order)
         totals = {"loss": 0.0, "accuracy": 0.0, "tokens": 0}
         for i in range(steps_per_epoch):
-            picked = [scenes[(i * stage.batch_scenarios + j) % len(scenes)] for j in range(stage.batch_scenarios)]
+            with timer.phase("tokenize"):  # first use only
+                picked = [scenes[order[(i * stage.batch_scenarios + j) % len(order)]]
+                          for j in range(stage.batch_scenarios)]
             batch = collate(picked).to(device)
             if stage.kind == "bc":  # pretraining from scratch: warm-up, then cosine decay to 10%
                 factor = warmup_cosine(epoch * steps_per_epoch + i, stage.epochs * steps_per_epoch)

@@ -4,7 +4,9 @@
    and execute the one whose reached pose is closest to the logged pose (`CatKSelector`), so the
    visited states stay near the log while still being the policy's own.
 2. At every visited state s_t, the target is the token that leads from s_t towards the log: the
-   token of the whole vocabulary whose end pose from s_t is closest to the logged pose at t + 1.
+   token of the whole vocabulary whose 0.5 s contour from s_t best follows the logged poses of
+   the next interval, by the tokenizer's own distance (so a state on the log gets its BC token;
+   a different criterion would contradict the BC labels even without drift).
 3. Minimise the cross-entropy of those targets, teacher-forced on the visited states:
 
        L_SFT = - (1 / |V|) * sum_{(b, r, a, t) in V} log p_theta(y_t | s_<=t, map)      (eq. CAT-K)
@@ -18,29 +20,32 @@ import torch
 
 from smart_r1.rollout.closed_loop import RolloutTensors, closed_loop, token_log_probs
 from smart_r1.rollout.sampling import catk_selector
-from smart_r1.tokens.geometry import compose, wrap_angle
+from smart_r1.tokens.tokenize import best_tokens
 from smart_r1.tokens.motion_vocab import NUM_FUTURE_TOKENS, NUM_HISTORY_TOKENS, SHIFT, MotionVocab
 from smart_r1.tokens.scene import SceneBatch
 
 
-def catk_targets(batch: SceneBatch, rollout: RolloutTensors, vocab: MotionVocab,
-                 heading_weight: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Targets [B, R, A, 16] (long) and their validity [B, R, A, 16] (bool) for visited states."""
+def catk_targets(batch: SceneBatch, rollout: RolloutTensors, vocab: MotionVocab) -> tuple[torch.Tensor, torch.Tensor]:
+    """Targets [B, R, A, 16] (long) and their validity [B, R, A, 16] (bool) for visited states.
+
+    From each visited state the target is chosen exactly as the tokenizer chooses a logged token
+    (`best_tokens`: the contour that best follows the logged poses of the next 0.5 s), so on the
+    log itself the targets are the BC tokens and CAT-K only adds what drift requires."""
     b, r, a = rollout.tokens.shape[:3]
     reached = rollout.poses[:, :, :, SHIFT - 1::SHIFT]  # [B, R, A, 16, 3] pose after each token
     now = batch.anchor_pose[:, None, :, NUM_HISTORY_TOKENS].expand(b, r, a, 3)  # [B, R, A, 3]
-    start = torch.cat([now[:, :, :, None], reached[:, :, :, :-1]], 3)  # [B, R, A, 16, 3]
+    start = torch.cat([now[:, :, :, None], reached[:, :, :, :-1]], 3).reshape(b * r * a, NUM_FUTURE_TOKENS, 3)
     first = NUM_HISTORY_TOKENS + 1
-    log_pose = batch.log_anchor_pose[:, None, :, first:]  # [B, 1, A, 16, 3]
     valid = batch.anchor_valid[:, None, :, first:].expand(b, r, a, NUM_FUTURE_TOKENS)  # [B, R, A, 16]
-    ends = vocab.end_poses.to(start.device)[batch.agent_type][:, None]  # [B, 1, A, V, 3]
+    types = batch.agent_type[:, None].expand(b, r, a).reshape(-1)  # [N]
+    contours = vocab.contours.to(start.device)[types]  # [N, V, SHIFT, 3]
+    log = batch.log_pose[:, None].expand(b, r, *batch.log_pose.shape[1:]).reshape(b * r * a, -1, 3)  # [N, 91, 3]
+    log_valid = batch.log_valid[:, None].expand(b, r, *batch.log_valid.shape[1:]).reshape(b * r * a, -1)
     targets = []
-    for t in range(NUM_FUTURE_TOKENS):  # one step at a time bounds memory to [B, R, A, V, 3]
-        cand = compose(start[:, :, :, t, None], ends)  # [B, R, A, V, 3]
-        goal = log_pose[:, :, :, t, None]  # [B, 1, A, 1, 3]
-        dist = (cand[..., :2] - goal[..., :2]).norm(dim=-1) \
-            + heading_weight * wrap_angle(cand[..., 2] - goal[..., 2]).abs()  # [B, R, A, V]
-        targets.append(dist.argmin(-1))  # [B, R, A]
+    for t in range(NUM_FUTURE_TOKENS):  # one step at a time bounds memory to [N, V, SHIFT, 3]
+        steps = slice((NUM_HISTORY_TOKENS + t) * SHIFT + 1, (NUM_HISTORY_TOKENS + t + 1) * SHIFT + 1)
+        best, _ = best_tokens(start[:, t], contours, log[:, steps], log_valid[:, steps], types)
+        targets.append(best.view(b, r, a))
     live = (batch.sim_mask & batch.agent_mask)[:, None, :, None]  # [B, 1, A, 1]
     return torch.stack(targets, -1), valid & live  # [B, R, A, 16] each
 
@@ -54,7 +59,7 @@ def catk_sft_loss(model, batch: SceneBatch, top_k: int, num_rollouts: int = 1,
     with torch.no_grad():
         selector = catk_selector(batch, num_rollouts, top_k, heading_weight)
         rollout = closed_loop(core, batch, num_rollouts, selector)
-        targets, valid = catk_targets(batch, rollout, core.vocab, heading_weight)
+        targets, valid = catk_targets(batch, rollout, core.vocab)
     core.train()
     _, logp_all = token_log_probs(model, batch, rollout.tokens, rollout.poses, full=True)  # [B, R, A, 16, V]
     if not valid.any():

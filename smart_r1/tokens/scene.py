@@ -35,6 +35,7 @@ class SceneBatch:
     anchor_pose: float32 [B, A, 19, 3], reconstructed poses at steps 0, 5, ..., 90
     anchor_valid: bool [B, A, 19]
     log_anchor_pose: float32 [B, A, 19, 3], logged poses at the same steps (targets for CAT-K)
+    log_pose: float32 [B, A, 91, 3], the logged poses at 10 Hz that were tokenised; log_valid: bool [B, A, 91]
     map_pose: float32 [B, M, 3]; map_features: float32 [B, M, F]
     map_kind_subtype: long [B, M]; map_tl: long [B, M]; map_mask: bool [B, M]
     """
@@ -52,6 +53,8 @@ class SceneBatch:
     anchor_pose: torch.Tensor
     anchor_valid: torch.Tensor
     log_anchor_pose: torch.Tensor
+    log_pose: torch.Tensor
+    log_valid: torch.Tensor
     map_pose: torch.Tensor
     map_features: torch.Tensor
     map_kind_subtype: torch.Tensor
@@ -135,6 +138,7 @@ def build_scene(record: ScenarioRecord, vocab: MotionVocab, agents: str = "all",
         tokens=tok.tokens[None], token_valid=tok.token_valid[None],
         anchor_pose=tok.anchor_pose[None], anchor_valid=tok.anchor_valid[None],
         log_anchor_pose=t_pose[:, ::SHIFT][None],
+        log_pose=t_pose[None], log_valid=t_valid[None],
         map_pose=torch.as_tensor(map_pose, dtype=torch.float32)[None],
         map_features=torch.as_tensor(segs.features)[None],
         map_kind_subtype=torch.as_tensor(segs.kind_subtype)[None],

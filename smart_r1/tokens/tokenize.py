@@ -51,6 +51,18 @@ def token_distance(candidates: torch.Tensor, target: torch.Tensor, target_valid:
     return (err * w).sum(-1) / w.sum(-1).clamp(min=1)  # [A, V]
 
 
+def best_tokens(start: torch.Tensor, contours: torch.Tensor, target: torch.Tensor, target_valid: torch.Tensor,
+                type_idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The token whose contour, placed at `start`, best follows the logged poses of the next
+    interval (the tokenizer's criterion, `token_distance`), and the pose it ends at.
+
+    start [N, 3], contours [N, V, SHIFT, 3], target [N, SHIFT, 3], target_valid bool [N, SHIFT],
+    type_idx [N] -> tokens long [N], end poses [N, 3]."""
+    candidates = compose(start[:, None, None, :], contours)  # [N, V, SHIFT, 3]
+    best = token_distance(candidates, target, target_valid, type_idx).argmin(-1)  # [N]
+    return best, candidates[torch.arange(start.shape[0], device=start.device), best, -1]
+
+
 @torch.no_grad()
 def tokenize(pose: torch.Tensor, valid: torch.Tensor, type_idx: torch.Tensor, vocab: MotionVocab) -> AgentTokens:
     """Tokens of logged trajectories. pose float [A, 91, 3] (x, y, heading), valid bool [A, 91],
@@ -62,14 +74,9 @@ def tokenize(pose: torch.Tensor, valid: torch.Tensor, type_idx: torch.Tensor, vo
     recon = anchors.clone()
     tokens = torch.zeros(pose.shape[0], NUM_TOKENS, dtype=torch.long, device=pose.device)
     token_valid = anchor_valid[:, :-1] & anchor_valid[:, 1:]  # [A, 18]
-    rows = torch.arange(pose.shape[0], device=pose.device)
     for i in range(NUM_TOKENS):  # sequential by nature: each token starts where the last one ended
-        start = recon[:, i]  # [A, 3]
-        candidates = compose(start[:, None, None, :], contours)  # [A, V, SHIFT, 3]
         steps = slice(i * SHIFT + 1, (i + 1) * SHIFT + 1)
-        dist = token_distance(candidates, pose[:, steps], valid[:, steps], type_idx)  # [A, V]
-        tokens[:, i] = dist.argmin(-1)
-        reached = candidates[rows, tokens[:, i], -1]  # [A, 3]
+        tokens[:, i], reached = best_tokens(recon[:, i], contours, pose[:, steps], valid[:, steps], type_idx)
         recon[:, i + 1] = torch.where(token_valid[:, i, None], reached, anchors[:, i + 1])
     tokens = torch.where(token_valid, tokens, torch.zeros_like(tokens))
     return AgentTokens(tokens, token_valid, recon, anchor_valid)
