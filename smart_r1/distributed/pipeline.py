@@ -14,7 +14,6 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-
 from smart_r1.config import EvalConfig, PipelineConfig
 from smart_r1.types import RolloutFailure
 

@@ -81,6 +81,11 @@ class RolloutWorker:
             self._scenes[key] = build_scene(self.records(dataset)[index], self.model.vocab, agents="sim")
         return self._scenes[key]
 
+    def _sampler(self, spec: SamplingSpec):
+        from smart_r1.rollout.sampling import Sampler
+
+        return Sampler(top_k=spec.top_k, top_p=spec.top_p, temperature=spec.temperature, generator=self.generator)
+
     # -- work ----------------------------------------------------------------------------
     def rollout(self, version: int, weights: list, dataset: str, indices: list[int],
                 spec: SamplingSpec) -> list[Experience | RolloutFailure]:
@@ -88,11 +93,8 @@ class RolloutWorker:
         from smart_r1.metrics import rollout_signals
         from smart_r1.rl.rewards import rollout_rewards
         from smart_r1.rollout.closed_loop import closed_loop, to_rollouts
-        from smart_r1.rollout.sampling import Sampler
-
         self._sync(version, weights)
-        sampler = Sampler(top_k=spec.top_k, top_p=spec.top_p, temperature=spec.temperature,
-                          generator=self.generator)
+        sampler = self._sampler(spec)
         out: list[Experience | RolloutFailure] = []
         for index in indices:
             scenario_id = "?"
@@ -127,9 +129,8 @@ class RolloutWorker:
         """Per-scenario fast WOSAC metrics of `spec.num_rollouts` sampled rollouts."""
         from smart_r1.metrics import compute_scenario_metrics
         from smart_r1.rollout.closed_loop import closed_loop, to_rollouts
-        from smart_r1.rollout.sampling import Sampler
-
         self._sync(version, weights)
+        sampler = self._sampler(spec)
         out: list[dict | RolloutFailure] = []
         for index in indices:
             scenario_id = "?"
@@ -139,8 +140,6 @@ class RolloutWorker:
                 if not record.sim_agent_mask.any():
                     raise ValueError("no valid sim agents")
                 scene = self._scene(dataset, index)
-                sampler = Sampler(top_k=spec.top_k, top_p=spec.top_p, temperature=spec.temperature,
-                                  generator=self.generator)
                 tensors = closed_loop(self.model, scene, spec.num_rollouts, sampler)
                 (rollout,) = to_rollouts(scene, tensors)
                 metrics = compute_scenario_metrics(record, torch.as_tensor(rollout.states))
