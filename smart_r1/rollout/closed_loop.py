@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from smart_r1.model.smart_tiny import SmartTiny
-from smart_r1.rollout.sampling import Sampler, TokenSelector
+from smart_r1.rollout.sampling import Candidates, Sampler, TokenSelector
 from smart_r1.tokens.geometry import compose
 from smart_r1.tokens.motion_vocab import NUM_FUTURE_TOKENS, NUM_HISTORY_TOKENS, SHIFT
 from smart_r1.tokens.scene import SceneBatch, repeat_scenes
@@ -71,7 +71,8 @@ def closed_loop(model: SmartTiny, batch: SceneBatch, num_rollouts: int = 32, sel
             flat = logits.float().reshape(n * a, vocab_size)  # [N * A, V]
             cand = None
             if selector.needs_candidates:
-                cand = compose(pose[:, :, None], contours[:, :, :, -1]).reshape(n * a, vocab_size, 3)  # [N * A, V, 3]
+                cand = Candidates(pose.reshape(n * a, 3), contours.reshape(n * a, vocab_size, SHIFT, 3),
+                                  rep.agent_type.reshape(n * a))
             chosen = selector(flat, cand, step).view(n, a)  # [N, A]
             chosen = torch.where(live, chosen, torch.zeros_like(chosen))
             logp = flat.log_softmax(-1).gather(1, chosen.reshape(-1, 1)).view(n, a)  # [N, A]

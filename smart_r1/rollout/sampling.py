@@ -1,9 +1,9 @@
 """Token selectors: how a closed-loop step turns next-token logits into chosen tokens.
 
 A selector is any object with `needs_candidates: bool` and
-`__call__(logits [N, V], candidates [N, V, 3] | None, step: int) -> long [N]`, where N is the
-flattened (scene, rollout, agent) axis, `candidates` are the poses each token would reach (only
-computed when `needs_candidates`), and `step` is the future token index 0..15.
+`__call__(logits [N, V], candidates: Candidates | None, step: int) -> long [N]`, where N is the
+flattened (scene, rollout, agent) axis, `candidates` says where each token would take each agent
+(only given when `needs_candidates`), and `step` is the future token index 0..15.
 """
 
 from __future__ import annotations
@@ -13,15 +13,31 @@ from typing import Protocol
 
 import torch
 
-from smart_r1.tokens.geometry import wrap_angle
-from smart_r1.tokens.motion_vocab import NUM_HISTORY_TOKENS
+from smart_r1.tokens.geometry import compose
+from smart_r1.tokens.motion_vocab import NUM_HISTORY_TOKENS, SHIFT
 from smart_r1.tokens.scene import SceneBatch
+from smart_r1.tokens.tokenize import token_distance
+
+
+@dataclass(frozen=True)
+class Candidates:
+    """Where the tokens would take the agents this step: start [N, 3] (x, y, heading) now,
+    contours [N, V, SHIFT, 3] every token's poses relative to the start, type_idx long [N]."""
+
+    start: torch.Tensor
+    contours: torch.Tensor
+    type_idx: torch.Tensor
+
+    def placed(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Poses [N, K, SHIFT, 3] that tokens [N, K] would visit."""
+        idx = tokens[:, :, None, None].expand(*tokens.shape, SHIFT, 3)  # [N, K, SHIFT, 3]
+        return compose(self.start[:, None, None, :], self.contours.gather(1, idx))
 
 
 class TokenSelector(Protocol):
     needs_candidates: bool
 
-    def __call__(self, logits: torch.Tensor, candidates: torch.Tensor | None, step: int) -> torch.Tensor: ...
+    def __call__(self, logits: torch.Tensor, candidates: Candidates | None, step: int) -> torch.Tensor: ...
 
 
 def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0, temperature: float = 1.0) -> torch.Tensor:
@@ -51,7 +67,7 @@ class Sampler:
     generator: torch.Generator | None = field(default=None, repr=False)
     needs_candidates: bool = False
 
-    def __call__(self, logits: torch.Tensor, candidates: torch.Tensor | None, step: int) -> torch.Tensor:
+    def __call__(self, logits: torch.Tensor, candidates: Candidates | None, step: int) -> torch.Tensor:
         probs = filter_logits(logits, self.top_k, self.top_p, self.temperature).softmax(-1)  # [N, V]
         return torch.multinomial(probs, 1, generator=self.generator)[:, 0]  # [N]
 
@@ -62,41 +78,43 @@ class Greedy:
 
     needs_candidates: bool = False
 
-    def __call__(self, logits: torch.Tensor, candidates: torch.Tensor | None, step: int) -> torch.Tensor:
+    def __call__(self, logits: torch.Tensor, candidates: Candidates | None, step: int) -> torch.Tensor:
         return logits.argmax(-1)
 
 
 @dataclass
 class CatKSelector:
-    """CAT-K: among the top_k most likely tokens, the one whose reached pose is closest to the log.
+    """CAT-K: among the top_k most likely tokens, the one that best follows the log over the
+    coming 0.5 s, by the tokenizer's own distance (`token_distance`). With the criterion of the
+    tokenizer and of the SFT targets, the executed token is the target whenever the target is
+    among the top k (a different criterion lets heading errors build up that the targets then
+    keep correcting: measured, see the module docstring of smart_r1.rl.catk).
 
-    target_pose [N, 16, 3]: logged pose after each future token; target_valid bool [N, 16]. Where the
-    log is missing, the most likely token is taken. Distance: position error (m) plus
-    `heading_weight` times the heading error (rad)."""
+    target_pose [N, 16, SHIFT, 3]: logged poses of each future interval; target_valid bool
+    [N, 16, SHIFT]. Where an interval has no logged pose, the most likely token is taken."""
 
     top_k: int
     target_pose: torch.Tensor
     target_valid: torch.Tensor
-    heading_weight: float = 1.0
     needs_candidates: bool = True
 
-    def __call__(self, logits: torch.Tensor, candidates: torch.Tensor | None, step: int) -> torch.Tensor:
+    def __call__(self, logits: torch.Tensor, candidates: Candidates | None, step: int) -> torch.Tensor:
         top = logits.topk(min(self.top_k, logits.shape[-1]), dim=-1).indices  # [N, K]
-        cand = candidates.gather(1, top[..., None].expand(*top.shape, 3))  # [N, K, 3]
-        target = self.target_pose[:, step, None, :].to(cand.dtype)  # [N, 1, 3]
-        dist = (cand[..., :2] - target[..., :2]).norm(dim=-1) \
-            + self.heading_weight * wrap_angle(cand[..., 2] - target[..., 2]).abs()  # [N, K]
+        placed = candidates.placed(top)  # [N, K, SHIFT, 3]
+        valid = self.target_valid[:, step]  # [N, SHIFT]
+        dist = token_distance(placed, self.target_pose[:, step].to(placed.dtype), valid,
+                              candidates.type_idx)  # [N, K]
         closest = top.gather(1, dist.argmin(-1, keepdim=True))[:, 0]  # [N]
-        return torch.where(self.target_valid[:, step], closest, top[:, 0])
+        return torch.where(valid.any(-1), closest, top[:, 0])
 
 
-def catk_selector(batch: SceneBatch, num_rollouts: int, top_k: int, heading_weight: float = 1.0) -> CatKSelector:
-    """A CatKSelector whose targets are `batch`'s logged future anchors, flattened in the closed-loop
-    order (scene, rollout, agent)."""
-    first = NUM_HISTORY_TOKENS + 1  # anchor reached by the first future token (step 15)
-    pose = batch.log_anchor_pose[:, :, first:]  # [B, A, 16, 3]
-    valid = batch.anchor_valid[:, :, first:]  # [B, A, 16] (logged anchors are valid where these are)
+def catk_selector(batch: SceneBatch, num_rollouts: int, top_k: int) -> CatKSelector:
+    """A CatKSelector whose targets are `batch`'s logged future poses, flattened in the
+    closed-loop order (scene, rollout, agent)."""
+    first = (NUM_HISTORY_TOKENS * SHIFT) + 1  # first future step (11)
+    pose = batch.log_pose[:, :, first:]  # [B, A, 80, 3]
+    valid = batch.log_valid[:, :, first:]  # [B, A, 80]
     b, a = valid.shape[:2]
-    pose = pose[:, None].expand(b, num_rollouts, *pose.shape[1:]).reshape(b * num_rollouts * a, -1, 3)  # [N, 16, 3]
-    valid = valid[:, None].expand(b, num_rollouts, *valid.shape[1:]).reshape(b * num_rollouts * a, -1)  # [N, 16]
-    return CatKSelector(top_k, pose, valid, heading_weight)
+    pose = pose[:, None].expand(b, num_rollouts, *pose.shape[1:]).reshape(b * num_rollouts * a, -1, SHIFT, 3)
+    valid = valid[:, None].expand(b, num_rollouts, *valid.shape[1:]).reshape(b * num_rollouts * a, -1, SHIFT)
+    return CatKSelector(top_k, pose, valid)  # [N, 16, SHIFT, 3], [N, 16, SHIFT]

@@ -62,6 +62,20 @@ def test_targets_on_the_log_are_the_bc_tokens(setup):
     assert torch.equal(targets[both], logged[both])  # no drift: CAT-K adds nothing to BC
 
 
+def test_catk_over_the_whole_vocabulary_replays_the_tokenizer(setup):
+    model, batch = setup
+    # With K = V the selector's criterion is the tokenizer's: from the current reconstructed pose
+    # it executes the logged token, so the rollout is the tokenizer's reconstruction ...
+    rollout = closed_loop(model, batch, 1, catk_selector(batch, 1, top_k=model.vocab.size))
+    logged = batch.tokens[:, None, :, 2:]  # [B, 1, A, 16]
+    unbroken = batch.token_valid[:, None, :, 2:].long().cumprod(-1).bool() & batch.sim_mask[:, None, :, None]
+    assert unbroken.sum() > 50
+    assert torch.equal(rollout.tokens[unbroken], logged[unbroken])
+    # ... and every executed token is its own SFT target (no correction left to learn)
+    targets, valid = catk_targets(batch, rollout, model.vocab)
+    assert torch.equal(targets[valid], rollout.tokens[valid])
+
+
 def test_targets_point_back_to_the_log(setup):
     model, batch = setup
     torch.manual_seed(3)
