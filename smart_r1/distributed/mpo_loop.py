@@ -88,15 +88,19 @@ def mpo_update(model, ref_model, optimizer, stage, batch, tokens, poses, old, re
 
     b, r, a = tokens.shape[:3]
     full = stage.kl_estimator == "full"
+    # pi is the policy that sampled: the model's tokens tempered and filtered as the actors drew them
+    # (the gradient of the unfiltered log-prob would also move the never-sampled tail, which a fixed
+    # baseline then pushes into the top k). The KL with the "full" estimator is the models' own.
+    sampling = dict(top_k=stage.top_k_sampling, temperature=stage.temperature)
     with torch.no_grad():
-        ref_out = token_log_probs(ref_model, batch, tokens, poses, full=full)
+        ref_out = token_log_probs(ref_model, batch, tokens, poses, full=full, **sampling)
     ref_lp, ref_full = ref_out if full else (ref_out, None)
     live = (batch.sim_mask & batch.agent_mask)[:, None, :, None].expand(b, r, a, tokens.shape[-1])
     flat = lambda x: x.reshape(b * r, *x.shape[2:])  # [B, R, ...] -> [B * R, ...]: rollouts axis
     stats = None
-    model.train()
+    model.eval()  # no dropout: the log-probs must be those of the policy that sampled (as in RLHF)
     for _ in range(stage.updates_per_batch):
-        out = token_log_probs(model, batch, tokens, poses, full=full)
+        out = token_log_probs(model, batch, tokens, poses, full=full, **sampling)
         lp, lp_full = out if full else (out, None)
         loss, stats = mpo_loss(
             flat(lp), flat(ref_lp), flat(rewards), flat(live), stage.alpha, stage.beta,

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from smart_r1.model.smart_tiny import SmartTiny
-from smart_r1.rollout.sampling import Candidates, Sampler, TokenSelector
+from smart_r1.rollout.sampling import Candidates, Sampler, TokenSelector, sampled_log_probs
 from smart_r1.tokens.geometry import compose
 from smart_r1.tokens.motion_vocab import NUM_FUTURE_TOKENS, NUM_HISTORY_TOKENS, SHIFT
 from smart_r1.tokens.scene import SceneBatch, repeat_scenes
@@ -23,7 +23,8 @@ from smart_r1.types import Rollout
 class RolloutTensors:
     """Rollouts of a SceneBatch (B scenes, R rollouts, A agent slots), scene frame.
 
-    tokens: long [B, R, A, 16]; log_probs: float32 [B, R, A, 16] (model, temperature 1)
+    tokens: long [B, R, A, 16]; log_probs: float32 [B, R, A, 16] under the selector's distribution
+    (`TokenSelector.log_prob`: the sampler's for a Sampler, the model's for Greedy and CAT-K)
     poses: float32 [B, R, A, 80, 3], (x, y, heading) at 10 Hz relative to the scene origin
     """
 
@@ -75,7 +76,7 @@ def closed_loop(model: SmartTiny, batch: SceneBatch, num_rollouts: int = 32, sel
                                   rep.agent_type.reshape(n * a))
             chosen = selector(flat, cand, step).view(n, a)  # [N, A]
             chosen = torch.where(live, chosen, torch.zeros_like(chosen))
-            logp = flat.log_softmax(-1).gather(1, chosen.reshape(-1, 1)).view(n, a)  # [N, A]
+            logp = selector.log_prob(flat, chosen.reshape(-1)).view(n, a)  # [N, A]
             idx = chosen[:, :, None, None, None].expand(n, a, 1, SHIFT, 3)  # [N, A, 1, SHIFT, 3]
             moved = compose(pose[:, :, None], contours.gather(2, idx)[:, :, 0])  # [N, A, SHIFT, 3]
             moved = torch.where(live[:, :, None, None], moved, pose[:, :, None].expand_as(moved))
@@ -98,14 +99,17 @@ def closed_loop(model: SmartTiny, batch: SceneBatch, num_rollouts: int = 32, sel
                           torch.cat(out_poses, 2).float().view(*shape, -1, 3))  # [B, R, A, 80, 3]
 
 
-def token_log_probs(model, batch: SceneBatch, tokens: torch.Tensor, poses: torch.Tensor,
-                    full: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-    """Log-probabilities (with gradients) of given rollouts under `model`, teacher-forced on the
-    rollouts' own states: one batched forward over all B * R rollouts.
+def token_log_probs(model, batch: SceneBatch, tokens: torch.Tensor, poses: torch.Tensor, full: bool = False,
+                    top_k: int = 0, top_p: float = 1.0,
+                    temperature: float = 1.0) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Log-probabilities (with gradients) of given rollouts, teacher-forced on the rollouts' own
+    states: one batched forward over all B * R rollouts.
 
-    tokens long [B, R, A, 16], poses [B, R, A, 80, 3] (RolloutTensors fields) -> [B, R, A, 16];
-    with full=True also the whole log-softmax [B, R, A, 16, V] (for a KL term). Entries of agents
-    that are not sim agents are 0. `model` may be wrapped in DistributedDataParallel."""
+    tokens long [B, R, A, 16], poses [B, R, A, 80, 3] (RolloutTensors fields) -> [B, R, A, 16],
+    under the sampler's distribution (`sampled_log_probs` with top_k / top_p / temperature; the
+    defaults give the model's own); with full=True also the model's whole log-softmax
+    [B, R, A, 16, V] (temperature 1, for a KL term or CAT-K). Entries of agents that are not sim
+    agents are 0. `model` may be wrapped in DistributedDataParallel."""
     core = getattr(model, "module", model)
     b, r, a = tokens.shape[:3]
     rep = repeat_scenes(batch, r)  # [N, A, ...]
@@ -121,7 +125,11 @@ def token_log_probs(model, batch: SceneBatch, tokens: torch.Tensor, poses: torch
         ctx = core.encode_map(batch).repeat(r)
         logits = core.decode(ctx, in_tokens, rep.agent_type, in_poses, in_valid)[:, :, h - 1:]  # [N, A, 16, V]
     logp_all = logits.float().log_softmax(-1)  # [N, A, 16, V]
-    chosen = logp_all.gather(-1, tok[..., None])[..., 0] * live[..., None]  # [N, A, 16]
+    if top_k or top_p < 1.0 or temperature != 1.0:
+        chosen = sampled_log_probs(logits, tok, top_k, top_p, temperature)  # [N, A, 16]
+    else:
+        chosen = logp_all.gather(-1, tok[..., None])[..., 0]  # [N, A, 16]
+    chosen = chosen * live[..., None]
     chosen = chosen.view(b, r, a, -1)  # [B, R, A, 16]
     if full:
         return chosen, logp_all.view(b, r, a, *logp_all.shape[2:])  # [B, R, A, 16, V]

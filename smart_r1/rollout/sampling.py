@@ -1,9 +1,11 @@
 """Token selectors: how a closed-loop step turns next-token logits into chosen tokens.
 
-A selector is any object with `needs_candidates: bool` and
+A selector is any object with `needs_candidates: bool`,
 `__call__(logits [N, V], candidates: Candidates | None, step: int) -> long [N]`, where N is the
 flattened (scene, rollout, agent) axis, `candidates` says where each token would take each agent
-(only given when `needs_candidates`), and `step` is the future token index 0..15.
+(only given when `needs_candidates`), and `step` is the future token index 0..15; and
+`log_prob(logits [N, V], chosen [N]) -> [N]`, the log-probability of the chosen tokens under the
+distribution it draws from (policy gradients need the sampler's own distribution).
 """
 
 from __future__ import annotations
@@ -39,6 +41,8 @@ class TokenSelector(Protocol):
 
     def __call__(self, logits: torch.Tensor, candidates: Candidates | None, step: int) -> torch.Tensor: ...
 
+    def log_prob(self, logits: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor: ...
+
 
 def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0, temperature: float = 1.0) -> torch.Tensor:
     """Tempered logits [N, V] with everything outside the top-k and the nucleus (top-p) set to -inf."""
@@ -57,6 +61,25 @@ def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0, temp
     return x
 
 
+def sampled_log_probs(logits: torch.Tensor, chosen: torch.Tensor, top_k: int = 0, top_p: float = 1.0,
+                      temperature: float = 1.0) -> torch.Tensor:
+    """log q(chosen) [...] under the sampler's distribution q (tempered, top-k / nucleus filtered),
+    differentiable in the logits. logits [..., V], chosen long [...].
+
+    The chosen token always stays in q's support: a learner whose weights moved since sampling may
+    no longer rank it among its top k, and its probability must stay finite."""
+    flat = logits.reshape(-1, logits.shape[-1])  # [M, V]
+    pick = chosen.reshape(-1, 1)  # [M, 1]
+    x = filter_logits(flat, top_k, top_p, temperature)  # [M, V]
+    x = x.scatter(1, pick, flat.float().gather(1, pick) / temperature)
+    return x.log_softmax(-1).gather(1, pick).view(chosen.shape)
+
+
+def model_log_probs(logits: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
+    """log p(chosen) [N] under the model itself (temperature 1, whole vocabulary)."""
+    return logits.float().log_softmax(-1).gather(1, chosen[:, None])[:, 0]
+
+
 @dataclass
 class Sampler:
     """Sample from the tempered, top-k and nucleus-filtered distribution (top_k 0: no top-k)."""
@@ -71,6 +94,9 @@ class Sampler:
         probs = filter_logits(logits, self.top_k, self.top_p, self.temperature).softmax(-1)  # [N, V]
         return torch.multinomial(probs, 1, generator=self.generator)[:, 0]  # [N]
 
+    def log_prob(self, logits: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
+        return sampled_log_probs(logits, chosen, self.top_k, self.top_p, self.temperature)
+
 
 @dataclass
 class Greedy:
@@ -80,6 +106,9 @@ class Greedy:
 
     def __call__(self, logits: torch.Tensor, candidates: Candidates | None, step: int) -> torch.Tensor:
         return logits.argmax(-1)
+
+    def log_prob(self, logits: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
+        return model_log_probs(logits, chosen)
 
 
 @dataclass
@@ -106,6 +135,9 @@ class CatKSelector:
                               candidates.type_idx)  # [N, K]
         closest = top.gather(1, dist.argmin(-1, keepdim=True))[:, 0]  # [N]
         return torch.where(valid.any(-1), closest, top[:, 0])
+
+    def log_prob(self, logits: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
+        return model_log_probs(logits, chosen)
 
 
 def catk_selector(batch: SceneBatch, num_rollouts: int, top_k: int) -> CatKSelector:

@@ -10,7 +10,7 @@ import torch
 from smart_r1.model.config import ModelConfig
 from smart_r1.model.smart_tiny import SmartTiny
 from smart_r1.rollout.closed_loop import closed_loop, rollout_records, to_rollouts, token_log_probs
-from smart_r1.rollout.sampling import Greedy, Sampler, catk_selector, filter_logits
+from smart_r1.rollout.sampling import Greedy, Sampler, catk_selector, filter_logits, sampled_log_probs
 from smart_r1.tokens.motion_vocab import build_vocab
 from smart_r1.tokens.scene import build_scene
 
@@ -55,6 +55,35 @@ def test_kv_cache_matches_recomputing_everything_and_log_probs(model, scene):
     logp.sum().backward()
     assert all(p.grad is not None for p in model.decoder.head.parameters())
     model.zero_grad(set_to_none=True)
+
+
+def test_sampled_rollouts_record_the_samplers_own_log_probs(model, scene):
+    sampler = Sampler(top_k=8, temperature=0.7, generator=torch.Generator().manual_seed(1))
+    out = closed_loop(model, scene, 2, sampler)
+    model.train(False)
+    logp, logp_all = token_log_probs(model, scene, out.tokens, out.poses, full=True, top_k=8, temperature=0.7)
+    live = scene.sim_mask[:, None, :, None].expand(out.tokens.shape)
+    assert torch.allclose(logp[live], out.log_probs[live], atol=1e-4)
+    # q puts all its mass on 8 tokens, so each is likelier under q than under the model
+    model_logp = logp_all.gather(-1, out.tokens[..., None])[..., 0]
+    assert (logp[live] > model_logp[live]).all()
+
+
+def test_sampled_log_probs_are_the_samplers_distribution():
+    torch.manual_seed(0)
+    logits = torch.randn(6, 30, requires_grad=True)
+    chosen = logits.detach().topk(3, dim=-1).indices[:, 1]  # [6]
+    q = filter_logits(logits.detach(), top_k=3, temperature=0.5).softmax(-1)
+    assert torch.allclose(sampled_log_probs(logits, chosen, top_k=3, temperature=0.5),
+                          q.gather(1, chosen[:, None])[:, 0].log(), atol=1e-5)
+    assert torch.allclose(sampled_log_probs(logits, chosen), logits.log_softmax(-1).gather(1, chosen[:, None])[:, 0])
+    # the gradient stays on the kept tokens: the tail's logits do not move
+    sampled_log_probs(logits, chosen, top_k=3).sum().backward()
+    tail = filter_logits(logits.detach(), top_k=3).isinf()
+    assert (logits.grad[tail] == 0).all() and (logits.grad[~tail] != 0).any()
+    # a token the model no longer ranks in its top k keeps a finite probability
+    outside = logits.detach().argmin(-1)
+    assert torch.isfinite(sampled_log_probs(logits.detach(), outside, top_k=3)).all()
 
 
 def test_filters_and_catk(model, scene):
