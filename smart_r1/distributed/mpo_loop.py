@@ -89,8 +89,8 @@ def mpo_update(model, ref_model, optimizer, stage, batch, tokens, poses, old, re
     b, r, a = tokens.shape[:3]
     full = stage.kl_estimator == "full"
     # pi is the policy that sampled: the model's tokens tempered and filtered as the actors drew them
-    # (the gradient of the unfiltered log-prob would also move the never-sampled tail, which a fixed
-    # baseline then pushes into the top k). The KL with the "full" estimator is the models' own.
+    # (the gradient of the unfiltered log-prob would also move the never-sampled tail; see
+    # smart_r1.rl.mpo). The KL with the "full" estimator is between the models' own distributions.
     sampling = dict(top_k=stage.top_k_sampling, temperature=stage.temperature)
     with torch.no_grad():
         ref_out = token_log_probs(ref_model, batch, tokens, poses, full=full, **sampling)
