@@ -41,11 +41,18 @@ recs = [r for r in iter_scenarios(a.train) if r.sim_agent_mask.any()]
 agents = "all" if a.mode == "bc" else "sim"
 opt = torch.optim.AdamW(model.parameters(), lr=a.lr, weight_decay=0.01)
 rng = random.Random(0); torch.manual_seed(1)
-cache = {}
-t0 = time.time(); stats_acc = []
+cache = {}  # scene index -> tokenised scene, built once
+
+
+def scene(i):
+    if i not in cache:
+        cache[i] = build_scene(recs[i], model.vocab, agents=agents, max_agents=64 if agents == "all" else 128)
+    return cache[i]
+
+
+t0 = time.time()
 for step in range(a.steps):
-    idx = rng.sample(range(len(recs)), 4)
-    batch = collate([cache.setdefault((i, agents), build_scene(recs[i], model.vocab, agents=agents, max_agents=64 if agents == "all" else 128)) for i in idx])
+    batch = collate([scene(i) for i in rng.sample(range(len(recs)), 4)])
     model.train()
     if a.mode == "bc":
         loss, st = bc_loss(model, batch)
@@ -59,7 +66,6 @@ for step in range(a.steps):
         else:
             loss, st = catk_sft_loss(model, batch, a.k)
     opt.zero_grad(); loss.backward(); torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0); opt.step()
-    stats_acc.append(st)
     if step % 10 == 0 or step == a.steps - 1:
         print(step, {k: round(v, 3) if isinstance(v, float) else v for k, v in st.items()}, f"{time.time()-t0:.0f}s", flush=True)
 ev(model, f"{a.mode} k{a.k} lr{a.lr} steps{a.steps}")

@@ -57,20 +57,6 @@ start = torch.cat([batch.anchor_pose[:, :, NUM_HISTORY_TOKENS:NUM_HISTORY_TOKENS
 tend = compose(start, model.vocab.contours[types, tg][..., -1, :])
 print("target end err pos", (tend[..., :2]-log_end[..., :2]).norm(dim=-1)[v].mean().item(), "head", wrap_angle(tend[...,2]-log_end[...,2]).abs()[v].mean().item())
 print("exec end err pos", (reached[..., :2]-log_end[..., :2]).norm(dim=-1)[v].mean().item())
-import smart_r1.rl.catk as C
-import smart_r1.tokens.tokenize as T
-orig = C.best_tokens
-def end_only(start, contours, target, tv, types):
-    tv = tv.clone(); tv[:, :-1] = False
-    return orig(start, contours, target, tv, types)
-C.best_tokens = end_only
-tg2, _ = catk_targets(batch, ro, model.vocab); tg2 = tg2[:, 0]
-c2 = model.vocab.contours[types, tg2][..., -1, :]
-print("END criterion: target heading change", c2[..., 2].abs()[v].mean().item(), "len", c2[..., :2].norm(dim=-1)[v].mean().item())
-tend2 = compose(start, c2)
-print(" end err pos", (tend2[..., :2]-log_end[..., :2]).norm(dim=-1)[v].mean().item(), "head", wrap_angle(tend2[...,2]-log_end[...,2]).abs()[v].mean().item())
-print(" target==executed", (tg2 == ro.tokens[:, 0])[v].float().mean().item())
-C.best_tokens = orig
 print("--- by log speed bin (log disp per 0.5s)")
 for lo, hi in ((0, 0.25), (0.25, 2), (2, 100)):
     m = v & (torch.cat([logdisp[:, :, 1:, :2] - logdisp[:, :, :-1, :2]], 2).norm(dim=-1) >= lo) & ((logdisp[:, :, 1:, :2] - logdisp[:, :, :-1, :2]).norm(dim=-1) < hi)
