@@ -124,14 +124,10 @@ def token_log_probs(model, batch: SceneBatch, tokens: torch.Tensor, poses: torch
     with _autocast(tokens.device):
         ctx = core.encode_map(batch).repeat(r)
         logits = core.decode(ctx, in_tokens, rep.agent_type, in_poses, in_valid)[:, :, h - 1:]  # [N, A, 16, V]
-    logp_all = logits.float().log_softmax(-1)  # [N, A, 16, V]
-    if top_k or top_p < 1.0 or temperature != 1.0:
-        chosen = sampled_log_probs(logits, tok, top_k, top_p, temperature)  # [N, A, 16]
-    else:
-        chosen = logp_all.gather(-1, tok[..., None])[..., 0]  # [N, A, 16]
-    chosen = chosen * live[..., None]
+    chosen = sampled_log_probs(logits, tok, top_k, top_p, temperature) * live[..., None]  # [N, A, 16]
     chosen = chosen.view(b, r, a, -1)  # [B, R, A, 16]
-    if full:
+    if full:  # the whole log-softmax only when asked: [N, A, 16, V] is the largest tensor here
+        logp_all = logits.float().log_softmax(-1)
         return chosen, logp_all.view(b, r, a, *logp_all.shape[2:])  # [B, R, A, 16, V]
     return chosen
 
