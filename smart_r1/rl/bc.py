@@ -115,11 +115,20 @@ def train_bc(data, out, model_cfg: ModelConfig, cfg: BCConfig = BCConfig(), voca
 
     Without `vocab`, one is built from the first `vocab_size_data` scenarios. Returns a summary
     with per-epoch mean loss / accuracy and phase timings (vocab, tokenise, train)."""
+    threads_before = torch.get_num_threads()
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    try:  # the caller's thread count is its own (a test run or a notebook goes on after this)
+        return _train_bc(data, out, model_cfg, cfg, vocab, vocab_size_data, log)
+    finally:
+        torch.set_num_threads(threads_before)
+
+
+def _train_bc(data, out, model_cfg: ModelConfig, cfg: BCConfig, vocab: MotionVocab | None,
+              vocab_size_data: int, log) -> dict:
     from smart_r1.data.dataset import iter_scenarios
 
     log = log or (lambda message: print(message, flush=True))
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     timings = {}
     t0 = time.perf_counter()

@@ -23,6 +23,9 @@ from smart_r1.metrics.context import evaluated_agent_ids
 from smart_r1.types import CURRENT_TIME_INDEX
 
 TOLERANCE = 1e-3
+# float32 agreement between two orders of the same sums (values are O(1) to O(10) m)
+FLOAT32_REL = 1e-5
+FLOAT32_ABS = 1e-6
 NUM_PERTURBED_ROLLOUTS = 4
 
 pytestmark = pytest.mark.slow
@@ -166,6 +169,13 @@ def test_perturbations_exercise_their_feature(cases):
     assert official["traffic_light_violation_likelihood"] < 0.99
 
 
+def _assert_float32_close(got: dict, expected: dict) -> None:
+    """Equal up to float32 summation order: the batch and a single call reduce in different orders,
+    so the last bits differ (1e-7 relative on a 16 m ADE); a padding bug moves values far more."""
+    for k in METRIC_FIELDS:
+        assert got[k] == pytest.approx(expected[k], rel=FLOAT32_REL, abs=FLOAT32_ABS), k
+
+
 def test_batch_of_different_scenarios_matches_single_calls(cases):
     """Padding: scenarios with different agent and map sizes in one batch give their own metrics."""
     names = ["official_submission", "sumo", "perturbed"]
@@ -173,6 +183,56 @@ def test_batch_of_different_scenarios_matches_single_calls(cases):
     states = [cases[n][1][:NUM_PERTURBED_ROLLOUTS] for n in names]
     batched = compute_metrics_batch(records, states)
     for rec, st, got in zip(records, states, batched):
-        single = compute_scenario_metrics(rec, st)
-        for k in METRIC_FIELDS:
-            assert got[k] == pytest.approx(single[k], abs=1e-6), k
+        _assert_float32_close(got, compute_scenario_metrics(rec, st))
+
+
+def test_padded_agents_never_count(cases):
+    """What the padded agent slots hold must not matter: fill them with copies of a real agent of
+    the same scenario (so an unmasked pad would collide with it, and shift every interaction
+    feature) and the metrics stay those of zero padding. The same edit on a real agent's slot
+    does change them, so the comparison can fail."""
+    from smart_r1.metrics.context import build_context
+    from smart_r1.metrics.wosac import default_specs, evaluate, pad_states
+
+    names = ["sumo", "perturbed"]
+    records = [cases[n][0] for n in names]
+    states = [cases[n][1][:NUM_PERTURBED_ROLLOUTS] for n in names]
+    ctx = build_context(records, "cpu")
+    padded = pad_states(records, states, "cpu")
+    sizes = [int(r.sim_agent_mask.sum()) for r in records]
+    small = int(np.argmin(sizes))
+    assert sizes[small] < padded.shape[2], "the batch needs a scenario with padded agent slots"
+
+    def metrics(batch):
+        values, _, _ = evaluate(ctx, batch, default_specs())
+        return [{k: float(values[k][i]) for k in METRIC_FIELDS} for i in range(len(records))]
+
+    reference = metrics(padded)
+    garbage = padded.clone()
+    garbage[small, :, sizes[small]:] = padded[small, :, :1]  # every pad sits on agent 0
+    for got, expected in zip(metrics(garbage), reference):
+        _assert_float32_close(got, expected)
+
+    row = int(_eval_rows(records[small])[0])
+    other = 1 if row == 0 else 0
+    edited = padded.clone()
+    edited[small, :, row] = padded[small, :, other]  # an evaluated agent onto another agent
+    changed = metrics(edited)[small]
+    assert any(abs(changed[k] - reference[small][k]) > 100 * FLOAT32_REL * max(1.0, abs(reference[small][k]))
+               for k in METRIC_FIELDS)
+
+
+def test_thread_count_does_not_change_metrics(cases):
+    """1 and 2 torch threads split reductions differently: only float32 rounding may differ."""
+    import torch
+
+    record, states, _ = cases["perturbed"]
+    before = torch.get_num_threads()
+    try:
+        results = []
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            results.append(compute_scenario_metrics(record, states))
+    finally:
+        torch.set_num_threads(before)
+    _assert_float32_close(results[1], results[0])
