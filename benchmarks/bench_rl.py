@@ -23,10 +23,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 def rollouts_per_second(checkpoint: str, datasets: dict, num_actors: int, scenarios: int, rollouts: int) -> float:
     import ray
 
-    from smart_r1.distributed.rollout_worker import SamplingSpec, split, start_workers
+    from smart_r1.distributed.rollout_worker import RolloutSpec, split, start_workers
 
     workers = start_workers(checkpoint, datasets, num_actors, cpus=1, gpus=0)
-    spec = SamplingSpec(num_rollouts=rollouts)
+    spec = RolloutSpec(num_rollouts=rollouts)
     warm = [w.rollout.remote(0, [], "train", [0], spec) for w in workers]  # load data, build scenes
     ray.get(warm)
     indices = list(range(scenarios))
@@ -47,10 +47,11 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=6)
     args = p.parse_args()
 
-    from smart_r1.config import PipelineConfig, DataConfig, ModelSection, RayConfig, StageConfig
-    from smart_r1.distributed.learner import LearnerJob, run_learner
+    from smart_r1.config import DataConfig, ModelSection, MPOStage, PipelineConfig, RayConfig
+    from smart_r1.distributed.learner import run_learner
+    from smart_r1.distributed.worker_kit import LearnerJob
     from smart_r1.distributed.pipeline import prepare_data, prepare_model
-    from smart_r1.distributed.ray_runtime import ensure_ray
+    from smart_r1.ray_runtime import ensure_ray
     from smart_r1.distributed.rollout_worker import start_workers
 
     ensure_ray(num_cpus=2)
@@ -66,7 +67,7 @@ def main() -> None:
     efficiency = two / (2 * one)
     print(f"rollouts/s  1 actor {one:.2f}  2 actors {two:.2f}  scaling efficiency {efficiency:.2f}")
 
-    stage = StageConfig(name="rft", kind="mpo", steps=args.steps, num_rollouts=args.rollouts,
+    stage = MPOStage(name="rft", steps=args.steps, num_rollouts=args.rollouts,
                         scenarios_per_step=4, lr=1e-4)
     # 2 x 0.5 CPU + a 1-CPU learner: the RFT stage's layout on 2 cores (3 CPUs would never schedule)
     workers = start_workers(checkpoint, datasets, 2, cpus=0.5, gpus=0)

@@ -21,7 +21,7 @@ import torch
 from smart_r1.data.dataset import iter_scenarios
 from smart_r1.metrics.wosac import aggregate_metrics, compute_scenario_metrics
 from smart_r1.model.checkpoint import load_checkpoint
-from smart_r1.rl.bc import data_source
+from smart_r1.data.dataset import data_source
 from smart_r1.rollout.closed_loop import rollout_records
 from smart_r1.rollout.sampling import Sampler
 from smart_r1.types import NUM_FUTURE_STEPS, STEP_SECONDS

@@ -51,7 +51,7 @@ def main(argv=None) -> int:
         print(f"sft_rft_sft: invalid configuration: {e}", file=sys.stderr)
         return 2
     from smart_r1.distributed.pipeline import run_pipeline
-    from smart_r1.distributed.ray_runtime import ensure_ray
+    from smart_r1.ray_runtime import ensure_ray
 
     ensure_ray(log_to_driver=True)
     try:

@@ -46,7 +46,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
     sys.path.insert(0, str(HERE.parent))  # runnable from a checkout without installing
     from smart_r1.config import load_config
-    from smart_r1.distributed.sweep import load_sweep_config, preflight
+    from smart_r1.distributed.sweep import preflight
+    from smart_r1.distributed.sweep_config import load_sweep_config
 
     args = parse_args(argv)
     changes = {"pipeline": args.pipeline_config, "alpha": args.alpha, "beta": args.beta, "search": args.search,
@@ -59,7 +60,7 @@ def main(argv=None) -> int:
     except ValueError as e:
         print(f"sweep_alpha_beta: invalid sweep: {e}", file=sys.stderr)
         return 2
-    from smart_r1.distributed.ray_runtime import ensure_ray
+    from smart_r1.ray_runtime import ensure_ray
     from smart_r1.distributed.sweep import run_sweep
 
     ensure_ray(log_to_driver=True)

@@ -1,11 +1,16 @@
-"""The `smart-r1` command line. Each subcommand parses its flags here and imports its work lazily,
-so that `smart-r1 --help` stays fast (torch, TensorFlow and Ray load only when needed)."""
+"""The `smart-r1` command line. Each subcommand imports its work lazily, so that `smart-r1 --help`
+stays fast (torch, TensorFlow and Ray load only when needed). Flags that set a config are made
+from the config's fields and help texts (`smart_r1.config.add_config_flags`), so they never
+disagree with the code; those light dataclasses are the only work imported up front.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
 import sys
+
+from smart_r1.config import BCConfig, EvaluateConfig, SamplingConfig, add_config_flags, config_from_flags
 
 
 def _cmd_make_dataset(args: argparse.Namespace) -> int:
@@ -34,10 +39,9 @@ def _cmd_preprocess(args: argparse.Namespace) -> int:
 
 def _cmd_build_vocab(args: argparse.Namespace) -> int:
     from smart_r1.data.dataset import iter_scenarios
-    from smart_r1.rl.bc import data_source
     from smart_r1.tokens.motion_vocab import build_vocab
 
-    vocab = build_vocab(iter_scenarios(data_source(args.data), args.max_scenarios), size=args.size, seed=args.seed)
+    vocab = build_vocab(iter_scenarios(args.data, args.max_scenarios), size=args.size, seed=args.seed)
     vocab.save(args.out)
     print(f"motion vocabulary: {vocab.size} tokens per type -> {args.out}")
     return 0
@@ -58,11 +62,10 @@ def _cmd_model_info(args: argparse.Namespace) -> int:
 
 def _cmd_train_bc(args: argparse.Namespace) -> int:
     from smart_r1.model.config import ModelConfig
-    from smart_r1.rl.bc import BCConfig, train_bc
+    from smart_r1.rl.bc import train_bc
     from smart_r1.tokens.motion_vocab import MotionVocab
 
-    cfg = BCConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, max_scenarios=args.max_scenarios,
-                   time_limit_s=args.time_limit, seed=args.seed, threads=args.threads)
+    cfg = config_from_flags(BCConfig, args)
     vocab = MotionVocab.load(args.vocab) if args.vocab else None
     model_cfg = ModelConfig.preset(args.preset, vocab_size=vocab.size) if vocab else ModelConfig.preset(args.preset)
     summary = train_bc(args.data, args.out, model_cfg, cfg, vocab)
@@ -71,25 +74,21 @@ def _cmd_train_bc(args: argparse.Namespace) -> int:
 
 
 def _cmd_rollout(args: argparse.Namespace) -> int:
-    import torch
-
     from smart_r1.data.dataset import iter_scenarios
     from smart_r1.metrics.rollouts_io import states_to_scenario_rollouts
-    from smart_r1.model.checkpoint import load_checkpoint
-    from smart_r1.rollout.closed_loop import rollout_records
-    from smart_r1.rollout.sampling import Sampler
+    from smart_r1.rollout.policy import load_policy, sample_states
 
-    torch.manual_seed(args.seed)
-    model = load_checkpoint(args.checkpoint, "cuda" if torch.cuda.is_available() else "cpu")
+    model = load_policy(args.checkpoint)
     record = next(iter_scenarios(args.scenario), None)
     if record is None:
         raise ValueError(f"no scenario in {args.scenario}")
-    sampler = Sampler(top_k=args.top_k, top_p=args.top_p, temperature=args.temperature)
-    rollout = rollout_records(model, [record], args.num_rollouts, sampler)[0]
-    proto = states_to_scenario_rollouts(record, rollout.states)
+    sampling = config_from_flags(SamplingConfig, args)
+    sampling.validate()
+    states = sample_states(model, record, args.num_rollouts, args.seed, sampling)
+    proto = states_to_scenario_rollouts(record, states)
     with open(args.out, "wb") as f:
         f.write(proto.SerializeToString())
-    print(f"{rollout.num_rollouts} rollouts of {rollout.agent_ids.size} sim agents "
+    print(f"{states.shape[0]} rollouts of {states.shape[1]} sim agents "
           f"(scenario {record.scenario_id}) -> {args.out}")
     return 0
 
@@ -97,6 +96,7 @@ def _cmd_rollout(args: argparse.Namespace) -> int:
 def _cmd_render(args: argparse.Namespace) -> int:
     from smart_r1.data.womd import read_scenarios
     from smart_r1.evaluation.submission import read_rollouts
+    from smart_r1.metrics import step_events
     from smart_r1.metrics.rollouts_io import scenario_rollouts_to_states
     from smart_r1.viz.render import render_scenario
 
@@ -114,7 +114,10 @@ def _cmd_render(args: argparse.Namespace) -> int:
                              f"{args.scenario} ({sorted(records)[:5]})")
         record = records[match[0].scenario_id]
         states = scenario_rollouts_to_states(record, match[0])
-    path = render_scenario(record, states, args.out, rollout_index=args.rollout_index,
+    if states is not None and not 0 <= args.rollout_index < len(states):
+        raise ValueError(f"rollout index {args.rollout_index} out of range: there are {len(states)} rollouts")
+    events = step_events(record, states[args.rollout_index]) if states is not None else None
+    path = render_scenario(record, states, args.out, rollout_index=args.rollout_index, events=events,
                            frame_stride=args.frame_stride)
     print(f"scenario {record.scenario_id} -> {path}")
     return 0
@@ -151,13 +154,9 @@ def _cmd_metrics(args: argparse.Namespace) -> int:
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
-    from smart_r1.evaluation.evaluate import EvaluateConfig, evaluate
+    from smart_r1.evaluation.evaluate import evaluate
 
-    cfg = EvaluateConfig(data=args.data, checkpoint=args.checkpoint, rollouts=args.rollouts,
-                         num_rollouts=args.num_rollouts, official=args.official, out=args.out,
-                         num_renders=args.renders, max_scenarios=args.max_scenarios, seed=args.seed,
-                         top_k=args.top_k, temperature=args.temperature)
-    result, renders = evaluate(cfg)
+    result, renders = evaluate(config_from_flags(EvaluateConfig, args))
     print(result.leaderboard.format_table())
     print(f"{result.evaluator} evaluator, {result.seconds:.1f} s"
           + (f"; results -> {args.out}" if args.out else "")
@@ -174,15 +173,9 @@ def _cmd_export_submission(args: argparse.Namespace) -> int:
                           description=args.description, method_link=args.method_link,
                           num_model_parameters=args.num_model_parameters)
     archive = export_submission(args.checkpoint, args.data, args.out, info, seed=args.seed,
-                                max_scenarios=args.max_scenarios, top_k=args.top_k, temperature=args.temperature)
+                                max_scenarios=args.max_scenarios, sampling=config_from_flags(SamplingConfig, args))
     print(f"submission -> {archive} (upload it on the WOSAC 2025 challenge page)")
     return 0
-
-
-def _sampling_args(p: argparse.ArgumentParser) -> None:
-    """How the model samples its tokens: part of the policy being scored or submitted."""
-    p.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (0: all)")
-    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -220,15 +213,9 @@ def build_parser() -> argparse.ArgumentParser:
     b = stages.add_parser("bc", help="behaviour cloning: teacher-forced next-token prediction")
     b.add_argument("--data", required=True, help="Parquet folder, TFRecord folder or TFRecord glob")
     b.add_argument("--out", required=True, help="output checkpoint (.pt)")
-    b.add_argument("--epochs", type=int, default=8, help="passes over the data")
     b.add_argument("--preset", default="default", help="model preset: default (~7M, GPU), cpu (~0.6M), test")
     b.add_argument("--vocab", default=None, help="motion vocabulary from build-vocab (default: built from the data)")
-    b.add_argument("--batch-size", type=int, default=8, help="scenes per step")
-    b.add_argument("--lr", type=float, default=5e-4, help="peak learning rate (AdamW, cosine decay)")
-    b.add_argument("--max-scenarios", type=int, default=None, help="use at most this many scenarios")
-    b.add_argument("--time-limit", type=float, default=None, help="stop training after this many seconds")
-    b.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    b.add_argument("--seed", type=int, default=0, help="random seed")
+    add_config_flags(b, BCConfig)
     b.set_defaults(func=_cmd_train_bc)
 
     p = sub.add_parser("rollout", help="closed-loop rollouts of one scenario -> ScenarioRollouts proto")
@@ -236,10 +223,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--scenario", required=True, help="Scenario TFRecord (its first scenario is simulated)")
     p.add_argument("--num-rollouts", type=int, default=32, help="joint rollouts")
     p.add_argument("--out", required=True, help="output ScenarioRollouts .binproto")
-    p.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (0: all)")
-    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass")
-    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature")
     p.add_argument("--seed", type=int, default=0, help="sampling seed")
+    add_config_flags(p, SamplingConfig)
     p.set_defaults(func=_cmd_rollout)
 
     p = sub.add_parser("render", help="draw a scenario and a rollout to a PNG or an animated GIF")
@@ -253,17 +238,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_render)
 
     p = sub.add_parser("evaluate", help="roll out and score every scenario; the WOSAC leaderboard table")
-    source = p.add_mutually_exclusive_group(required=True)
-    source.add_argument("--checkpoint", help="SMART-tiny checkpoint to roll out")
-    source.add_argument("--rollouts", help="score these rollouts instead (binproto or submission tar.gz)")
-    p.add_argument("--data", required=True, help="Parquet folder or TFRecord file / glob")
-    p.add_argument("--num-rollouts", type=int, default=32, help="joint rollouts per scenario")
-    p.add_argument("--official", action="store_true", help="Waymo's evaluator (slow, Ray) instead of the fast one")
-    p.add_argument("--out", default=None, help="results JSON (renders go to <stem>_renders/ beside it)")
-    p.add_argument("--renders", type=int, default=2, help="scenarios to draw and attach to the MLflow run")
-    p.add_argument("--max-scenarios", type=int, default=None, help="evaluate only the first N scenarios")
-    p.add_argument("--seed", type=int, default=0, help="sampling seed")
-    _sampling_args(p)
+    add_config_flags(p, EvaluateConfig, required=("data",))
     p.set_defaults(func=_cmd_evaluate)
 
     p = sub.add_parser("export-submission", help="32 rollouts per scenario -> WOSAC 2025 submission tar.gz")
@@ -279,7 +254,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-model-parameters", default="", help="e.g. 7M (default: counted from the model)")
     p.add_argument("--max-scenarios", type=int, default=None, help="export only the first N scenarios")
     p.add_argument("--seed", type=int, default=0, help="sampling seed")
-    _sampling_args(p)
+    add_config_flags(p, SamplingConfig)
     p.set_defaults(func=_cmd_export_submission)
     p = sub.add_parser("metrics", help="WOSAC 2025 sim-agents metrics of rollouts (fast PyTorch or official)")
     p.add_argument("--scenario", required=True, help="Scenario TFRecord file")

@@ -1,131 +1,222 @@
 """Frozen configs for the stage DAG BC -> closed-loop SFT (CAT-K) -> RFT (MPO) -> SFT.
 
 A pipeline config is one YAML file (see pipelines/*.yaml) whose values can be overridden on the
-command line with `--set SECTION.FIELD=VALUE` (e.g. `--set rft.alpha=0.8`). Everything is checked
-by `validate()` before any cluster work starts.
+command line with `--set SECTION.FIELD=VALUE` (e.g. `--set rft.alpha=0.8`,
+`--set rft.sampling.top_k=8`). Each kind of stage has its own config (`BCStage`, `CatKStage`,
+`MPOStage`); the MPO stage and the evaluation share `SamplingConfig`, the policy's sampling.
+Every field carries its help text (`metadata["help"]`), from which the command-line flags of
+`smart-r1` are made (`add_config_flags`). Types and values are checked by `validate()` before
+any cluster work starts.
 """
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
+import math
+import typing
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-STAGE_KINDS = ("bc", "catk_sft", "mpo")
+
+def option(default: Any, help: str, **kwargs) -> Any:
+    """A dataclass field with its help text (shown by `--help` and in the docs)."""
+    if isinstance(default, (dict, list)) or dataclasses.is_dataclass(default):
+        return field(default_factory=lambda: default, metadata={"help": help}, **kwargs)
+    return field(default=default, metadata={"help": help}, **kwargs)
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    """How the policy samples its motion tokens: part of the policy that WOSAC scores."""
+
+    top_k: int = option(0, "sample among the k most likely tokens (0: the whole vocabulary)")
+    top_p: float = option(1.0, "nucleus sampling: the smallest set of tokens with this probability mass")
+    temperature: float = option(1.0, "sampling temperature (> 0)")
+
+    def validate(self, where: str = "sampling") -> None:
+        if self.top_k < 0:
+            raise ValueError(f"{where}.top_k must be >= 0 (0 = all tokens), got {self.top_k}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"{where}.top_p must lie in (0, 1], got {self.top_p}")
+        if not (self.temperature > 0 and math.isfinite(self.temperature)):
+            raise ValueError(f"{where}.temperature must be > 0, got {self.temperature}")
 
 
 @dataclass(frozen=True)
 class DataConfig:
-    train: str = ""  # Parquet folder (or TFRecord glob); "" = generate the embedded SUMO set
-    heldout: str = ""  # held-out scenarios for per-stage metrics; "" = generated with the train set
-    embedded_train_scenarios: int = 200  # sizes of the generated SUMO sets
-    embedded_heldout_scenarios: int = 20
-    seed: int = 0
-    real_scenario: str = "auto"  # a WOMD TFRecord also scored after each stage; "auto" = ../shared's, "" = none
+    train: str = option("", "Parquet folder (or TFRecord glob) of training scenarios; '' = generate the embedded SUMO set")
+    heldout: str = option("", "held-out scenarios for per-stage metrics; '' = generated with the train set")
+    embedded_train_scenarios: int = option(200, "size of the generated SUMO training set")
+    embedded_heldout_scenarios: int = option(20, "size of the generated SUMO held-out set")
+    seed: int = option(0, "seed of the generated SUMO sets")
+    real_scenario: str = option("auto", "a WOMD TFRecord also scored after each stage; 'auto' = ../shared's, '' = none")
 
 
 @dataclass(frozen=True)
 class ModelSection:
-    preset: str = "cpu"  # a ModelConfig preset (smart_r1.model.config): default (7M) | cpu | test
-    vocab_size: int = 2048
+    preset: str = option("cpu", "a ModelConfig preset (smart_r1.model.config): default (7M) | cpu | test")
+    vocab_size: int = option(2048, "motion tokens per agent type")
 
 
 @dataclass(frozen=True)
-class StageConfig:
-    """One stage of the DAG. Fields a kind does not use are ignored by it."""
+class _Stage:
+    """What every stage has. `kind` is fixed by the class (BCStage, CatKStage, MPOStage)."""
 
-    name: str
-    kind: str  # bc | catk_sft | mpo
-    epochs: int = 1  # bc / catk_sft: passes over the training scenarios
-    steps_per_epoch: int = 0  # bc / catk_sft: 0 = a whole pass; else this many batches, freshly shuffled
-    steps: int = 10  # mpo: RL updates
-    lr: float = 5e-4
-    batch_scenarios: int = 4  # scenarios per gradient step
-    weight_decay: float = 0.0
-    grad_clip: float = 1.0
-    # closed-loop SFT (CAT-K)
-    top_k: int = 5  # K most likely tokens among which the one closest to the log is kept
-    # MPO
-    alpha: float = 0.77  # fixed baseline, advantage = reward - alpha; near the SFT policy's mean reward
-    beta: float = 0.04  # KL(pi || pi_ref) weight
-    num_rollouts: int = 8  # rollouts per scenario per RL step (paper: 32)
-    scenarios_per_step: int = 4
-    updates_per_batch: int = 1  # >1 reuses a batch (then ratio clipping applies)
-    clip_eps: float = 0.2
-    kl_estimator: str = "k3"
-    per_agent_credit: bool = False  # each agent's own collision/off-road flags in its reward
-    # reward = weighted mean of realism and the collision-free / on-road fractions of agents
-    # (smart_r1.rl.rewards); 0 and 0 = the realism score alone
-    collision_weight: float = 1.0
-    offroad_weight: float = 1.0
-    max_staleness: int = 1  # drop rollouts made with weights older than this many updates
-    temperature: float = 1.0
-    top_k_sampling: int = 0  # 0 = sample from the whole vocabulary
+    name: str = option("", "the stage's name (its folder under out_dir, its --set section)")
+    lr: float = option(5e-4, "learning rate (AdamW)")
+    weight_decay: float = option(0.0, "AdamW weight decay")
+    grad_clip: float = option(1.0, "gradients are clipped to this global norm")
 
     def validate(self) -> None:
-        if self.kind not in STAGE_KINDS:
-            raise ValueError(f"stage {self.name!r}: unknown kind {self.kind!r} (one of {STAGE_KINDS})")
-        if not 0.0 <= self.alpha <= 1.0:
-            raise ValueError(f"stage {self.name!r}: alpha must lie in [0, 1] (the metric's range), got {self.alpha}")
-        if self.beta < 0:
-            raise ValueError(f"stage {self.name!r}: beta must be >= 0, got {self.beta}")
-        if self.top_k < 1:
-            raise ValueError(f"stage {self.name!r}: top_k (CAT-K's K) must be >= 1, got {self.top_k}")
-        positive = ("epochs", "steps", "batch_scenarios", "num_rollouts", "scenarios_per_step",
-                    "updates_per_batch")
-        for name in positive:
+        where = f"stage {self.name!r}"
+        if not self.name or not self.name.replace("_", "").replace("-", "").isalnum():
+            raise ValueError(f"{where}: a stage name is letters, digits, '_' or '-' (it names a folder)")
+        if not self.lr > 0:
+            raise ValueError(f"{where}: lr must be > 0, got {self.lr}")
+        if self.weight_decay < 0:
+            raise ValueError(f"{where}: weight_decay must be >= 0, got {self.weight_decay}")
+        if not self.grad_clip > 0:
+            raise ValueError(f"{where}: grad_clip must be > 0, got {self.grad_clip}")
+
+
+@dataclass(frozen=True)
+class _SupervisedStage(_Stage):
+    epochs: int = option(1, "passes over the training scenarios")
+    steps_per_epoch: int = option(0, "0 = a whole pass; else this many batches per epoch, freshly shuffled")
+    batch_scenarios: int = option(4, "scenarios per gradient step (per learner)")
+
+    def validate(self) -> None:
+        super().validate()
+        for name in ("epochs", "batch_scenarios"):
             if getattr(self, name) < 1:
                 raise ValueError(f"stage {self.name!r}: {name} must be >= 1, got {getattr(self, name)}")
-        if self.lr <= 0:
-            raise ValueError(f"stage {self.name!r}: lr must be > 0, got {self.lr}")
-        if self.kl_estimator not in ("k3", "full"):
-            raise ValueError(f"stage {self.name!r}: kl_estimator must be 'k3' or 'full'")
-        if self.max_staleness < 0:
-            raise ValueError(f"stage {self.name!r}: max_staleness must be >= 0")
-        if self.collision_weight < 0 or self.offroad_weight < 0:
-            raise ValueError(f"stage {self.name!r}: collision_weight and offroad_weight must be >= 0")
         if self.steps_per_epoch < 0:
             raise ValueError(f"stage {self.name!r}: steps_per_epoch must be >= 0 (0 = a whole pass)")
 
 
 @dataclass(frozen=True)
+class BCStage(_SupervisedStage):
+    """Behaviour cloning: teacher-forced next-token prediction (warm-up, cosine decay of lr)."""
+
+    kind: str = field(default="bc", init=False, metadata={"help": "bc"})
+
+
+@dataclass(frozen=True)
+class CatKStage(_SupervisedStage):
+    """Closed-loop SFT on CAT-K rollouts (constant lr)."""
+
+    catk_k: int = option(5, "CAT-K's K: the executed token is the one closest to the log among the K most likely")
+    kind: str = field(default="catk_sft", init=False, metadata={"help": "catk_sft"})
+
+    def validate(self) -> None:
+        super().validate()
+        if self.catk_k < 1:
+            raise ValueError(f"stage {self.name!r}: catk_k (CAT-K's K) must be >= 1, got {self.catk_k}")
+
+
+@dataclass(frozen=True)
+class MPOStage(_Stage):
+    """RFT with Metric-oriented Policy Optimization (smart_r1.rl.mpo)."""
+
+    steps: int = option(10, "RL updates")
+    alpha: float = option(0.77, "fixed baseline, advantage = reward - alpha; near the SFT policy's mean reward")
+    beta: float = option(0.04, "weight of KL(pi || pi_ref)")
+    num_rollouts: int = option(8, "rollouts per scenario per RL step (paper: 32)")
+    scenarios_per_step: int = option(4, "scenarios per RL step")
+    updates_per_batch: int = option(1, "updates on one batch; > 1 reuses it (then ratio clipping applies)")
+    clip_eps: float = option(0.2, "ratio clipping of the surrogate when a batch is reused or stale")
+    kl_estimator: str = option("k3", "k3 (sampled tokens) or full (whole vocabulary)")
+    per_agent_credit: bool = option(False, "each agent's own collision / off-road flags in its reward")
+    collision_weight: float = option(1.0, "weight of the collision-free fraction in the reward (0 = realism only)")
+    offroad_weight: float = option(1.0, "weight of the on-road fraction in the reward (0 = realism only)")
+    max_staleness: int = option(1, "drop rollouts made with weights older than this many updates")
+    sampling: SamplingConfig = option(SamplingConfig(), "how the rollouts sample tokens (the policy pi)")
+    kind: str = field(default="mpo", init=False, metadata={"help": "mpo"})
+
+    def validate(self) -> None:
+        super().validate()
+        where = f"stage {self.name!r}"
+        if not 0.0 <= self.alpha <= 1.0:
+            raise ValueError(f"{where}: alpha must lie in [0, 1] (the metric's range), got {self.alpha}")
+        if self.beta < 0:
+            raise ValueError(f"{where}: beta must be >= 0, got {self.beta}")
+        for name in ("steps", "num_rollouts", "scenarios_per_step", "updates_per_batch"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{where}: {name} must be >= 1, got {getattr(self, name)}")
+        if not 0.0 < self.clip_eps < 1.0:
+            raise ValueError(f"{where}: clip_eps must lie in (0, 1), got {self.clip_eps}")
+        if self.kl_estimator not in ("k3", "full"):
+            raise ValueError(f"{where}: kl_estimator must be 'k3' or 'full'")
+        if self.max_staleness < 0:
+            raise ValueError(f"{where}: max_staleness must be >= 0")
+        if self.collision_weight < 0 or self.offroad_weight < 0:
+            raise ValueError(f"{where}: collision_weight and offroad_weight must be >= 0")
+        self.sampling.validate(f"stage {self.name!r}: sampling")
+
+
+StageConfig = typing.Union[BCStage, CatKStage, MPOStage]
+STAGE_CLASSES: dict[str, type] = {"bc": BCStage, "catk_sft": CatKStage, "mpo": MPOStage}
+STAGE_KINDS = tuple(STAGE_CLASSES)
+# Keys of the one flat stage config this replaced, with where they went.
+_RENAMED = {"top_k": "catk_k (CAT-K's K) or sampling.top_k (MPO's sampling)",
+            "top_k_sampling": "sampling.top_k", "temperature": "sampling.temperature"}
+
+
+@dataclass(frozen=True)
 class RayConfig:
-    num_rollout_workers: int = 1
-    cpus_per_rollout_worker: float = 1.0
-    gpus_per_rollout_worker: float = 0.0
-    num_learners: int = 1  # Ray Train workers (DDP)
-    use_gpu: bool = False
-    cpus_per_learner: float = 1.0
-    # torch threads per learner worker; 0 = its CPUs. More pays off on a small machine: the
-    # rollout workers sit idle during BC and SFT, and their cores would go unused.
-    learner_threads: int = 0
-    max_learner_failures: int = 2
-    storage_path: str = ""  # Ray Train / Tune storage; "" = <out_dir>/ray
+    num_rollout_workers: int = option(1, "rollout actors")
+    cpus_per_rollout_worker: float = option(1.0, "CPUs per rollout actor (fractions share a core)")
+    gpus_per_rollout_worker: float = option(0.0, "GPUs per rollout actor (fractions share a GPU)")
+    num_learners: int = option(1, "Ray Train workers (data-parallel)")
+    use_gpu: bool = option(False, "one GPU per learner")
+    cpus_per_learner: float = option(1.0, "CPUs per learner")
+    # More threads than CPUs pay off on a small machine: the rollout workers sit idle during BC
+    # and SFT, and their cores would go unused.
+    learner_threads: int = option(0, "torch threads per learner; 0 = its CPUs")
+    max_learner_failures: int = option(2, "learner restarts from the last checkpoint before the stage fails")
+    storage_path: str = option("", "Ray Train / Tune storage; '' = <out_dir>/ray")
+
+    def validate(self) -> None:
+        if self.num_rollout_workers < 1 or self.num_learners < 1:
+            raise ValueError("ray.num_rollout_workers and ray.num_learners must be >= 1")
+        if not self.cpus_per_rollout_worker > 0 or not self.cpus_per_learner > 0:
+            raise ValueError("ray.cpus_per_rollout_worker and ray.cpus_per_learner must be > 0")
+        if self.gpus_per_rollout_worker < 0:
+            raise ValueError("ray.gpus_per_rollout_worker must be >= 0")
+        if self.learner_threads < 0:
+            raise ValueError(f"ray.learner_threads must be >= 0 (0 = the learner's CPUs), got {self.learner_threads}")
+        if self.max_learner_failures < 0:
+            raise ValueError(f"ray.max_learner_failures must be >= 0, got {self.max_learner_failures}")
 
 
 @dataclass(frozen=True)
 class EvalConfig:
-    num_rollouts: int = 8  # per held-out scenario (WOSAC: 32)
-    max_scenarios: int = 20
-    # how the evaluated policy samples its tokens (part of the policy, as in a WOSAC submission);
-    # RFT stages sample with their own temperature / top_k_sampling, best set alike
-    top_k: int = 0  # 0 = the whole vocabulary
-    temperature: float = 1.0
+    num_rollouts: int = option(8, "rollouts per held-out scenario (WOSAC: 32)")
+    max_scenarios: int = option(20, "held-out scenarios scored after each stage")
+    sampling: SamplingConfig = option(SamplingConfig(), "how the evaluated policy samples (RFT samples alike, best)")
+
+    def validate(self) -> None:
+        if self.num_rollouts < 1:
+            raise ValueError("eval.num_rollouts must be >= 1")
+        if self.max_scenarios < 1:
+            raise ValueError("eval.max_scenarios must be >= 1")
+        self.sampling.validate("eval.sampling")
 
 
 @dataclass(frozen=True)
 class PipelineConfig:
-    out_dir: str = "runs/sft_rft_sft"
-    seed: int = 0
-    data: DataConfig = field(default_factory=DataConfig)
-    model: ModelSection = field(default_factory=ModelSection)
-    ray: RayConfig = field(default_factory=RayConfig)
-    eval: EvalConfig = field(default_factory=EvalConfig)
-    init_checkpoint: str = ""  # start from this checkpoint instead of running the bc stage
-    stages: tuple[StageConfig, ...] = ()
+    out_dir: str = option("runs/sft_rft_sft", "where the run's stages, tables and data go")
+    seed: int = option(0, "seed of the model's initialisation, data order and sampling")
+    data: DataConfig = option(DataConfig(), "data")
+    model: ModelSection = option(ModelSection(), "model")
+    ray: RayConfig = option(RayConfig(), "Ray resources")
+    eval: EvalConfig = option(EvalConfig(), "held-out evaluation after each stage")
+    init_checkpoint: str = option("", "start from this checkpoint instead of running the bc stage")
+    stages: tuple[StageConfig, ...] = option((), "the stage DAG, in order")
 
     def stage(self, name: str) -> StageConfig:
         for s in self.stages:
@@ -134,6 +225,7 @@ class PipelineConfig:
         raise ValueError(f"unknown stage name {name!r}; stages are {[s.name for s in self.stages]}")
 
     def validate(self) -> "PipelineConfig":
+        check_types(self, "pipeline config")
         if not self.stages:
             raise ValueError("the pipeline has no stages")
         names = [s.name for s in self.stages]
@@ -143,86 +235,197 @@ class PipelineConfig:
             s.validate()
         for path, what in ((self.data.train, "data.train"), (self.data.heldout, "data.heldout"),
                            (self.init_checkpoint, "init_checkpoint")):
-            if path and "*" not in path and not Path(path).exists():
+            if path and "*" not in path and "://" not in path and not Path(path).exists():
                 raise ValueError(f"{what}: no such path {path!r}")
-        if self.ray.num_rollout_workers < 1 or self.ray.num_learners < 1:
-            raise ValueError("ray.num_rollout_workers and ray.num_learners must be >= 1")
-        if self.ray.learner_threads < 0:
-            raise ValueError(f"ray.learner_threads must be >= 0 (0 = the learner's CPUs), got {self.ray.learner_threads}")
-        if self.eval.num_rollouts < 1:
-            raise ValueError("eval.num_rollouts must be >= 1")
-        if self.eval.top_k < 0 or self.eval.temperature <= 0:
-            raise ValueError("eval.top_k must be >= 0 and eval.temperature > 0")
+        for name in ("embedded_train_scenarios", "embedded_heldout_scenarios"):
+            if getattr(self.data, name) < 1:
+                raise ValueError(f"data.{name} must be >= 1")
+        self.ray.validate()
+        self.eval.validate()
         return self
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
 
-def _coerce(value: str, like: Any) -> Any:
-    """Parse a command-line string to the type of the field's current value (an int field also
-    takes a float: YAML writes `1` for a CPU count that `--set` may make 0.5)."""
-    if isinstance(like, bool):
-        if value.lower() in ("1", "true", "yes", "on"):
-            return True
-        if value.lower() in ("0", "false", "no", "off"):
-            return False
-        raise ValueError(f"expected a boolean, got {value!r}")
-    if isinstance(like, int):
-        number = float(value)
-        return int(number) if number.is_integer() and "." not in value else number
-    if isinstance(like, float):
-        return float(value)
-    return value
+# -- standalone commands (smart-r1 train bc, smart-r1 evaluate) ------------------------------
+
+@dataclass(frozen=True)
+class BCConfig:
+    """Standalone BC training (`smart-r1 train bc` makes its flags from these fields)."""
+
+    epochs: int = option(8, "passes over the data")
+    batch_size: int = option(8, "scenes per step")
+    lr: float = option(5e-4, "peak learning rate (AdamW, warm-up then cosine decay)")
+    weight_decay: float = option(0.01, "AdamW weight decay")
+    grad_clip: float = option(1.0, "gradients are clipped to this global norm")
+    max_agents: int = option(64, "agents kept per scene (sim agents first, then the nearest)")
+    max_map_segments: int = option(1024, "map segments kept per scene")
+    max_scenarios: int | None = option(None, "use at most this many scenarios")
+    time_limit_s: float | None = option(None, "stop (and save) after this many seconds of training")
+    seed: int = option(0, "random seed")
+    threads: int | None = option(None, "torch CPU threads")
 
 
-def _build(cls, values: dict[str, Any], where: str):
-    known = {f.name for f in fields(cls)}
+@dataclass(frozen=True)
+class EvaluateConfig:
+    """What `evaluate` does (`smart-r1 evaluate` makes its flags from these fields). Exactly one of
+    `checkpoint` and `rollouts` is set."""
+
+    data: str = option("", "Parquet folder or TFRecord file / glob")
+    checkpoint: str | None = option(None, "SMART-tiny checkpoint to roll out")
+    rollouts: str | None = option(None, "score these rollouts instead (binproto or submission tar.gz)")
+    num_rollouts: int = option(32, "joint rollouts per scenario (checkpoint mode)")
+    official: bool = option(False, "Waymo's evaluator (slow, Ray) instead of the fast re-implementation")
+    out: str | None = option(None, "results JSON (renders go to <stem>_renders/ beside it)")
+    num_renders: int = option(2, "scenarios drawn (rollout 0) and attached to the active MLflow run")
+    max_scenarios: int | None = option(None, "evaluate only the first N scenarios")
+    seed: int = option(0, "sampling seed")
+    sampling: SamplingConfig = option(SamplingConfig(), "how the model samples its tokens")
+
+    def validate(self) -> "EvaluateConfig":
+        if (self.checkpoint is None) == (self.rollouts is None):
+            raise ValueError("give either a checkpoint to roll out or a rollouts file to score")
+        if self.num_rollouts < 1:
+            raise ValueError(f"num_rollouts must be at least 1, got {self.num_rollouts}")
+        self.sampling.validate()
+        return self
+
+
+# -- types -----------------------------------------------------------------------------------
+
+def _field_types(cls) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _base_type(kind: Any) -> Any:
+    """int for `int | None` (an optional field), else the type itself."""
+    args = [a for a in typing.get_args(kind) if a is not type(None)]
+    return args[0] if len(args) == 1 and type(None) in typing.get_args(kind) else kind
+
+
+def _type_ok(value: Any, kind: Any) -> bool:
+    if value is None and _base_type(kind) is not kind:
+        return True
+    kind = _base_type(kind)
+    if kind is bool:
+        return isinstance(value, bool)
+    if kind is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if kind is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if kind is str:
+        return isinstance(value, str)
+    return True  # nested configs and the stage tuple are checked by their own walk
+
+
+def check_types(config, where: str) -> None:
+    """Raise ValueError naming the first field whose value has the wrong type (YAML `lr: fast`)."""
+    types = _field_types(type(config))
+    for f in fields(config):
+        value = getattr(config, f.name)
+        if dataclasses.is_dataclass(value):
+            check_types(value, f"{where}.{f.name}" if where != "pipeline config" else f.name)
+        elif isinstance(value, tuple) and f.name == "stages":
+            for s in value:
+                check_types(s, f"stage {s.name!r}")
+        elif not _type_ok(value, types[f.name]):
+            name = types[f.name].__name__ if isinstance(types[f.name], type) else str(types[f.name])
+            raise ValueError(f"{where}: {f.name} must be a {name}, got {value!r}")
+
+
+# -- building from YAML and overrides ---------------------------------------------------------
+
+def _build(cls, values: Any, where: str):
+    """cls(**values) with nested config sections built too; unknown keys are named."""
+    if not isinstance(values, dict):
+        raise ValueError(f"{where}: expected a mapping of fields, got {values!r}")
+    known = {f.name for f in fields(cls) if f.init}
     unknown = set(values) - known
     if unknown:
-        raise ValueError(f"{where}: unknown field(s) {sorted(unknown)}; known: {sorted(known)}")
-    return cls(**values)
+        hints = [f"{k} is now {_RENAMED[k]}" for k in sorted(unknown) if k in _RENAMED]
+        raise ValueError(f"{where}: unknown field(s) {sorted(unknown)}; known: {sorted(known)}"
+                         + (f" ({'; '.join(hints)})" if hints else ""))
+    types = _field_types(cls)
+    kwargs = {}
+    for key, value in values.items():
+        kind = types[key]
+        kwargs[key] = _build(kind, value or {}, f"{where}.{key}") if dataclasses.is_dataclass(kind) else value
+    return cls(**kwargs)
+
+
+def build_stage(raw: Any, where: str) -> StageConfig:
+    if not isinstance(raw, dict):
+        raise ValueError(f"{where}: a stage is a mapping with a name and a kind, got {raw!r}")
+    kind = raw.get("kind")
+    if kind not in STAGE_CLASSES:
+        raise ValueError(f"{where}: unknown kind {kind!r} (one of {STAGE_KINDS})")
+    return _build(STAGE_CLASSES[kind], {k: v for k, v in raw.items() if k != "kind"}, f"{where} ({kind})")
 
 
 def from_dict(raw: dict[str, Any]) -> PipelineConfig:
     raw = dict(raw or {})
-    sections = {"data": DataConfig, "model": ModelSection, "ray": RayConfig, "eval": EvalConfig}
-    kwargs: dict[str, Any] = {}
-    for key, value in raw.items():
-        if key in sections:
-            kwargs[key] = _build(sections[key], value or {}, key)
-        elif key == "stages":
-            kwargs[key] = tuple(_build(StageConfig, s, f"stages[{i}]") for i, s in enumerate(value))
-        else:
-            kwargs[key] = value
-    return _build(PipelineConfig, kwargs, "pipeline config")
+    stages = raw.pop("stages", [])
+    if not isinstance(stages, list):
+        raise ValueError(f"stages: expected a list of stages, got {stages!r}")
+    config = _build(PipelineConfig, raw, "pipeline config")
+    return dataclasses.replace(config, stages=tuple(build_stage(s, f"stages[{i}]") for i, s in enumerate(stages)))
+
+
+def parse_value(text: str, kind: Any, where: str) -> Any:
+    """A command-line string as a field of type `kind` (an int field takes 0.5 only if float)."""
+    try:
+        if kind is bool:
+            if text.lower() in ("1", "true", "yes", "on"):
+                return True
+            if text.lower() in ("0", "false", "no", "off"):
+                return False
+            raise ValueError
+        if kind is int:
+            return int(text)
+        if kind is float:
+            return float(text)
+    except ValueError:
+        raise ValueError(f"{where}: expected a {kind.__name__}, got {text!r}") from None
+    if kind is not str and _base_type(kind) is not kind and text.lower() in ("", "none", "null"):
+        return None
+    if _base_type(kind) in (int, float) and _base_type(kind) is not kind:
+        return parse_value(text, _base_type(kind), where)
+    return text
+
+
+def _replace_path(config, path: list[str], text: str, where: str):
+    """`config` with the field at `path` (nested sections) set from the string `text`."""
+    names = {f.name for f in fields(config) if f.init}
+    if path[0] not in names:
+        raise ValueError(f"override {where}: {type(config).__name__} has no field {path[0]!r}; known: {sorted(names)}")
+    current = getattr(config, path[0])
+    if len(path) > 1:
+        if not dataclasses.is_dataclass(current):
+            raise ValueError(f"override {where}: {path[0]!r} has no fields")
+        value = _replace_path(current, path[1:], text, where)
+    else:
+        value = parse_value(text, _field_types(type(config))[path[0]], f"override {where}")
+    return dataclasses.replace(config, **{path[0]: value})
 
 
 def apply_overrides(config: PipelineConfig, overrides: list[str]) -> PipelineConfig:
-    """Apply `SECTION.FIELD=VALUE` overrides; SECTION is data/model/ray/eval, a stage name, or
-    empty for a top-level field (`out_dir=...`)."""
+    """Apply `SECTION.FIELD=VALUE` overrides. SECTION is data/model/ray/eval (or a nested section
+    such as eval.sampling), a stage name (`rft.sampling.top_k=8`), or empty for a top-level field
+    (`out_dir=...`)."""
     for item in overrides:
         if "=" not in item:
             raise ValueError(f"override {item!r} is not of the form SECTION.FIELD=VALUE")
-        key, value = item.split("=", 1)
-        section, _, name = key.rpartition(".")
-        if not section:
-            if name not in {f.name for f in fields(config)} or name == "stages":
-                raise ValueError(f"override {item!r}: the pipeline config has no field {name!r}")
-            config = dataclasses.replace(config, **{name: _coerce(value, getattr(config, name))})
-        elif section in ("data", "model", "ray", "eval"):
-            part = getattr(config, section)
-            if name not in {f.name for f in fields(part)}:
-                raise ValueError(f"override {item!r}: {section} has no field {name!r}")
-            part = dataclasses.replace(part, **{name: _coerce(value, getattr(part, name))})
-            config = dataclasses.replace(config, **{section: part})
+        key, text = item.split("=", 1)
+        path = key.split(".")
+        if path[0] == "stages":
+            raise ValueError(f"override {item!r}: name a stage by its name, e.g. rft.alpha=0.8")
+        if len(path) > 1 and path[0] not in {f.name for f in fields(config)}:
+            stage = config.stage(path[0])  # raises for an unknown stage name
+            new = _replace_path(stage, path[1:], text, item)
+            config = dataclasses.replace(config, stages=tuple(new if s.name == path[0] else s for s in config.stages))
         else:
-            stage = config.stage(section)  # raises for an unknown stage name
-            if name not in {f.name for f in fields(stage)}:
-                raise ValueError(f"override {item!r}: a stage has no field {name!r}")
-            new = dataclasses.replace(stage, **{name: _coerce(value, getattr(stage, name))})
-            config = dataclasses.replace(
-                config, stages=tuple(new if s.name == section else s for s in config.stages))
+            config = _replace_path(config, path, text, item)
     return config
 
 
@@ -230,5 +433,53 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Pipelin
     path = Path(path)
     if not path.exists():
         raise ValueError(f"no such config file: {path}")
-    config = from_dict(yaml.safe_load(path.read_text()))
-    return apply_overrides(config, overrides or []).validate()
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise ValueError(f"{path} is not valid YAML: {str(e).splitlines()[0]}") from None
+    return apply_overrides(from_dict(raw), overrides or []).validate()
+
+
+# -- command-line flags from config fields ----------------------------------------------------
+
+def add_config_flags(parser: argparse.ArgumentParser, cls, skip: tuple[str, ...] = (),
+                     required: tuple[str, ...] = ()) -> None:
+    """One `--flag-name` per field of the dataclass `cls` (nested configs flattened), with the
+    field's type, default and help text; `required` fields have no default."""
+    types = _field_types(cls)
+    for f in fields(cls):
+        if not f.init or f.name in skip:
+            continue
+        kind = types[f.name]
+        default = f.default if f.default is not dataclasses.MISSING else None
+        if dataclasses.is_dataclass(kind):
+            add_config_flags(parser, kind, skip)
+            continue
+        if f.name in required:
+            parser.add_argument("--" + f.name.replace("_", "-"), type=_base_type(kind), required=True,
+                                help=f.metadata.get("help", ""))
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        help_text = f.metadata.get("help", "")
+        kind = _base_type(kind)
+        if kind is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=help_text)
+        else:
+            parser.add_argument(flag, type=kind if kind in (int, float, str) else str, default=default,
+                                help=f"{help_text} (default: {default})")
+
+
+def config_from_flags(cls, args: argparse.Namespace, **values):
+    """The dataclass `cls` from the flags `add_config_flags` made (nested configs too)."""
+    types = _field_types(cls)
+    kwargs = {}
+    for f in fields(cls):
+        if not f.init:
+            continue
+        if f.name in values:
+            kwargs[f.name] = values[f.name]
+        elif dataclasses.is_dataclass(types[f.name]):
+            kwargs[f.name] = config_from_flags(types[f.name], args)
+        elif hasattr(args, f.name):
+            kwargs[f.name] = getattr(args, f.name)
+    return cls(**kwargs)

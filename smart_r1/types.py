@@ -157,8 +157,9 @@ class Rollout:
         agent_ids: int64 [S], WOMD track ids
         states: float32 [R, S, 80, 4], (x, y, z, heading) at 10 Hz for steps 11..90, world frame
         tokens: int64 [R, S, 16], the chosen motion tokens (one per 0.5 s)
-        log_probs: float32 [R, S, 16], log-probability of each chosen token under the model
-            (temperature 1, whatever sampling scheme chose it)
+        log_probs: float32 [R, S, 16], log-probability of each chosen token under the distribution
+            it was drawn from (`TokenSelector.log_prob`: the tempered, top-k / top-p filtered
+            distribution of a Sampler; the model's own for Greedy and CAT-K)
     """
 
     scenario_id: str
@@ -185,15 +186,16 @@ class Rollout:
 
 @dataclass(frozen=True)
 class Experience:
-    """What a rollout worker returns for one scenario of an RL step (numpy, for the object store).
+    """What a rollout worker returns for one scenario of an RL step (through the object store).
 
-    Agent slots A are the scene's sim agents in `build_scene(record, vocab, agents="sim")` order,
-    which is deterministic, so the learner rebuilds the same scene and lines tensors up with it.
+    Agent slots A are those of `scene`, the scene the rollouts were sampled from (sim agents);
+    the learner recomputes log-probs on it, so it never reads the dataset.
 
     Fields (dtype, shape):
         scenario_index: int, index of the scenario in its dataset
         scenario_id: str
         version: int, the policy weights version that produced the rollouts
+        scene: SceneBatch (smart_r1.tokens.scene) of this one scenario, B = 1
         tokens: int64 [R, A, 16], sampled motion tokens
         poses: float32 [R, A, 80, 3], (x, y, heading) reached, scene frame
         log_probs: float32 [R, A, 16], log pi_old of the sampled tokens (behaviour policy)
@@ -206,6 +208,7 @@ class Experience:
     scenario_index: int
     scenario_id: str
     version: int
+    scene: object
     tokens: np.ndarray
     poses: np.ndarray
     log_probs: np.ndarray

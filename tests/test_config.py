@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from smart_r1.config import StageConfig, apply_overrides, load_config
+from smart_r1.config import CatKStage, MPOStage, apply_overrides, load_config
 
 DEFAULT = Path(__file__).resolve().parents[1] / "pipelines" / "sft_rft_sft.yaml"
 
@@ -17,8 +17,9 @@ def test_default_config_loads():
     rft = config.stage("rft")
     # the SUMO preset sets alpha near its SFT policy's reward; the method's defaults are the paper's
     assert rft.alpha == 0.6 and rft.beta == 0.04
-    assert StageConfig(name="x", kind="mpo").alpha == 0.77
-    assert rft.top_k_sampling == config.eval.top_k  # RFT samples as the evaluation does
+    assert MPOStage(name="x").alpha == 0.77
+    assert rft.sampling == config.eval.sampling  # RFT samples as the evaluation does
+    assert config.stage("sft").catk_k == 5 and isinstance(config.stage("sft"), CatKStage)
 
 
 def test_overrides():
@@ -29,18 +30,39 @@ def test_overrides():
     # a CPU count written as an integer in YAML may become fractional on the command line
     config = load_config(DEFAULT, ["ray.cpus_per_learner=0.5"])
     assert config.ray.cpus_per_learner == 0.5
+    # nested sections: the MPO stage's and the evaluation's sampling
+    config = load_config(DEFAULT, ["rft.sampling.top_k=4", "eval.sampling.temperature=0.9"])
+    assert config.stage("rft").sampling.top_k == 4 and config.eval.sampling.temperature == 0.9
+    assert config.eval.sampling.top_k == 8
+
+
+def test_each_stage_kind_has_its_own_fields(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("stages:\n  - {name: sft, kind: catk_sft, top_k: 5}\n")
+    with pytest.raises(ValueError, match="top_k is now catk_k"):
+        load_config(bad)
+    bad.write_text("stages:\n  - {name: bc, kind: bc, alpha: 0.5}\n")
+    with pytest.raises(ValueError, match="unknown field"):
+        load_config(bad)
+    with pytest.raises(ValueError, match="has no field 'alpha'"):
+        load_config(DEFAULT, ["sft.alpha=0.5"])
 
 
 @pytest.mark.parametrize("override, message", [
     ("rft.alpha=1.5", "alpha must lie in"),
     ("rft.beta=-0.1", "beta must be >= 0"),
-    ("sft.top_k=0", "top_k"),
+    ("sft.catk_k=0", "catk_k"),
     ("nosuchstage.alpha=0.5", "unknown stage name 'nosuchstage'"),
     ("rft.nosuchfield=1", "no field 'nosuchfield'"),
     ("data.train=/no/such/path", "data.train: no such path"),
     ("sft.steps_per_epoch=-1", "steps_per_epoch must be >= 0"),
     ("ray.learner_threads=-2", "learner_threads must be >= 0"),
-    ("eval.top_k=-1", "eval.top_k must be >= 0"),
+    ("eval.sampling.top_k=-1", "eval.sampling.top_k must be >= 0"),
+    ("rft.sampling.temperature=0", "temperature must be > 0"),
+    ("rft.lr=fast", "expected a float"),
+    ("ray.cpus_per_learner=0", "must be > 0"),
+    ("eval.max_scenarios=0", "max_scenarios must be >= 1"),
+    ("rft.grad_clip=0", "grad_clip must be > 0"),
     ("rft.collision_weight=-1", "collision_weight and offroad_weight must be >= 0"),
 ])
 def test_invalid_values_fail_clearly(override, message):
@@ -55,3 +77,18 @@ def test_unknown_kind(tmp_path):
         load_config(bad)
     with pytest.raises(ValueError, match="no such config file"):
         load_config(tmp_path / "missing.yaml")
+
+
+@pytest.mark.parametrize("text, message", [
+    ("stages:\n  - {name: bc, kind: bc, lr: fast}\n", "lr must be a float"),
+    ("stages:\n  - {name: bc, kind: bc, epochs: 1.5}\n", "epochs must be a int"),
+    ("seed: [1]\nstages:\n  - {name: bc, kind: bc}\n", "seed must be a int"),
+    ("eval: 3\nstages:\n  - {name: bc, kind: bc}\n", "expected a mapping"),
+    ("stages:\n  - {name: ../up, kind: bc}\n", "names a folder"),
+    ("stages: [1, 2\n", "not valid YAML"),
+])
+def test_wrong_types_and_names_fail_clearly(tmp_path, text, message):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(text)
+    with pytest.raises(ValueError, match=message):
+        load_config(bad)

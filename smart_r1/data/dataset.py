@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import glob
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
+import pyarrow.parquet as pq
 import torch
 
 from smart_r1.data.parquet import read_shard, shard_paths
+from smart_r1.data.tfrecord import read_records
+from smart_r1.data.womd import read_scenarios
 from smart_r1.types import ScenarioRecord
 
 
@@ -33,13 +37,36 @@ class ScenarioDataset(torch.utils.data.Dataset):
         return iter(self.records)
 
 
-def iter_scenarios(data: str | Path, limit: int | None = None) -> Iterator[ScenarioRecord]:
-    """Yield scenarios from Parquet shards, or from TFRecords when `data` names TFRecord files."""
-    text = str(data)
-    if ".tfrecord" in text:
-        from smart_r1.data.preprocess import expand_inputs
-        from smart_r1.data.womd import read_scenarios
+def expand_inputs(pattern: str) -> list[str]:
+    """The files a TFRecord path or glob names, sorted; FileNotFoundError when none."""
+    paths = sorted(glob.glob(pattern)) if any(c in pattern for c in "*?[") else [pattern]
+    paths = [p for p in paths if Path(p).is_file()]
+    if not paths:
+        raise FileNotFoundError(f"no TFRecord files match {pattern!r}")
+    return paths
 
+
+def data_source(path: str | Path) -> str:
+    """A folder of Parquet shards as is; a folder of TFRecords as a glob over them."""
+    p = Path(path)
+    if p.is_dir() and not list(p.glob("*.parquet")) and glob.glob(str(p / "*.tfrecord*")):
+        return str(p / "*.tfrecord*")
+    return str(path)
+
+
+def count_scenarios(data: str | Path) -> int:
+    """How many scenarios `data` holds, without parsing them (for a progress bar's ETA)."""
+    text = data_source(data)
+    if ".tfrecord" in text:
+        return sum(1 for path in expand_inputs(text) for _ in read_records(path))
+    return sum(pq.ParquetFile(path).metadata.num_rows for path in shard_paths(text))
+
+
+def iter_scenarios(data: str | Path, limit: int | None = None) -> Iterator[ScenarioRecord]:
+    """Yield scenarios from Parquet shards, or from TFRecords when `data` names TFRecord files
+    (a file, a glob, or a folder of them)."""
+    text = data_source(data)
+    if ".tfrecord" in text:
         sources = (rec for path in expand_inputs(text) for rec in read_scenarios(path))
     else:
         paths = shard_paths(data)

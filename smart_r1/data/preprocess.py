@@ -6,17 +6,19 @@ skipped, listed in `preprocess_report.json` and make the run's exit status non-z
 
 from __future__ import annotations
 
-import glob
 import json
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import pyarrow.parquet as pq
+import ray
 
+from smart_r1.data.dataset import expand_inputs
 from smart_r1.data.parquet import write_shard
 from smart_r1.data.tfrecord import RecordError, read_records
 from smart_r1.data.womd import parse_scenario
+from smart_r1.ray_runtime import ensure_ray
 
 REPORT_NAME = "preprocess_report.json"
 
@@ -76,21 +78,9 @@ def convert_file(path: str, out_dir: str) -> FileResult:
     return result
 
 
-def expand_inputs(pattern: str) -> list[str]:
-    paths = sorted(glob.glob(pattern)) if any(c in pattern for c in "*?[") else [pattern]
-    paths = [p for p in paths if Path(p).is_file()]
-    if not paths:
-        raise FileNotFoundError(f"no TFRecord files match {pattern!r}")
-    return paths
-
-
 def preprocess(pattern: str, out_dir: str | Path, num_workers: int | None = None,
                verbose: bool = True) -> dict:
     """Convert every file matching `pattern`; returns the report (also written to out_dir)."""
-    import ray
-
-    from smart_r1.distributed.ray_runtime import ensure_ray
-
     paths = expand_inputs(pattern)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

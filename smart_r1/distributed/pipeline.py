@@ -14,18 +14,34 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-from smart_r1.config import EvalConfig, PipelineConfig
-from smart_r1.types import RolloutFailure
+import ray
+import torch
 
-TABLE_FIELDS = ("metametric", "simulated_collision_rate", "simulated_offroad_rate",
-                "min_average_displacement_error")
+from smart_r1.config import EvalConfig, PipelineConfig
+from smart_r1.data.dataset import iter_scenarios
+from smart_r1.data.preprocess import preprocess
+from smart_r1.data.sumo import make_dataset
+from smart_r1.distributed.learner import run_learner
+from smart_r1.distributed.resources import check_resources
+from smart_r1.distributed.rollout_worker import RolloutSpec, split, start_workers
+from smart_r1.distributed.timing import PhaseTimer
+from smart_r1.distributed.worker_kit import LearnerJob
+from smart_r1.metrics import aggregate_metrics, step_events
+from smart_r1.metrics.tables import metrics_table
+from smart_r1.model.checkpoint import load_weights, save_checkpoint
+from smart_r1.model.config import ModelConfig
+from smart_r1.model.smart_tiny import SmartTiny
+from smart_r1.rollout.policy import load_policy, sample_states
+from smart_r1.tokens.motion_vocab import build_vocab
+from smart_r1.tracking.mlflow_runs import folder_run
+from smart_r1.types import RolloutFailure
+from smart_r1.viz.render import render_scenario
+
 SHARED_SCENARIO = Path(__file__).resolve().parents[2].parent / "shared" / "womd" / "motion_data_one_scenario.tfrecord"
 
 
 def prepare_data(config: PipelineConfig, out: Path) -> dict[str, str]:
     """Data paths by name: train, heldout and (when available) the real WOMD scenario."""
-    from smart_r1.data.preprocess import preprocess
-
     data = config.data
     paths = {"train": data.train, "heldout": data.heldout}
     for name, count, seed in (("train", data.embedded_train_scenarios, data.seed),
@@ -34,8 +50,6 @@ def prepare_data(config: PipelineConfig, out: Path) -> dict[str, str]:
             continue
         raw, parquet = out / "data" / f"{name}_raw", out / "data" / name
         if not (parquet / "preprocess_report.json").exists():
-            from smart_r1.data.sumo import make_dataset
-
             print(f"[data] generating {count} SUMO scenarios ({name}, seed {seed}) ...", flush=True)
             if not list(raw.glob("*.tfrecord")):
                 make_dataset(raw, num_scenarios=count, seed=seed)
@@ -54,14 +68,6 @@ def prepare_data(config: PipelineConfig, out: Path) -> dict[str, str]:
 def prepare_model(config: PipelineConfig, datasets: dict[str, str], out: Path) -> str:
     """The checkpoint the first stage starts from: the given one, or a fresh model with a
     motion vocabulary built from the training data."""
-    import torch
-
-    from smart_r1.data.dataset import iter_scenarios
-    from smart_r1.model.checkpoint import save_checkpoint
-    from smart_r1.model.config import ModelConfig
-    from smart_r1.model.smart_tiny import SmartTiny
-    from smart_r1.tokens.motion_vocab import build_vocab
-
     if config.init_checkpoint:
         return config.init_checkpoint
     init = out / "init.pt"
@@ -77,22 +83,16 @@ def prepare_model(config: PipelineConfig, datasets: dict[str, str], out: Path) -
     return str(init)
 
 
-def evaluate(workers: list, checkpoint: str, version: int, dataset: str, cfg: EvalConfig) -> dict:
+def score_checkpoint(workers: list, checkpoint: str, version: int, dataset: str, cfg: EvalConfig) -> dict:
     """Fast WOSAC metrics of a checkpoint on (the first `cfg.max_scenarios` scenarios of) a
-    dataset, sampled as `cfg` says, aggregated as the official code does."""
-    import ray
-    import torch
-
-    from smart_r1.distributed.rollout_worker import SamplingSpec, split
-    from smart_r1.metrics import aggregate_metrics
-
-    blob = torch.load(checkpoint, map_location="cpu", weights_only=True)
-    ref = ray.put(blob["state_dict"])
+    dataset, sampled as `cfg` says, scored by the rollout workers, aggregated as the official
+    code does."""
+    ref = ray.put(load_weights(checkpoint))
     count = min(cfg.max_scenarios, ray.get(workers[0].num_scenarios.remote(dataset)))
-    shards = split(list(range(count)), len(workers))
-    spec = SamplingSpec(num_rollouts=cfg.num_rollouts, top_k=cfg.top_k, temperature=cfg.temperature)
-    results = [r for part in ray.get([w.evaluate.remote(version, [ref], dataset, s, spec)
-                                      for w, s in zip(workers, shards)]) for r in part]
+    spec = RolloutSpec(num_rollouts=cfg.num_rollouts, sampling=cfg.sampling)
+    results = [r for part in ray.get([w.score_scenarios.remote(version, [ref], dataset, shard, spec)
+                                      for w, shard in zip(workers, split(list(range(count)), len(workers)))])
+               for r in part]
     scored = [r for r in results if not isinstance(r, RolloutFailure)]
     failed = [r for r in results if isinstance(r, RolloutFailure)]
     for f in failed:
@@ -105,67 +105,27 @@ def evaluate(workers: list, checkpoint: str, version: int, dataset: str, cfg: Ev
 
 def render_stage(checkpoint: str, data: str, out_path: Path, cfg: EvalConfig, seed: int = 0) -> Path:
     """One sampled rollout of the first held-out scenario, drawn for the stage's MLflow run."""
-    from smart_r1.data.dataset import iter_scenarios
-    from smart_r1.evaluation.evaluate import load_model, model_states
-    from smart_r1.viz.render import render_scenario
-
     record = next(iter_scenarios(data, 1))
-    states = model_states(load_model(checkpoint), record, num_rollouts=1, seed=seed, top_k=cfg.top_k,
-                          temperature=cfg.temperature)
-    return render_scenario(record, states, out_path)
+    states = sample_states(load_policy(checkpoint), record, 1, seed, cfg.sampling)
+    return render_scenario(record, states, out_path, events=step_events(record, states[0]))
 
 
-def format_table(rows: dict[str, dict[str, dict]]) -> str:
+def stage_table(rows: dict[str, dict[str, dict]]) -> str:
     """Markdown table: one row per (stage, dataset)."""
-    head = "| stage | data | realism meta | collision rate | off-road rate | minADE (m) | scenarios |"
-    lines = [head, "|" + "---|" * 7]
-    for stage, by_data in rows.items():
-        for dataset, m in by_data.items():
-            lines.append(f"| {stage} | {dataset} | {m['metametric']:.4f} | {m['simulated_collision_rate']:.4f} | "
-                         f"{m['simulated_offroad_rate']:.4f} | {m['min_average_displacement_error']:.3f} | "
-                         f"{m['scenarios']} |")
-    return "\n".join(lines)
-
-
-def check_resources(config: PipelineConfig) -> None:
-    """On a fixed-size (local) Ray, the learners and rollout workers must fit at once, else the
-    learner waits forever for CPUs the workers hold. Autoscaling clusters grow instead."""
-    import os
-
-    import ray
-
-    if os.environ.get("RAY_ADDRESS"):
-        return
-    r = config.ray
-    need = {"CPU": r.num_rollout_workers * r.cpus_per_rollout_worker + r.num_learners * r.cpus_per_learner,
-            "GPU": r.num_rollout_workers * r.gpus_per_rollout_worker + (r.num_learners if r.use_gpu else 0)}
-    have = ray.cluster_resources()
-    for key, amount in need.items():
-        if amount > have.get(key, 0.0) + 1e-9:
-            raise ValueError(f"the pipeline needs {amount:g} {key} at once (rollout workers + learners) but "
-                             f"this Ray has {have.get(key, 0.0):g}; lower ray.num_rollout_workers, "
-                             f"ray.cpus_per_rollout_worker or ray.cpus_per_learner")
+    return metrics_table(("stage", "data"), [((stage, dataset, m["scenarios"]), m)
+                                             for stage, by_data in rows.items() for dataset, m in by_data.items()],
+                         trailing=("scenarios",))
 
 
 def run_pipeline(config: PipelineConfig, fail_once_at: dict[str, int] | None = None) -> dict:
     """Run (or resume) every stage; returns {stage: {dataset: metrics}}."""
-    import ray
-
-    from smart_r1.distributed.learner import LearnerJob, run_learner
-    from smart_r1.distributed.rollout_worker import start_workers
-    from smart_r1.distributed.timing import PhaseTimer
-    from smart_r1.tracking.mlflow_runs import start_run
-
     started = time.perf_counter()
-    check_resources(config)
+    check_resources(config.ray)
     out = Path(config.out_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(config.to_dict(), indent=2))
-    run_id_file = out / "mlflow_run_id"  # a re-run resumes the same MLflow run
-    resumed = run_id_file.exists()
-    tracker = start_run(out.name, run_id=run_id_file.read_text().strip() if resumed else None)
-    run_id_file.write_text(tracker.run_id)
-    if not resumed:
+    tracker, new = folder_run(out, out.name)  # a re-run resumes the same MLflow run
+    if new:
         tracker.log_params(config.to_dict())
     timer = PhaseTimer()
     with timer.phase("data"):
@@ -204,7 +164,7 @@ def run_pipeline(config: PipelineConfig, fail_once_at: dict[str, int] | None = N
         with timer.phase(f"stage_{stage.name}"):
             current = run_learner(job, r, storage)
         with timer.phase("eval"):
-            rows[stage.name] = {d: evaluate(workers, current, 10**6 + i + 1, d, config.eval) for d in eval_sets}
+            rows[stage.name] = {d: score_checkpoint(workers, current, 10**6 + i + 1, d, config.eval) for d in eval_sets}
         seconds = time.perf_counter() - t0
         for d, m in rows[stage.name].items():
             stage_tracker.log_metrics({f"{d}/{k}": v for k, v in m.items()})
@@ -218,9 +178,9 @@ def run_pipeline(config: PipelineConfig, fail_once_at: dict[str, int] | None = N
         done.write_text(json.dumps({"checkpoint": current, "metrics": rows[stage.name], "seconds": seconds}))
         if stage.kind != "mpo":
             reference = current  # MPO's KL anchors to the latest supervised checkpoint
-        print(f"[{stage.name}] finished in {seconds:.0f}s\n{format_table({stage.name: rows[stage.name]})}",
+        print(f"[{stage.name}] finished in {seconds:.0f}s\n{stage_table({stage.name: rows[stage.name]})}",
               flush=True)
-    table = format_table(rows)
+    table = stage_table(rows)
     (out / "results.md").write_text(table + "\n")
     (out / "results.json").write_text(json.dumps(rows, indent=2))
     tracker.log_artifact(out / "results.md")

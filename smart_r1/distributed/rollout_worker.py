@@ -9,28 +9,39 @@ actor fetches the weights only when the version differs from the one it holds (e
 
 from __future__ import annotations
 
+import dataclasses
+import os
 import time
 import traceback
 from dataclasses import dataclass
 
-import numpy as np
 import ray
 import torch
 
+from smart_r1.config import MPOStage, SamplingConfig
+from smart_r1.data.dataset import iter_scenarios
+from smart_r1.metrics import compute_scenario_metrics
+from smart_r1.model.checkpoint import load_checkpoint
+from smart_r1.rl.experience import make_experience
+from smart_r1.rl.rewards import RewardConfig
+from smart_r1.rollout.closed_loop import closed_loop, to_rollouts
+from smart_r1.rollout.sampling import Sampler
+from smart_r1.tokens.scene import build_scene
 from smart_r1.types import Experience, RolloutFailure, ScenarioRecord
 
 
 @dataclass(frozen=True)
-class SamplingSpec:
-    """How rollouts sample tokens and how they are rewarded (plain values for Ray)."""
+class RolloutSpec:
+    """What a rollout task does: how many rollouts per scenario, how they sample, how they are
+    rewarded (plain values for Ray)."""
 
     num_rollouts: int = 8
-    temperature: float = 1.0
-    top_k: int = 0
-    top_p: float = 1.0
-    collision_weight: float = 1.0
-    offroad_weight: float = 1.0
-    per_agent_credit: bool = False
+    sampling: SamplingConfig = SamplingConfig()
+    reward: RewardConfig = RewardConfig()
+
+    @classmethod
+    def of_stage(cls, stage: MPOStage) -> "RolloutSpec":
+        return cls(stage.num_rollouts, stage.sampling, RewardConfig.of_stage(stage))
 
 
 class RolloutWorker:
@@ -39,8 +50,6 @@ class RolloutWorker:
 
     def __init__(self, checkpoint: str, datasets: dict[str, str], device: str = "cpu",
                  threads: int = 1, seed: int = 0, worker_index: int = 0):
-        from smart_r1.model.checkpoint import load_checkpoint
-
         torch.set_num_threads(max(1, int(threads)))
         self.device = torch.device(device if device != "cuda" or torch.cuda.is_available() else "cpu")
         self.model = load_checkpoint(checkpoint, map_location=self.device)
@@ -58,8 +67,6 @@ class RolloutWorker:
         self.version = version
 
     def info(self) -> dict:
-        import os
-
         return {"pid": os.getpid(), "version": self.version, "worker_index": self.worker_index}
 
     def _sync(self, version: int, weights: list) -> None:
@@ -68,31 +75,22 @@ class RolloutWorker:
 
     def records(self, dataset: str) -> list[ScenarioRecord]:
         if dataset not in self._records:
-            from smart_r1.data.dataset import iter_scenarios
-
             self._records[dataset] = list(iter_scenarios(self.datasets[dataset]))
         return self._records[dataset]
 
     def _scene(self, dataset: str, index: int):
-        from smart_r1.tokens.scene import build_scene
-
         key = (dataset, index)
         if key not in self._scenes:
             self._scenes[key] = build_scene(self.records(dataset)[index], self.model.vocab, agents="sim")
         return self._scenes[key]
 
-    def _sampler(self, spec: SamplingSpec):
-        from smart_r1.rollout.sampling import Sampler
-
-        return Sampler(top_k=spec.top_k, top_p=spec.top_p, temperature=spec.temperature, generator=self.generator)
+    def _sampler(self, spec: RolloutSpec) -> Sampler:
+        return Sampler(**dataclasses.asdict(spec.sampling), generator=self.generator)
 
     # -- work ----------------------------------------------------------------------------
     def rollout(self, version: int, weights: list, dataset: str, indices: list[int],
-                spec: SamplingSpec) -> list[Experience | RolloutFailure]:
-        """Sample and score `spec.num_rollouts` rollouts of each scenario."""
-        from smart_r1.metrics import rollout_signals
-        from smart_r1.rl.rewards import rollout_rewards
-        from smart_r1.rollout.closed_loop import closed_loop, to_rollouts
+                spec: RolloutSpec) -> list[Experience | RolloutFailure]:
+        """Sample `spec.num_rollouts` rollouts of each scenario and score them into experience."""
         self._sync(version, weights)
         sampler = self._sampler(spec)
         out: list[Experience | RolloutFailure] = []
@@ -104,31 +102,16 @@ class RolloutWorker:
                 t0 = time.perf_counter()
                 scene = self._scene(dataset, index)
                 tensors = closed_loop(self.model, scene, spec.num_rollouts, sampler)
-                (rollout,) = to_rollouts(scene, tensors)
-                t1 = time.perf_counter()
-                signals = rollout_signals(record, rollout.states)
-                rewards = rollout_rewards(signals.realism.float(), signals.collision, signals.offroad,
-                                          spec.collision_weight, spec.offroad_weight, spec.per_agent_credit)
-                if not torch.isfinite(rewards).all():
-                    raise FloatingPointError("non-finite reward")
-                out.append(Experience(
-                    scenario_index=index, scenario_id=record.scenario_id, version=self.version,
-                    tokens=tensors.tokens[0].cpu().numpy(), poses=tensors.poses[0].cpu().numpy(),
-                    log_probs=tensors.log_probs[0].float().cpu().numpy(),
-                    rewards=rewards.cpu().numpy().astype(np.float32),
-                    realism=signals.realism.float().cpu().numpy(),
-                    collision=signals.collision.cpu().numpy(), offroad=signals.offroad.cpu().numpy(),
-                    seconds={"rollout": t1 - t0, "reward": time.perf_counter() - t1}))
+                out.append(make_experience(index, record, scene, tensors, self.version, spec.reward,
+                                           rollout_seconds=time.perf_counter() - t0))
             except Exception as e:  # one bad scenario must not sink the batch; the learner counts it
                 out.append(RolloutFailure(index, scenario_id, f"{type(e).__name__}: {e}\n"
                                           + traceback.format_exc(limit=3)))
         return out
 
-    def evaluate(self, version: int, weights: list, dataset: str, indices: list[int],
-                 spec: SamplingSpec) -> list[dict | RolloutFailure]:
+    def score_scenarios(self, version: int, weights: list, dataset: str, indices: list[int],
+                        spec: RolloutSpec) -> list[dict | RolloutFailure]:
         """Per-scenario fast WOSAC metrics of `spec.num_rollouts` sampled rollouts."""
-        from smart_r1.metrics import compute_scenario_metrics
-        from smart_r1.rollout.closed_loop import closed_loop, to_rollouts
         self._sync(version, weights)
         sampler = self._sampler(spec)
         out: list[dict | RolloutFailure] = []
@@ -150,12 +133,6 @@ class RolloutWorker:
 
     def num_scenarios(self, dataset: str) -> int:
         return len(self.records(dataset))
-
-
-def spec_from_stage(stage, num_rollouts: int | None = None) -> SamplingSpec:
-    return SamplingSpec(num_rollouts=num_rollouts or stage.num_rollouts, temperature=stage.temperature,
-                        top_k=stage.top_k_sampling, collision_weight=stage.collision_weight,
-                        offroad_weight=stage.offroad_weight, per_agent_credit=stage.per_agent_credit)
 
 
 def start_workers(checkpoint: str, datasets: dict[str, str], count: int, cpus: float, gpus: float,

@@ -14,10 +14,13 @@ import random
 
 import torch
 
-from smart_r1.distributed.learner import (
-    LearnerJob, Progress, maybe_fail, optimizer_step, report, say, start_training,
-)
+from smart_r1.data.dataset import iter_scenarios
 from smart_r1.distributed.timing import PhaseTimer, format_phases
+from smart_r1.distributed.worker_kit import LearnerJob, Progress, maybe_fail, report, say, start_training
+from smart_r1.rl.bc import bc_loss
+from smart_r1.rl.catk import catk_sft_loss
+from smart_r1.rl.optim import optimizer_step, set_learning_rate, warmup_cosine
+from smart_r1.tokens.scene import build_scene, collate
 
 
 class SceneCache:
@@ -25,8 +28,6 @@ class SceneCache:
     scenarios (`steps_per_epoch`) only pays for the scenes it draws."""
 
     def __init__(self, job: LearnerJob, vocab, rank: int, world_size: int):
-        from smart_r1.data.dataset import iter_scenarios
-
         everything = list(iter_scenarios(job.datasets["train"]))
         self.total = len(everything)  # training scenarios over all ranks
         # BC learns from every agent with tokens; closed-loop SFT unrolls the sim agents.
@@ -39,8 +40,6 @@ class SceneCache:
         return len(self.records)
 
     def __getitem__(self, i: int):
-        from smart_r1.tokens.scene import build_scene
-
         if i not in self.scenes:
             self.scenes[i] = build_scene(self.records[i], self.vocab, agents=self.agents,
                                          max_agents=64 if self.agents == "all" else 128)
@@ -48,10 +47,6 @@ class SceneCache:
 
 
 def supervised_loop(config: dict) -> None:
-    from smart_r1.rl.bc import bc_loss, warmup_cosine
-    from smart_r1.rl.catk import catk_sft_loss
-    from smart_r1.tokens.scene import collate
-
     job: LearnerJob = config["job"]
     stage = job.stage
     model, optimizer, device, rank, world_size, start_epoch = start_training(job, "epoch")
@@ -76,14 +71,13 @@ def supervised_loop(config: dict) -> None:
             batch = collate(picked).to(device)
             if stage.kind == "bc":  # pretraining from scratch: warm-up, then cosine decay to 10%
                 factor = warmup_cosine(epoch * steps_per_epoch + i, stage.epochs * steps_per_epoch)
-                for group in optimizer.param_groups:
-                    group["lr"] = stage.lr * factor
+                set_learning_rate(optimizer, stage.lr * factor)
             model.train()
             with timer.phase("forward"):
                 if stage.kind == "bc":
                     loss, stats = bc_loss(model, batch)
                 else:
-                    loss, stats = catk_sft_loss(model, batch, stage.top_k)
+                    loss, stats = catk_sft_loss(model, batch, stage.catk_k)
             with timer.phase("update"):
                 grad_norm = optimizer_step(model, optimizer, loss, stage.grad_clip, world_size)
             for k in ("loss", "accuracy"):

@@ -2,6 +2,6 @@
 
 Modules:
     submission    `SimAgentsChallengeSubmission` shards checked with the official rules, tar.gz
-    leaderboard   the leaderboard table (meta metric, category scores, likelihoods, rates)
-    evaluate      roll out a checkpoint over a dataset, score it, report and export
+    evaluate      roll out a checkpoint over a dataset, score it (the leaderboard row of
+                  `smart_r1.metrics.leaderboard`), report and export
 """

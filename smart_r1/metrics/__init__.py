@@ -10,8 +10,11 @@ Modules, in data order:
     features_map           distance to road edge, red-light violations
     features               all features of logged or simulated trajectories (MetricFeatures)
     estimators             histogram / Bernoulli log-likelihoods from the official config
-    wosac                  scoring, per-scenario and batched metrics, dataset aggregation
-    signals                per-rollout / per-agent RL signals (collision, off-road, realism)
+    wosac                  scoring, per-scenario and batched metrics
+    leaderboard            dataset aggregation (the one), WOSAC bucket scores, the leaderboard row
+    tables                 markdown tables of metrics (pipeline, sweep, CLI)
+    signals                per-rollout / per-agent RL signals (collision, off-road, realism),
+                           per-step event flags for drawing
     official               the official evaluator, with the 2025 config, serial or over Ray tasks
     fields                 the `SimAgentMetrics` field names
     compiled               opt-in torch.compile of the hot kernels (`enable_compile()`)
@@ -24,11 +27,12 @@ from smart_r1.metrics.fields import FEATURE_NAMES, LIKELIHOOD_FIELDS, METRIC_FIE
 from smart_r1.metrics.rollouts_io import (
     log_replay_states, scenario_rollouts_to_states, states_to_scenario_rollouts,
 )
-from smart_r1.metrics.signals import RolloutSignals, rollout_signals
-from smart_r1.metrics.wosac import aggregate_metrics, compute_metrics_batch, compute_scenario_metrics
+from smart_r1.metrics.signals import RolloutSignals, StepEvents, rollout_signals, step_events
+from smart_r1.metrics.leaderboard import aggregate_metrics
+from smart_r1.metrics.wosac import compute_metrics_batch, compute_scenario_metrics
 
 __all__ = [
-    "FEATURE_NAMES", "LIKELIHOOD_FIELDS", "METRIC_FIELDS", "RolloutSignals", "aggregate_metrics",
+    "FEATURE_NAMES", "LIKELIHOOD_FIELDS", "METRIC_FIELDS", "RolloutSignals", "StepEvents", "aggregate_metrics",
     "compute_metrics_batch", "enable_compile", "compute_scenario_metrics", "log_replay_states", "rollout_signals",
-    "scenario_rollouts_to_states", "states_to_scenario_rollouts",
+    "scenario_rollouts_to_states", "states_to_scenario_rollouts", "step_events",
 ]

@@ -110,14 +110,11 @@ def official_metrics_parallel(
     """
     import ray
 
+    from smart_r1.ray_runtime import ensure_ray
+
     config_text = text_format.MessageToString(config or load_2025_config())
-    if not ray.is_initialized():
-        # Workers inherit the driver's environment: set the allocator variables before they start.
-        for key, value in MALLOC_ENV.items():
-            os.environ.setdefault(key, value)
-        # address="local": a private instance, never another user's `ray start` cluster found on
-        # this machine (tasks would queue behind its jobs).
-        ray.init(address="local", num_cpus=num_workers, include_dashboard=False, log_to_driver=False)
+    # Workers inherit the driver's environment: the allocator variables are set before they start.
+    ensure_ray(num_workers, private=True, env=MALLOC_ENV)
     task = ray.remote(num_cpus=1)(_official_from_bytes)
     refs = []
     for scenario, rollouts in pairs:

@@ -103,3 +103,28 @@ def signals_summary(signals: RolloutSignals) -> dict[str, float]:
             "collision_rate": float(signals.collision.float().mean()),
             "offroad_rate": float(signals.offroad.float().mean()),
             "eval_collision_rate": float(np.mean(signals.collision[:, signals.eval_mask].cpu().numpy()))}
+
+
+@dataclass(frozen=True)
+class StepEvents:
+    """Per-step event flags of one rollout, bool [S, 80]: collision (signed box distance to the
+    nearest object < 0) and off-road (a box corner beyond the road edge)."""
+
+    collision: np.ndarray
+    offroad: np.ndarray
+
+
+def step_events(record: ScenarioRecord, rollout: np.ndarray) -> StepEvents:
+    """Flags of one rollout [S, 80, 4], from the fast WOSAC features (`smart_r1.metrics.features`),
+    for drawing *when* an event happens.
+
+    Those are the official definitions (rounded-corner boxes, convexity-aware road-edge sign), for
+    every sim agent as ego, at every step; `rollout_signals` gives the same flags reduced over
+    time (at log-valid steps).
+    """
+    with torch.no_grad():
+        padded = pad_states([record], [rollout[None]], "cpu")  # [1, 1, S, 80, 4]
+        every_agent = torch.arange(padded.shape[2])[None]  # [1, S]
+        features = sim_features(build_context([record], "cpu"), padded, every_agent)
+    return StepEvents(collision=features.collision_per_step[0, 0].numpy(),
+                      offroad=features.offroad_per_step[0, 0].numpy())

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import numpy as np
 import torch
 
 from smart_r1.metrics.context import MetricContext, build_context
@@ -158,11 +157,3 @@ def compute_metrics_batch(records: Sequence[ScenarioRecord], states: Sequence, c
 def compute_scenario_metrics(record: ScenarioRecord, states, config=None) -> dict[str, float]:
     """WOSAC metrics of one scenario: states [R, S, 80, 4] -> {SimAgentMetrics field: value}."""
     return compute_metrics_batch([record], [states], config)[0]
-
-
-def aggregate_metrics(per_scenario: Sequence[dict[str, float]]) -> dict[str, float]:
-    """Dataset-level metrics as the official `aggregate_scenario_metrics` computes them: the plain
-    mean over scenarios of every field (the metametric too, not recomputed from the means)."""
-    if not per_scenario:
-        raise ValueError("no scenario metrics to aggregate")
-    return {name: float(np.mean([m[name] for m in per_scenario])) for name in METRIC_FIELDS}

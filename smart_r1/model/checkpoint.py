@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import zipfile
 from pathlib import Path
 
 import torch
@@ -23,16 +24,45 @@ def save_checkpoint(path: str | Path, model: SmartTiny, extra: dict | None = Non
                 "state_dict": state, "extra": dict(extra or {})}, path)
 
 
-def load_checkpoint(path: str | Path, map_location="cpu", expect_config: ModelConfig | None = None,
-                    expect_vocab: MotionVocab | None = None) -> SmartTiny:
-    """The model of a checkpoint, in eval mode. ValueError with the reason when the file is not a
-    SMART-tiny checkpoint, its weights do not fit its config, or it differs from what the caller
-    expects (`expect_config`, `expect_vocab`)."""
-    blob = torch.load(path, map_location=map_location, weights_only=True)
+def _reason(e: BaseException) -> str:
+    """`Type: message` of an exception, on one line (torch's messages run over several)."""
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    return f"{type(e).__name__}: {' '.join(lines[:2])[:300]}"
+
+
+def _read(path: str | Path, map_location="cpu") -> dict:
+    """The dict a checkpoint holds; ValueError naming the file when it is damaged or not a
+    SMART-tiny checkpoint (FileNotFoundError when it does not exist).
+
+    torch.load does not check the CRC32 that torch.save writes for every record of its zip file, so
+    a flipped bit in the weights would load unnoticed: zipfile checks them first (a second read of
+    the file, cheap next to building the model)."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            damaged = archive.testzip()
+        blob = None if damaged else torch.load(path, map_location=map_location, weights_only=True)
+    except FileNotFoundError:
+        raise
+    except Exception as e:  # zipfile and torch.load raise many types on a damaged or foreign file
+        raise ValueError(f"{path} is not a readable SMART-tiny checkpoint ({_reason(e)})") from e
+    if damaged:
+        raise ValueError(f"{path} is damaged: record {damaged} fails its CRC check (corrupt or partly written)")
     if not isinstance(blob, dict) or blob.get("format") != FORMAT:
         raise ValueError(f"{path} is not a SMART-tiny checkpoint (expected format {FORMAT!r})")
-    cfg = ModelConfig.from_dict(blob["model_config"])
-    vocab = MotionVocab.from_dict(blob["vocab"])
+    return blob
+
+
+def load_checkpoint(path: str | Path, map_location="cpu", expect_config: ModelConfig | None = None,
+                    expect_vocab: MotionVocab | None = None) -> SmartTiny:
+    """The model of a checkpoint, in eval mode. ValueError naming the file and the reason when the
+    file is damaged or not a SMART-tiny checkpoint, its weights do not fit its config, or it differs
+    from what the caller expects (`expect_config`, `expect_vocab`)."""
+    blob = _read(path, map_location)
+    try:
+        cfg = ModelConfig.from_dict(blob["model_config"])
+        vocab = MotionVocab.from_dict(blob["vocab"])
+    except (KeyError, TypeError, AttributeError, ValueError, RuntimeError) as e:
+        raise ValueError(f"checkpoint {path}: bad model config or vocabulary ({_reason(e)})") from e
     if expect_config is not None and cfg != expect_config:
         diff = {k: (v, getattr(expect_config, k)) for k, v in cfg.to_dict().items() if getattr(expect_config, k) != v}
         raise ValueError(f"checkpoint {path} was built for another model config; (checkpoint, expected): {diff}")
@@ -40,15 +70,27 @@ def load_checkpoint(path: str | Path, map_location="cpu", expect_config: ModelCo
                                      or not torch.allclose(expect_vocab.contours, vocab.contours)):
         raise ValueError(f"checkpoint {path} was built for another motion vocabulary "
                          f"({vocab.size} tokens per type; expected {expect_vocab.size}, or different contours)")
-    model = SmartTiny(cfg, vocab)
     try:
+        model = SmartTiny(cfg, vocab)
         model.load_state_dict(blob["state_dict"])
-    except RuntimeError as e:
+    except (KeyError, TypeError, AttributeError, ValueError, RuntimeError) as e:
         raise ValueError(f"checkpoint {path}: weights do not fit its model config "
-                         f"(vocab_size={cfg.vocab_size}, dim={cfg.dim}): {str(e).splitlines()[0]}") from e
+                         f"(vocab_size={cfg.vocab_size}, dim={cfg.dim}): {_reason(e)}") from e
     return model.to(map_location).eval()
 
 
 def checkpoint_extra(path: str | Path) -> dict:
-    """The `extra` dict saved with a checkpoint."""
-    return torch.load(path, map_location="cpu", weights_only=True).get("extra", {})
+    """The `extra` dict saved with a checkpoint; ValueError as `load_checkpoint`."""
+    extra = _read(path).get("extra", {})
+    if not isinstance(extra, dict):
+        raise ValueError(f"checkpoint {path}: 'extra' is a {type(extra).__name__}, not a dict")
+    return extra
+
+
+def load_weights(path: str | Path) -> dict[str, torch.Tensor]:
+    """The state dict of a checkpoint (CPU tensors), e.g. to send to workers that already hold the
+    model; ValueError when the file is not a SMART-tiny checkpoint."""
+    blob = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(blob, dict) or blob.get("format") != FORMAT:
+        raise ValueError(f"{path} is not a SMART-tiny checkpoint (expected format {FORMAT!r})")
+    return blob["state_dict"]

@@ -3,25 +3,25 @@
     L_BC = - (1 / |V|) * sum_{(b, a, t) in V} log p_theta(token_{t+1} | tokens_{<=t}, map)
 
 where V is the set of (scene, agent, slot) with a valid input token and a valid next token.
-`bc_train_step` is a plain function: it runs standalone (`train_bc`, `smart-r1 train bc`) and inside a
-Ray Train worker (with the model wrapped in DistributedDataParallel).
+`bc_loss` is what the pipeline's learner loop (smart_r1.distributed.supervised_loop) minimises;
+`bc_train_step` and `train_bc` are the standalone path (`smart-r1 train bc`, one process).
 """
 
 from __future__ import annotations
 
-import glob
 import math
 import random
 import time
-from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+from smart_r1.config import BCConfig
+from smart_r1.data.dataset import iter_scenarios
 from smart_r1.model.checkpoint import save_checkpoint
 from smart_r1.model.config import ModelConfig
 from smart_r1.model.smart_tiny import SmartTiny, teacher_targets
+from smart_r1.rl.optim import make_optimizer, optimizer_step
 from smart_r1.tokens.motion_vocab import MotionVocab, build_vocab
 from smart_r1.tokens.scene import SceneBatch, build_scene, collate
 
@@ -47,66 +47,19 @@ def bc_train_step(model, optimizer: torch.optim.Optimizer, batch: SceneBatch, gr
     device = next(model.parameters()).device
     batch = batch.to(device)
     model.train()
-    optimizer.zero_grad(set_to_none=True)
     with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
         loss, stats = bc_loss(model, batch)
-    loss.backward()
-    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-    optimizer.step()
+    grad_norm = optimizer_step(model, optimizer, loss, grad_clip)
     if scheduler is not None:
         scheduler.step()
-    stats.update(grad_norm=float(grad_norm), seconds=time.perf_counter() - start)
+    stats.update(grad_norm=grad_norm, seconds=time.perf_counter() - start)
     return stats
-
-
-def warmup_cosine(step: int, total_steps: int, warmup_steps: int = 50) -> float:
-    """Learning-rate factor at `step`: linear warm-up, then cosine decay to 10% at `total_steps`."""
-    warmup_steps = min(warmup_steps, max(1, total_steps // 10))
-    if step < warmup_steps:
-        return (step + 1) / warmup_steps
-    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
-    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
-
-
-def make_optimizer(model, lr: float = 5e-4, weight_decay: float = 0.01, total_steps: int = 1000,
-                   warmup_steps: int = 50) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
-    """AdamW with linear warm-up then cosine decay to 10% of `lr`."""
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
-    return optimizer, torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: warmup_cosine(step, total_steps, warmup_steps))
-
-
-def data_source(path: str | Path) -> str:
-    """A folder of Parquet shards as is; a folder of TFRecords as a glob over them."""
-    p = Path(path)
-    if p.is_dir() and not list(p.glob("*.parquet")) and glob.glob(str(p / "*.tfrecord*")):
-        return str(p / "*.tfrecord*")
-    return str(path)
-
-
-@dataclass(frozen=True)
-class BCConfig:
-    """Standalone BC training (`smart-r1 train bc`)."""
-
-    epochs: int = 8
-    batch_size: int = 8  # scenes per step
-    lr: float = 5e-4
-    weight_decay: float = 0.01
-    grad_clip: float = 1.0
-    max_agents: int = 64  # agents kept per scene (sim agents first, then nearest)
-    max_map_segments: int = 1024
-    max_scenarios: int | None = None
-    time_limit_s: float | None = None  # stop (and save) after this much training time
-    seed: int = 0
-    threads: int | None = None  # torch CPU threads
 
 
 def load_scenes(data, vocab: MotionVocab, cfg: BCConfig) -> list[SceneBatch]:
     """Tokenised single-scene batches of every scenario in `data` (folder or TFRecord glob)."""
-    from smart_r1.data.dataset import iter_scenarios
-
     return [build_scene(rec, vocab, agents="all", max_agents=cfg.max_agents, max_map_segments=cfg.max_map_segments)
-            for rec in iter_scenarios(data_source(data), cfg.max_scenarios)]
+            for rec in iter_scenarios(data, cfg.max_scenarios)]
 
 
 def train_bc(data, out, model_cfg: ModelConfig, cfg: BCConfig = BCConfig(), vocab: MotionVocab | None = None,
@@ -126,14 +79,12 @@ def train_bc(data, out, model_cfg: ModelConfig, cfg: BCConfig = BCConfig(), voca
 
 def _train_bc(data, out, model_cfg: ModelConfig, cfg: BCConfig, vocab: MotionVocab | None,
               vocab_size_data: int, log) -> dict:
-    from smart_r1.data.dataset import iter_scenarios
-
     log = log or (lambda message: print(message, flush=True))
     torch.manual_seed(cfg.seed)
     timings = {}
     t0 = time.perf_counter()
     if vocab is None:
-        vocab = build_vocab(iter_scenarios(data_source(data), vocab_size_data), size=model_cfg.vocab_size, seed=cfg.seed)
+        vocab = build_vocab(iter_scenarios(data, vocab_size_data), size=model_cfg.vocab_size, seed=cfg.seed)
     timings["vocab_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     scenes = load_scenes(data, vocab, cfg)

@@ -59,13 +59,13 @@ def catk_targets(batch: SceneBatch, rollout: RolloutTensors, vocab: MotionVocab)
     return torch.stack(targets, -1), valid & live  # [B, R, A, 16] each
 
 
-def catk_sft_loss(model, batch: SceneBatch, top_k: int, num_rollouts: int = 1) -> tuple[torch.Tensor, dict]:
+def catk_sft_loss(model, batch: SceneBatch, catk_k: int, num_rollouts: int = 1) -> tuple[torch.Tensor, dict]:
     """L_SFT on one batch: CAT-K rollouts (no gradient), then the teacher-forced cross-entropy.
 
     `model` may be wrapped (e.g. DistributedDataParallel); it is left in train mode."""
     core = getattr(model, "module", model)
     with torch.no_grad():
-        selector = catk_selector(batch, num_rollouts, top_k)
+        selector = catk_selector(batch, num_rollouts, catk_k)
         rollout = closed_loop(core, batch, num_rollouts, selector)
         targets, valid = catk_targets(batch, rollout, core.vocab)
     core.train()

@@ -8,8 +8,12 @@ For a batch of sampled closed-loop rollouts with rewards R from the WOSAC metric
     L = -mean_{r,a,t}[ A * log pi(x_t | s_t) ] + beta * mean_{r,a,t}[ KL(pi || pi_ref)_t ]
                                                     (eq. MPO-2)
 
-When a batch is reused for several updates, log pi is replaced by the clipped ratio surrogate
-min(rho * A, clip(rho, 1 - eps, 1 + eps) * A) with rho = pi / pi_old (eq. MPO-3, optional).
+When the batch is off-policy, log pi is replaced by the clipped ratio surrogate
+min(rho * A, clip(rho, 1 - eps, 1 + eps) * A) with rho = pi / pi_old (eq. MPO-3): when a batch is
+reused for several updates (`updates_per_batch > 1`), or when some of its rollouts were sampled
+with older weights than the ones being updated (stale: with `max_staleness >= 1` the next step's
+rollouts are sampled while this step updates). A batch sampled by the current weights and used
+once is on-policy and gets MPO-2 as written; `mpo_step` reports which objective it applied.
 
 pi is the distribution the rollouts were sampled from: with top-k sampling, the model's tempered
 top k (`smart_r1.rollout.sampling.sampled_log_probs`). With the unfiltered log-prob instead, every
@@ -21,9 +25,15 @@ and to 0.53 with both fixed (BENCHMARKS.md).
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
+
+from smart_r1.config import MPOStage
+from smart_r1.rl.experience import ExperienceBatch
+from smart_r1.rl.optim import optimizer_step
+from smart_r1.rollout.closed_loop import token_log_probs
 
 
 @dataclass(frozen=True)
@@ -98,3 +108,36 @@ def mpo_loss(log_probs: torch.Tensor, ref_log_probs: torch.Tensor, rewards: torc
                      kl=float(kl.detach()), mean_advantage=float((adv * m).sum() / count),
                      clip_fraction=float(clip_fraction))
     return loss, stats
+
+
+def mpo_step(model: torch.nn.Module, ref_model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+             batch: ExperienceBatch, stage: MPOStage, policy_version: int, world_size: int = 1) -> dict:
+    """One RL step of MPO: `stage.updates_per_batch` updates of `model` on `batch`.
+
+    pi is the distribution the actors sampled from (the model's tokens tempered and filtered as
+    `stage.sampling` says); the update runs in eval mode (no dropout), so pi is exactly the
+    sampling policy, as in RLHF practice. The clipped surrogate (MPO-3) is used when the batch is
+    reused or holds rollouts of weights older than `policy_version`; otherwise MPO-2.
+    Returns the last update's statistics plus `grad_norm` and `clipped_objective` (0 or 1).
+    """
+    b, r, a = batch.tokens.shape[:3]
+    full = stage.kl_estimator == "full"
+    sampling = dataclasses.asdict(stage.sampling)
+    off_policy = stage.updates_per_batch > 1 or bool((batch.versions != policy_version).any())
+    flat = lambda x: x.reshape(b * r, *x.shape[2:])  # [B, R, ...] -> [B * R, ...]: the rollouts axis
+    with torch.no_grad():
+        ref_out = token_log_probs(ref_model, batch.scenes, batch.tokens, batch.poses, full=full, **sampling)
+    ref_lp, ref_full = ref_out if full else (ref_out, None)
+    live = flat(batch.live)
+    model.eval()
+    stats, grad_norm = None, 0.0
+    for _ in range(stage.updates_per_batch):
+        out = token_log_probs(model, batch.scenes, batch.tokens, batch.poses, full=full, **sampling)
+        lp, lp_full = out if full else (out, None)
+        loss, stats = mpo_loss(
+            flat(lp), flat(ref_lp), flat(batch.rewards), live, stage.alpha, stage.beta,
+            old_log_probs=flat(batch.old_log_probs) if off_policy else None,
+            clip_eps=stage.clip_eps, kl_estimator=stage.kl_estimator,
+            full_log_probs=flat(lp_full) if full else None, full_ref_log_probs=flat(ref_full) if full else None)
+        grad_norm = optimizer_step(model, optimizer, loss, stage.grad_clip, world_size)
+    return {**vars(stats), "grad_norm": grad_norm, "clipped_objective": int(off_policy)}

@@ -21,23 +21,38 @@ likelihoods blur). The per-agent rewards of a rollout average to its per-rollout
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 
+@dataclass(frozen=True)
+class RewardConfig:
+    """The reward's weights (an MPO stage's `collision_weight`, `offroad_weight`, `per_agent_credit`)."""
+
+    collision_weight: float = 1.0
+    offroad_weight: float = 1.0
+    per_agent_credit: bool = False
+
+    @classmethod
+    def of_stage(cls, stage) -> "RewardConfig":
+        return cls(stage.collision_weight, stage.offroad_weight, stage.per_agent_credit)
+
+
 def rollout_rewards(realism: torch.Tensor, collision: torch.Tensor, offroad: torch.Tensor,
-                    collision_weight: float, offroad_weight: float,
-                    per_agent: bool = False) -> torch.Tensor:
+                    cfg: RewardConfig = RewardConfig()) -> torch.Tensor:
     """Rewards in [0, 1], [R] per rollout or [R, S] per agent.
 
     Args:
         realism: [R] per-rollout realism score.
         collision, offroad: [R, S] bool, whether each agent collided / left the road.
     """
+    w_c, w_o = cfg.collision_weight, cfg.offroad_weight
     free_col = 1.0 - collision.to(realism.dtype)  # [R, S]
     free_off = 1.0 - offroad.to(realism.dtype)
-    norm = 1.0 + collision_weight + offroad_weight
-    if per_agent:
-        return (realism[:, None] + collision_weight * free_col + offroad_weight * free_off) / norm
+    norm = 1.0 + w_c + w_o
+    if cfg.per_agent_credit:
+        return (realism[:, None] + w_c * free_col + w_o * free_off) / norm
     if free_col.shape[1] == 0:  # no agents: nothing to charge
-        return realism * (1.0 + collision_weight + offroad_weight) / norm
-    return (realism + collision_weight * free_col.mean(1) + offroad_weight * free_off.mean(1)) / norm
+        return realism
+    return (realism + w_c * free_col.mean(1) + w_o * free_off.mean(1)) / norm

@@ -1,1 +1,2 @@
-"""Closed-loop simulation with SMART-tiny: token selectors (sampling, CAT-K) and batched rollouts."""
+"""Closed-loop simulation with SMART-tiny: token selectors (sampling, CAT-K), batched rollouts,
+and a trained policy loaded for rollouts (`policy`)."""

@@ -15,7 +15,7 @@ from smart_r1.model.smart_tiny import SmartTiny
 from smart_r1.rollout.sampling import Candidates, Sampler, TokenSelector, sampled_log_probs
 from smart_r1.tokens.geometry import compose
 from smart_r1.tokens.motion_vocab import NUM_FUTURE_TOKENS, NUM_HISTORY_TOKENS, SHIFT
-from smart_r1.tokens.scene import SceneBatch, repeat_scenes
+from smart_r1.tokens.scene import SceneBatch, build_scene, collate, repeat_scenes
 from smart_r1.types import Rollout
 
 
@@ -150,8 +150,6 @@ def to_rollouts(batch: SceneBatch, out: RolloutTensors) -> list[Rollout]:
 def rollout_records(model: SmartTiny, records, num_rollouts: int = 32, selector: TokenSelector | None = None,
                     scenes_per_batch: int = 1) -> list[Rollout]:
     """Closed-loop rollouts of ScenarioRecords (scenes built with the model's own vocabulary)."""
-    from smart_r1.tokens.scene import build_scene, collate
-
     results = []
     records = list(records)
     for start in range(0, len(records), scenes_per_batch):

@@ -113,22 +113,22 @@ class Greedy:
 
 @dataclass
 class CatKSelector:
-    """CAT-K: among the top_k most likely tokens, the one that best follows the log over the
+    """CAT-K: among the K most likely tokens, the one that best follows the log over the
     coming 0.5 s, by the tokenizer's own distance (`token_distance`). With the criterion of the
     tokenizer and of the SFT targets, the executed token is the target whenever the target is
-    among the top k (a different criterion lets heading errors build up that the targets then
+    among the top K (a different criterion lets heading errors build up that the targets then
     keep correcting: measured, see the module docstring of smart_r1.rl.catk).
 
     target_pose [N, 16, SHIFT, 3]: logged poses of each future interval; target_valid bool
     [N, 16, SHIFT]. Where an interval has no logged pose, the most likely token is taken."""
 
-    top_k: int
+    catk_k: int
     target_pose: torch.Tensor
     target_valid: torch.Tensor
     needs_candidates: bool = True
 
     def __call__(self, logits: torch.Tensor, candidates: Candidates | None, step: int) -> torch.Tensor:
-        top = logits.topk(min(self.top_k, logits.shape[-1]), dim=-1).indices  # [N, K]
+        top = logits.topk(min(self.catk_k, logits.shape[-1]), dim=-1).indices  # [N, K]
         placed = candidates.placed(top)  # [N, K, SHIFT, 3]
         valid = self.target_valid[:, step]  # [N, SHIFT]
         dist = token_distance(placed, self.target_pose[:, step].to(placed.dtype), valid,
@@ -140,7 +140,7 @@ class CatKSelector:
         return model_log_probs(logits, chosen)
 
 
-def catk_selector(batch: SceneBatch, num_rollouts: int, top_k: int) -> CatKSelector:
+def catk_selector(batch: SceneBatch, num_rollouts: int, catk_k: int) -> CatKSelector:
     """A CatKSelector whose targets are `batch`'s logged future poses, flattened in the
     closed-loop order (scene, rollout, agent)."""
     first = (NUM_HISTORY_TOKENS * SHIFT) + 1  # first future step (11)
@@ -149,4 +149,4 @@ def catk_selector(batch: SceneBatch, num_rollouts: int, top_k: int) -> CatKSelec
     b, a = valid.shape[:2]
     pose = pose[:, None].expand(b, num_rollouts, *pose.shape[1:]).reshape(b * num_rollouts * a, -1, SHIFT, 3)
     valid = valid[:, None].expand(b, num_rollouts, *valid.shape[1:]).reshape(b * num_rollouts * a, -1, SHIFT)
-    return CatKSelector(top_k, pose, valid)  # [N, 16, SHIFT, 3], [N, 16, SHIFT]
+    return CatKSelector(catk_k, pose, valid)  # [N, 16, SHIFT, 3], [N, 16, SHIFT]

@@ -10,9 +10,16 @@ MLflow 3.x); `MLFLOW_TRACKING_URI` is honoured.
 from __future__ import annotations
 
 import os
+import time
+import urllib.error
+import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import mlflow
+from mlflow.entities import Metric, Param
+from mlflow.tracking import MlflowClient
 
 EXPERIMENT = "smart-r1"
 _MAX_PARAM_CHARS = 6000  # MLflow's limit for one param value
@@ -20,8 +27,6 @@ _MAX_PARAM_CHARS = 6000  # MLflow's limit for one param value
 
 def resolve_tracking_uri(uri: str | None = None) -> str:
     """The tracking URI to hand to other processes: MLflow's choice, made absolute."""
-    import mlflow
-
     if uri:
         mlflow.set_tracking_uri(uri)
     return mlflow.get_tracking_uri()
@@ -31,9 +36,6 @@ def check_tracking_uri(uri: str, timeout_s: float = 10.0) -> None:
     """Fail fast, with a clear message, when a tracking server cannot be reached."""
     if not uri.startswith(("http://", "https://")):
         return
-    import urllib.error
-    import urllib.request
-
     try:
         with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout_s) as response:
             if response.status != 200:
@@ -66,15 +68,11 @@ class RunTracker:
 
     @property
     def client(self):
-        from mlflow.tracking import MlflowClient
-
         return MlflowClient(self.tracking_uri)
 
     def log_params(self, params: dict[str, Any]) -> None:
         if not self.enabled:
             return
-        from mlflow.entities import Param
-
         items = [Param(k, v) for k, v in flatten(params).items()]
         for i in range(0, len(items), 100):  # MLflow caps a batch at 100 params
             self.client.log_batch(self.run_id, params=items[i : i + 100])
@@ -82,10 +80,6 @@ class RunTracker:
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
         if not self.enabled:
             return
-        import time
-
-        from mlflow.entities import Metric
-
         now = int(time.time() * 1000)
         items = [Metric(k.replace("/", "_"), float(v), now, step or 0) for k, v in metrics.items()
                  if isinstance(v, (int, float))]
@@ -121,8 +115,6 @@ class RunTracker:
 def start_run(name: str, tracking_uri: str | None = None, experiment: str = EXPERIMENT,
               run_id: str | None = None) -> RunTracker:
     """A new top-level run (or an existing one, to resume), after checking the server is up."""
-    from mlflow.tracking import MlflowClient
-
     uri = resolve_tracking_uri(tracking_uri or os.environ.get("MLFLOW_TRACKING_URI"))
     check_tracking_uri(uri)
     client = MlflowClient(uri)
@@ -132,3 +124,27 @@ def start_run(name: str, tracking_uri: str | None = None, experiment: str = EXPE
     exp = client.get_experiment_by_name(experiment)
     exp_id = exp.experiment_id if exp else client.create_experiment(experiment)
     return RunTracker(uri, client.create_run(exp_id, run_name=name).info.run_id)
+
+
+RUN_ID_FILE = "mlflow_run_id"
+
+
+def folder_run(folder: str | Path, name: str, parent: RunTracker | None = None,
+               tracking_uri: str | None = None) -> tuple[RunTracker, bool]:
+    """The MLflow run of a run folder: the one whose id `<folder>/mlflow_run_id` records (resumed),
+    else a new one (top-level, or nested under `parent`), whose id is then written there
+    atomically. Returns (tracker, True if new). A pipeline, a sweep and each sweep trial keep
+    their run across restarts this way."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    id_file = folder / RUN_ID_FILE
+    if id_file.exists():
+        run_id = id_file.read_text().strip()
+        if parent is not None:
+            return RunTracker(parent.tracking_uri, run_id), False
+        return start_run(name, tracking_uri, run_id=run_id), False
+    tracker = parent.child(name) if parent is not None else start_run(name, tracking_uri)
+    tmp = id_file.with_name(f".{RUN_ID_FILE}.tmp")
+    tmp.write_text(tracker.run_id)
+    os.replace(tmp, id_file)
+    return tracker, True

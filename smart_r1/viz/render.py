@@ -19,7 +19,6 @@ Shapes: A agents, S sim agents, R rollouts, T = 91 steps.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
 import matplotlib
@@ -33,6 +32,8 @@ from matplotlib.collections import LineCollection, PolyCollection  # noqa: E402
 from matplotlib.lines import Line2D  # noqa: E402
 from matplotlib.patches import Patch  # noqa: E402
 
+from smart_r1.metrics.rollouts_io import check_states  # noqa: E402
+from smart_r1.metrics.signals import StepEvents  # noqa: E402
 from smart_r1.types import (  # noqa: E402
     CROSSWALK, CYCLIST, DRIVEWAY, LANE, PEDESTRIAN, ROAD_EDGE, ROAD_LINE, SPEED_BUMP, STOP_SIGN,
     VEHICLE, ScenarioRecord,
@@ -59,36 +60,6 @@ def traffic_light_colors(states: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 def _agent_colors(object_type: np.ndarray) -> list[str]:
     return [TYPE_COLORS.get(int(t), OTHER_COLOR) for t in object_type]
-
-
-@dataclass(frozen=True)
-class StepEvents:
-    """Per-step event flags of one rollout, bool [S, 80]: collision (signed box distance to the
-    nearest object < 0) and off-road (a box corner beyond the road edge)."""
-
-    collision: np.ndarray
-    offroad: np.ndarray
-
-
-def step_events(record: ScenarioRecord, rollout: np.ndarray) -> StepEvents:
-    """Flags of one rollout [S, 80, 4], from the fast WOSAC features (`smart_r1.metrics.features`).
-
-    Those are the official definitions (rounded-corner boxes, convexity-aware road-edge sign), for
-    every sim agent as ego, at every step; `smart_r1.metrics.rollout_signals` gives the same flags
-    reduced over time, which cannot show *when* an event happens.
-    """
-    import torch
-
-    from smart_r1.metrics.context import build_context
-    from smart_r1.metrics.features import sim_features
-    from smart_r1.metrics.wosac import pad_states
-
-    with torch.no_grad():
-        padded = pad_states([record], [rollout[None]], "cpu")  # [1, 1, S, 80, 4]
-        every_agent = torch.arange(padded.shape[2])[None]  # [1, S]
-        features = sim_features(build_context([record], "cpu"), padded, every_agent)
-    return StepEvents(collision=features.collision_per_step[0, 0].numpy(),
-                      offroad=features.offroad_per_step[0, 0].numpy())
 
 
 def box_corners(x, y, heading, length, width) -> np.ndarray:
@@ -256,12 +227,14 @@ class _Scene:
 
 def render_scenario(record: ScenarioRecord, states: np.ndarray | None = None,
                     out_path: str | Path = "scenario.png", rollout_index: int = 0, *,
-                    figsize: float = 8.0, dpi: int = 100, frame_stride: int = 2, fps: int = 10) -> Path:
+                    events: StepEvents | None = None, figsize: float = 8.0, dpi: int = 100,
+                    frame_stride: int = 2, fps: int = 10) -> Path:
     """Draw `record` and rollout `rollout_index` of `states` to `out_path` (.png or .gif).
 
     states: float [R, S, 80, 4] (x, y, z, heading of the sim agents, `record.sim_agent_ids`
-        order) or None to show the log. frame_stride: steps between GIF frames (2 -> 46 frames
-        at `fps` per second). Returns the written path.
+        order) or None to show the log. events: that rollout's collision / off-road flags per
+        step (`smart_r1.metrics.step_events`), drawn when given. frame_stride: steps between GIF
+        frames (2 -> 46 frames at `fps` per second). Returns the written path.
     """
     out_path = Path(out_path)
     suffix = out_path.suffix.lower()
@@ -271,13 +244,12 @@ def render_scenario(record: ScenarioRecord, states: np.ndarray | None = None,
         raise ValueError(f"frame_stride must be at least 1, got {frame_stride}")
     rollout = None
     if states is not None:
-        from smart_r1.metrics.rollouts_io import check_states
-
         states = check_states(record, states)
         if not 0 <= rollout_index < states.shape[0]:
             raise ValueError(f"rollout index {rollout_index} out of range: there are {states.shape[0]} rollouts")
         rollout = states[rollout_index]  # [S, 80, 4]
-    events = step_events(record, rollout) if rollout is not None else None
+    if events is not None and (rollout is None or events.collision.shape != rollout.shape[:2]):
+        raise ValueError("events must be the flags [S, 80] of the drawn rollout")
     title = f"{record.scenario_id}" + (f" rollout {rollout_index}" if rollout is not None else " log")
     scene = _Scene(record, rollout, events, title, figsize, dpi)
     out_path.parent.mkdir(parents=True, exist_ok=True)

@@ -23,7 +23,7 @@ TINY = {
     "eval": {"num_rollouts": 2, "max_scenarios": 3},
     "stages": [
         {"name": "bc", "kind": "bc", "epochs": 1, "batch_scenarios": 4},
-        {"name": "sft", "kind": "catk_sft", "epochs": 2, "batch_scenarios": 4, "top_k": 3},
+        {"name": "sft", "kind": "catk_sft", "epochs": 2, "batch_scenarios": 4, "catk_k": 3},
         {"name": "rft", "kind": "mpo", "steps": 3, "num_rollouts": 2, "scenarios_per_step": 2, "lr": 1e-3},
         {"name": "sft_final", "kind": "catk_sft", "epochs": 1, "batch_scenarios": 4},
     ],

@@ -96,7 +96,7 @@ def test_rerun_resumes_without_redoing_stages(submitted, tiny_config, mlflow_ser
 def test_invalid_config_fails_before_cluster_work(tmp_path, tiny_config):
     config = tiny_config(tmp_path / "bad.yaml", tmp_path / "never")
     for override, message in (("rft.alpha=1.2", "alpha must lie in [0, 1]"),
-                              ("sft.top_k=0", "top_k"), ("data.train=/no/such/data", "no such path")):
+                              ("sft.catk_k=0", "catk_k"), ("data.train=/no/such/data", "no such path")):
         proc = subprocess.run([sys.executable, str(REPO / "pipelines" / "sft_rft_sft.py"), "--config", str(config),
                                "--set", override], capture_output=True, text=True, timeout=120)
         assert proc.returncode == 2 and message in proc.stderr

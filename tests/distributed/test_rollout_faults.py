@@ -11,11 +11,12 @@ import time
 import pytest
 import ray
 
-from smart_r1.config import RayConfig, StageConfig
-from smart_r1.distributed.learner import LearnerJob, run_learner
+from smart_r1.config import MPOStage, RayConfig
+from smart_r1.distributed.learner import run_learner
+from smart_r1.distributed.worker_kit import LearnerJob
 from smart_r1.distributed.mpo_loop import collect
-from smart_r1.distributed.ray_runtime import ensure_ray
-from smart_r1.distributed.rollout_worker import SamplingSpec, start_workers
+from smart_r1.ray_runtime import ensure_ray
+from smart_r1.distributed.rollout_worker import RolloutSpec, start_workers
 from smart_r1.types import Experience, RolloutFailure
 
 pytestmark = pytest.mark.slow
@@ -34,7 +35,7 @@ def test_killed_actor_restarts_and_rft_completes(submitted, local_ray, tmp_path)
     sft = str(out / "sft" / "model.pt")
     workers = start_workers(sft, datasets, count=2, cpus=0.5, gpus=0.0)
     first_pid = ray.get(workers[0].info.remote())["pid"]
-    stage = StageConfig(name="rft", kind="mpo", steps=4, num_rollouts=2, scenarios_per_step=2, lr=1e-3)
+    stage = MPOStage(name="rft", steps=4, num_rollouts=2, scenarios_per_step=2, lr=1e-3)
     job = LearnerJob(stage=stage, stage_dir=str(tmp_path / "rft"), init_checkpoint=sft, datasets=datasets,
                      ref_checkpoint=sft, rollout_workers=workers)
     result = {}
@@ -63,7 +64,7 @@ def test_failed_scenarios_are_dropped_and_counted(submitted, local_ray):
     out, _ = submitted
     bad = {"train": str(out / "data" / "train")}
     (worker,) = start_workers(str(out / "sft" / "model.pt"), bad, count=1, cpus=0.5, gpus=0.0)
-    spec = SamplingSpec(num_rollouts=2)
+    spec = RolloutSpec(num_rollouts=2)
     # index 10**6 does not exist: that scenario fails inside the actor, the others are scored
     refs = [worker.rollout.remote(0, [], "train", [0, 10**6, 1], spec)]
     raw = ray.get(refs[0])

@@ -18,9 +18,9 @@ import pytest
 import yaml
 
 from smart_r1.config import RayConfig, load_config
-from smart_r1.distributed.sweep import (
-    best_row, format_sweep_table, load_sweep_config, trial_config, whole_trials,
-)
+from smart_r1.distributed.resources import whole_trials
+from smart_r1.distributed.sweep_config import load_sweep_config, trial_config
+from smart_r1.distributed.sweep_results import best_row, format_sweep_table
 
 REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "pipelines" / "sweep_alpha_beta.py"

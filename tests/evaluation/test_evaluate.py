@@ -80,7 +80,7 @@ def test_evaluate_and_export_with_a_model(womd_path, tiny_checkpoint, tmp_path, 
 
     out = tmp_path / "results.json"
     assert main(["evaluate", "--checkpoint", str(tiny_checkpoint), "--data", str(womd_path),
-                 "--num-rollouts", "2", "--renders", "0", "--out", str(out)]) == 0
+                 "--num-rollouts", "2", "--num-renders", "0", "--out", str(out)]) == 0
     table = capsys.readouterr().out
     assert "Realism Meta" in table and "Map-based" in table
     metametric = json.loads(out.read_text())["leaderboard"]["metametric"]
@@ -105,7 +105,7 @@ def test_bad_inputs_give_a_message_and_exit_code(womd_path, test_submission_path
 
     garbage = tmp_path / "garbage.pt"
     garbage.write_bytes(b"not a checkpoint")
-    assert "does not load" in run("evaluate", "--checkpoint", str(garbage), "--data", str(womd_path))
+    assert "not a readable SMART-tiny checkpoint" in run("evaluate", "--checkpoint", str(garbage), "--data", str(womd_path))
     assert "does not exist" in run("evaluate", "--checkpoint", str(tmp_path / "absent.pt"),
                                    "--data", str(womd_path))
     (tmp_path / "empty").mkdir()

@@ -37,7 +37,7 @@ def test_catk_rollouts_stay_closer_to_log_than_sampling(setup):
     model, batch = setup
     torch.manual_seed(1)
     sampled = closed_loop(model, batch, 2, Sampler())
-    catk = closed_loop(model, batch, 2, catk_selector(batch, 2, top_k=8))
+    catk = closed_loop(model, batch, 2, catk_selector(batch, 2, catk_k=8))
     assert _error_to_log(batch, catk, model.vocab) < _error_to_log(batch, sampled, model.vocab)
 
 
@@ -66,7 +66,7 @@ def test_catk_over_the_whole_vocabulary_replays_the_tokenizer(setup):
     model, batch = setup
     # With K = V the selector's criterion is the tokenizer's: from the current reconstructed pose
     # it executes the logged token, so the rollout is the tokenizer's reconstruction ...
-    rollout = closed_loop(model, batch, 1, catk_selector(batch, 1, top_k=model.vocab.size))
+    rollout = closed_loop(model, batch, 1, catk_selector(batch, 1, catk_k=model.vocab.size))
     logged = batch.tokens[:, None, :, 2:]  # [B, 1, A, 16]
     unbroken = batch.token_valid[:, None, :, 2:].long().cumprod(-1).bool() & batch.sim_mask[:, None, :, None]
     assert unbroken.sum() > 50
@@ -112,7 +112,7 @@ def test_loss_trains_every_parameter_and_decreases(setup):
     losses = []
     for step in range(6):
         optimizer.zero_grad()
-        loss, stats = catk_sft_loss(model, batch, top_k=5)
+        loss, stats = catk_sft_loss(model, batch, catk_k=5)
         loss.backward()
         if step == 0:
             missing = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]

@@ -96,7 +96,7 @@ def test_filters_and_catk(model, scene):
     assert (p[kept.logical_not()].sum() >= 0).all() and (kept.sum(-1) >= 1).all()
     assert ((p * kept).sum(-1) >= 0.5 - 1e-6).all()  # the nucleus holds at least top_p of the mass
     # CAT-K stays closer to the log than sampling from an untrained model
-    catk = closed_loop(model, scene, 1, catk_selector(scene, 1, top_k=16))
+    catk = closed_loop(model, scene, 1, catk_selector(scene, 1, catk_k=16))
     free = closed_loop(model, scene, 1, Sampler(generator=torch.Generator().manual_seed(0)))
     log = scene.log_anchor_pose[0, :, 3:, :2]  # [A, 16, 2]
     ok = scene.anchor_valid[0, :, 3:]

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from smart_r1.viz.render import box_corners, step_events
+from smart_r1.metrics import step_events
+from smart_r1.viz.render import box_corners
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +38,8 @@ def test_png_of_rollout_is_a_real_picture(womd_record, states, tmp_path):
     from smart_r1.viz.render import COLLISION_COLOR, OFFROAD_COLOR, TYPE_COLORS, render_scenario
     from smart_r1.types import VEHICLE
 
-    path = render_scenario(womd_record, states, tmp_path / "scene.png", rollout_index=3)
+    path = render_scenario(womd_record, states, tmp_path / "scene.png", rollout_index=3,
+                           events=step_events(womd_record, states[3]))
     image = np.asarray(Image.open(path).convert("RGB"))
     assert image.shape[0] > 500 and image.shape[1] > 500
     colors = np.unique(image.reshape(-1, 3), axis=0)
@@ -62,7 +64,8 @@ def test_log_still_has_no_event_marks(womd_record, tmp_path):
 def test_gif_has_frames_that_change(womd_record, states, tmp_path):
     from smart_r1.viz.render import render_scenario
 
-    path = render_scenario(womd_record, states, tmp_path / "scene.gif", frame_stride=15, dpi=50)
+    path = render_scenario(womd_record, states, tmp_path / "scene.gif", frame_stride=15, dpi=50,
+                           events=step_events(womd_record, states[0]))
     gif = Image.open(path)
     assert gif.n_frames >= 7  # steps 0, 15, ..., 90
     frames = []

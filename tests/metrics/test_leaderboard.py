@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from smart_r1.evaluation.leaderboard import aggregate, leaderboard, metametric_weights
+from smart_r1.metrics.leaderboard import aggregate_metrics, leaderboard, metametric_weights
 from smart_r1.metrics.fields import METRIC_FIELDS
 
 
@@ -85,10 +85,10 @@ def test_matches_the_official_aggregation_and_buckets():
 
 def test_bad_metrics_are_named():
     with pytest.raises(ValueError, match="no scenario"):
-        aggregate([])
+        aggregate_metrics([])
     broken = dict(B)
     del broken["time_to_collision_likelihood"]
     with pytest.raises(ValueError, match="scenario 1: metrics lack the field 'time_to_collision_likelihood'"):
-        aggregate([A, broken])
+        aggregate_metrics([A, broken])
     with pytest.raises(ValueError, match="scenario 0: metametric is nan"):
-        aggregate([_scenario(metametric=math.nan)])
+        aggregate_metrics([_scenario(metametric=math.nan)])

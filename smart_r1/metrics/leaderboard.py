@@ -1,4 +1,5 @@
-"""The WOSAC leaderboard table from per-scenario metrics with the official field names.
+"""Dataset-level WOSAC metrics: the one aggregation of per-scenario metrics (used by the pipeline,
+the sweep, `smart-r1 evaluate`), and the leaderboard row with the official bucket names.
 
 Dataset level, as the official evaluator does it
 (`waymo_open_dataset/wdl_limited/sim_agents_metrics/metrics.py`):
@@ -20,6 +21,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from smart_r1.metrics.fields import FEATURE_NAMES, METRIC_FIELDS
+from smart_r1.metrics.tables import markdown_table
 
 # `_METRIC_FIELD_NAMES_BY_BUCKET` in the official metrics.py, in its order.
 CATEGORIES: dict[str, tuple[str, ...]] = {
@@ -39,8 +41,9 @@ def metametric_weights(config=None) -> dict[str, float]:
     return {name: float(getattr(config, name).metametric_weight) for name in FEATURE_NAMES}
 
 
-def aggregate(per_scenario: Sequence[Mapping[str, float]]) -> dict[str, float]:
-    """Dataset-level metrics: the mean of every `SimAgentMetrics` field over the scenarios.
+def aggregate_metrics(per_scenario: Sequence[Mapping[str, float]]) -> dict[str, float]:
+    """Dataset-level metrics as the official `aggregate_scenario_metrics` computes them: the plain
+    mean over scenarios of every `SimAgentMetrics` field (the metametric too, not recomputed).
 
     Raises ValueError on no scenario, a missing field or a non-finite value (naming the scenario's
     position), since one NaN would silently turn the whole table into NaN.
@@ -89,17 +92,15 @@ class Leaderboard:
         return out
 
     def format_table(self) -> str:
-        """The leaderboard's columns, then every likelihood and rate, as aligned text."""
+        """The leaderboard's columns, then every likelihood and rate, as a markdown table."""
         rows = [("Realism Meta", self.realism_meta_metric), ("Kinematic", self.kinematic_metrics),
                 ("Interactive", self.interactive_metrics), ("Map-based", self.map_based_metrics),
                 ("minADE (m)", self.min_ade), ("ADE (m)", self.metrics["average_displacement_error"])]
-        rows += [(f"  {name}_likelihood", self.metrics[f"{name}_likelihood"])
+        rows += [(f"{name}_likelihood", self.metrics[f"{name}_likelihood"])
                  for names in CATEGORIES.values() for name in names]
-        rows += [(f"  {name}", self.metrics[name]) for name in RATE_FIELDS]
-        width = max(len(label) for label, _ in rows)
-        lines = [f"WOSAC 2025 sim agents, {self.num_scenarios} scenario(s)"]
-        lines += [f"{label:<{width}}  {value:.4f}" for label, value in rows]
-        return "\n".join(lines)
+        rows += [(name, self.metrics[name]) for name in RATE_FIELDS]
+        return (f"WOSAC 2025 sim agents, {self.num_scenarios} scenario(s)\n"
+                + markdown_table(("metric", "value"), [(label, f"{value:.4f}") for label, value in rows]))
 
 
 def category_scores(metrics: Mapping[str, float], weights: Mapping[str, float]) -> dict[str, float]:
@@ -115,7 +116,7 @@ def category_scores(metrics: Mapping[str, float], weights: Mapping[str, float]) 
 
 def leaderboard(per_scenario: Sequence[Mapping[str, float]], config=None) -> Leaderboard:
     """The leaderboard row of a dataset from its per-scenario `SimAgentMetrics` dicts."""
-    metrics = aggregate(per_scenario)
+    metrics = aggregate_metrics(per_scenario)
     scores = category_scores(metrics, metametric_weights(config))
     return Leaderboard(
         realism_meta_metric=metrics["metametric"], kinematic_metrics=scores["kinematic"],

@@ -1,0 +1,137 @@
+"""What every learner loop of a Ray Train worker uses: the job it is handed, rank and world size,
+the stage's model and optimiser resumed from the newest state, progress lines with an ETA, and the
+per-epoch / per-RL-step report (metrics to MLflow and the stage's log, a Ray Train checkpoint).
+
+The loops themselves are `supervised_loop.py` (BC, CAT-K SFT) and `mpo_loop.py` (RFT); the
+TorchTrainer that runs them is `learner.py`. The method (losses, the MPO step, the optimiser
+step) lives in `smart_r1.rl` and runs without Ray.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import ray.train
+import torch
+from ray.train import Checkpoint
+
+from smart_r1.config import StageConfig
+from smart_r1.model.checkpoint import load_checkpoint, save_checkpoint
+from smart_r1.tracking.mlflow_runs import RunTracker
+
+STATE_NAME = "state.pt"  # inside a Ray Train checkpoint: model, optimizer, progress
+MODEL_NAME = "model.pt"  # a plain SMART-tiny checkpoint (smart_r1.model.checkpoint)
+LAST_NAME = "last_state.pt"  # in the stage folder: the newest state, for re-runs of the pipeline
+TRAIN_LOG = "train_log.jsonl"  # in the stage folder: metrics of every epoch / RL step
+
+
+@dataclass(frozen=True)
+class LearnerJob:
+    """Everything a learner worker needs for one stage (plain values and actor handles)."""
+
+    stage: StageConfig
+    stage_dir: str
+    init_checkpoint: str  # the model this stage starts from
+    datasets: dict  # name -> data path ("train" at least)
+    seed: int = 0
+    ref_checkpoint: str = ""  # MPO: the frozen reference policy
+    rollout_workers: list = field(default_factory=list)  # MPO: RolloutWorker actor handles
+    tracker: RunTracker | None = None
+    threads: int = 1
+    fail_once_at: int = -1  # fault injection for tests: raise once at this step/epoch
+
+
+def say(message: str) -> None:
+    """Print one line from a learner worker. Ray Train patches `print` in its workers to both echo
+    and log a line, which shows it twice on the driver; the real stdout shows it once."""
+    print(message, file=sys.__stdout__ or sys.stdout, flush=True)
+
+
+class Progress:
+    """Prints `[stage] unit i/n ... eta` lines (rank 0 only)."""
+
+    def __init__(self, stage: str, total: int, start: int = 0, enabled: bool = True):
+        self.stage, self.total, self.start, self.enabled = stage, total, start, enabled
+        self.t0 = time.perf_counter()
+
+    def line(self, done: int, text: str) -> None:
+        if not self.enabled:
+            return
+        elapsed = time.perf_counter() - self.t0
+        rate = (done - self.start) / elapsed if elapsed > 0 and done > self.start else 0.0
+        eta = (self.total - done) / rate if rate > 0 else float("nan")
+        eta_text = f"{eta // 60:.0f}m{eta % 60:02.0f}s" if eta == eta else "?"
+        say(f"[{self.stage}] {done}/{self.total} {text} | elapsed {elapsed:.0f}s eta {eta_text}")
+
+
+def world() -> tuple[int, int]:
+    ctx = ray.train.get_context()
+    return ctx.get_world_rank(), ctx.get_world_size()
+
+
+def load_state(job: LearnerJob) -> dict | None:
+    """The newest training state: Ray Train's (after a worker failure) or the stage folder's."""
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as d:
+            return torch.load(Path(d) / STATE_NAME, map_location="cpu", weights_only=True)
+    last = Path(job.stage_dir) / LAST_NAME
+    if last.exists():
+        return torch.load(last, map_location="cpu", weights_only=True)
+    return None
+
+
+def start_training(job: LearnerJob, unit: str) -> tuple:
+    """What every learner loop starts with: torch threads, rank and world size, the device, the
+    stage's model and AdamW optimizer, resumed from the newest state when there is one.
+    Returns (model, optimizer, device, rank, world_size, first epoch/step)."""
+    torch.set_num_threads(max(1, job.threads))
+    rank, world_size = world()
+    device = ray.train.torch.get_device()
+    model = load_checkpoint(job.init_checkpoint, map_location=device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=job.stage.lr, weight_decay=job.stage.weight_decay)
+    start = 0
+    state = load_state(job)
+    if state is not None:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        start = int(state["progress"]) + 1
+        if rank == 0:
+            say(f"[{job.stage.name}] resuming after {unit} {start - 1}")
+    return model, optimizer, device, rank, world_size, start
+
+
+def report(job: LearnerJob, model, optimizer, progress: int, metrics: dict, rank: int) -> None:
+    """Report metrics and a checkpoint (rank 0 writes it) to Ray Train; log to MLflow."""
+    if job.tracker is not None:
+        job.tracker.for_rank(rank).log_metrics(metrics, step=progress)
+    if rank != 0:
+        ray.train.report(metrics, checkpoint=None)
+        return
+    with open(Path(job.stage_dir) / TRAIN_LOG, "a") as f:  # the stage's metrics table, one row per report
+        f.write(json.dumps({"progress": progress, **metrics}) + "\n")
+    with tempfile.TemporaryDirectory() as d:
+        core = getattr(model, "module", model)
+        state = {"model": {k: v.detach().cpu() for k, v in core.state_dict().items()},
+                 "optimizer": optimizer.state_dict(), "progress": progress}
+        torch.save(state, Path(d) / STATE_NAME)
+        save_checkpoint(Path(d) / MODEL_NAME, core, {"stage": job.stage.name, "progress": progress})
+        tmp = Path(job.stage_dir) / f".{LAST_NAME}.tmp"
+        shutil.copyfile(Path(d) / STATE_NAME, tmp)
+        os.replace(tmp, Path(job.stage_dir) / LAST_NAME)
+        ray.train.report(metrics, checkpoint=Checkpoint.from_directory(d))
+
+
+def maybe_fail(job: LearnerJob, progress: int) -> None:
+    """Fault injection for the failure test: fail once, the first time `progress` is reached."""
+    marker = Path(job.stage_dir) / ".injected_failure"
+    if progress == job.fail_once_at and not marker.exists():
+        marker.touch()
+        raise RuntimeError(f"injected learner failure at {progress}")

@@ -1,0 +1,65 @@
+"""The optimiser step and learning-rate schedules every stage uses.
+
+Gradients are averaged across data-parallel learners with one explicit all-reduce after
+`backward()` instead of wrapping the model in DistributedDataParallel: the rollout and log-prob
+code calls the model's submodules directly (`encode_map`, `decode`), which would bypass DDP's
+hooks. With one learner (`world_size == 1`) nothing is communicated, so this runs anywhere.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.distributed as dist
+
+
+def warmup_cosine(step: int, total_steps: int, warmup_steps: int = 50) -> float:
+    """Learning-rate factor at `step`: linear warm-up, then cosine decay to 10% at `total_steps`."""
+    warmup_steps = min(warmup_steps, max(1, total_steps // 10))
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def make_optimizer(model, lr: float = 5e-4, weight_decay: float = 0.01, total_steps: int = 1000,
+                   warmup_steps: int = 50) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
+    """AdamW with linear warm-up then cosine decay to 10% of `lr`."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: warmup_cosine(step, total_steps, warmup_steps))
+
+
+def set_learning_rate(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+
+
+def average_gradients(model: torch.nn.Module, world_size: int) -> None:
+    """All-reduce and average every gradient over the learners (no-op for one learner)."""
+    if world_size <= 1:
+        return
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat)
+    flat /= world_size
+    offset = 0
+    for g in grads:
+        g.copy_(flat[offset:offset + g.numel()].view_as(g))
+        offset += g.numel()
+
+
+def optimizer_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, loss: torch.Tensor,
+                   grad_clip: float, world_size: int = 1) -> float:
+    """backward, average gradients over learners, clip their norm, step. Returns the norm before
+    clipping."""
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    for p in model.parameters():  # every learner all-reduces the same list of tensors
+        if p.grad is None and p.requires_grad:
+            p.grad = torch.zeros_like(p)
+    average_gradients(model, world_size)
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    optimizer.step()
+    return float(norm)
