@@ -30,10 +30,26 @@ def masked_crc(data: bytes) -> int:
     return (((crc >> 15) | (crc << 17)) + _MASK_DELTA) & 0xFFFFFFFF
 
 
+_CHUNK = 1 << 24
+
+
+def _read_up_to(f, n: int) -> bytes:
+    """At most n bytes from f (fewer at the end of the file), allocating no more than it finds."""
+    if n <= _CHUNK:
+        return f.read(n)
+    chunks = []
+    while n > 0 and (chunk := f.read(min(n, _CHUNK))):
+        chunks.append(chunk)
+        n -= len(chunk)
+    return b"".join(chunks)
+
+
 def read_records(path: str | Path) -> Iterator[bytes]:
     """Yield the payload of every record; raise RecordError at the first damaged one.
 
     A damaged frame (bad CRC, truncation) ends the file: the framing after it cannot be trusted.
+    Data is read in chunks of at most `_CHUNK` bytes, so a corrupt length field (one that passes
+    its CRC by chance, or a crafted one) never makes the reader allocate more than the file holds.
     """
     with open(path, "rb") as f:
         index = 0
@@ -47,7 +63,7 @@ def read_records(path: str | Path) -> Iterator[bytes]:
             (length_crc,) = struct.unpack("<I", header[8:])
             if masked_crc(header[:8]) != length_crc:
                 raise RecordError(path, index, "bad length CRC (corrupt or not a TFRecord file)")
-            data = f.read(length)
+            data = _read_up_to(f, length)
             footer = f.read(4)
             if len(data) < length or len(footer) < 4:
                 raise RecordError(path, index, f"truncated data ({len(data)} of {length} bytes)")
