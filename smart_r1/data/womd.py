@@ -17,7 +17,7 @@ from waymo_open_dataset.protos import map_pb2, scenario_pb2
 
 from smart_r1.data.tfrecord import RecordError, read_records, write_records
 from smart_r1.types import (
-    CROSSWALK, DRIVEWAY, LANE, MAP_KIND_ID, MAP_KINDS, ROAD_EDGE, ROAD_LINE, SPEED_BUMP, STOP_SIGN,
+    CROSSWALK, DRIVEWAY, LANE, MAP_KIND_ID, MAP_KINDS, NUM_STEPS, ROAD_EDGE, ROAD_LINE, SPEED_BUMP, STOP_SIGN,
     TL_ABSENT, ScenarioRecord,
 )
 
@@ -156,12 +156,25 @@ def scenario_to_proto(record: ScenarioRecord) -> scenario_pb2.Scenario:
     return s
 
 
-def parse_scenario(data: bytes, path: str | Path = "<bytes>", index: int = 0) -> ScenarioRecord:
-    """Parse and validate one serialized Scenario; errors name the file and record index."""
+def _decode(data: bytes, path: str | Path, index: int) -> scenario_pb2.Scenario:
+    """The Scenario proto of one record; RecordError when the bytes are not one."""
     try:
         proto = scenario_pb2.Scenario.FromString(data)
     except DecodeError as e:
         raise RecordError(path, index, f"not a Scenario proto ({e})") from None
+    if not isinstance(proto.scenario_id, str):  # proto2 hands a string that is not UTF-8 back as bytes
+        raise RecordError(path, index, f"scenario_id {proto.scenario_id[:40]!r} is not UTF-8")
+    return proto
+
+
+def parse_scenario(data: bytes, path: str | Path = "<bytes>", index: int = 0) -> ScenarioRecord:
+    """Parse and validate one serialized Scenario; errors (RecordError) name the file and record index."""
+    proto = _decode(data, path, index)
+    # Checked before the arrays are built: traffic-light states take steps x lanes bytes, which a
+    # corrupt step count could make huge.
+    if len(proto.timestamps_seconds) != NUM_STEPS:
+        raise RecordError(path, index, f"scenario {proto.scenario_id}: has {len(proto.timestamps_seconds)} "
+                                       f"steps, WOMD scenarios have {NUM_STEPS}")
     try:
         return scenario_from_proto(proto).validate()
     except ValueError as e:
@@ -175,8 +188,9 @@ def read_scenarios(path: str | Path) -> Iterator[ScenarioRecord]:
 
 
 def read_scenario_protos(path: str | Path) -> Iterator[scenario_pb2.Scenario]:
-    for data in read_records(path):
-        yield scenario_pb2.Scenario.FromString(data)
+    """Yield every Scenario proto of a TFRecord file, as stored; RecordError at the first bad record."""
+    for index, data in enumerate(read_records(path)):
+        yield _decode(data, path, index)
 
 
 def write_scenarios(path: str | Path, records) -> int:
