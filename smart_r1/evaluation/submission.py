@@ -15,6 +15,7 @@ names, renamed to `-of-N` once N is known, then packed.
 from __future__ import annotations
 
 import tarfile
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -207,7 +208,11 @@ def read_rollouts(path: str | Path) -> list[submission_pb2.ScenarioRollouts]:
                 for member in sorted(tar.getmembers(), key=lambda m: m.name):
                     if member.isfile():
                         out += read_rollouts_bytes(tar.extractfile(member).read(), f"{path}:{member.name}")
-        except (tarfile.TarError, OSError, EOFError) as e:  # damaged or not a gzip tar
+                # tarfile stops at the end-of-archive blocks, before the gzip trailer: read on to it,
+                # so that gzip checks its CRC32 (a flipped bit in a shard would go unnoticed).
+                while tar.fileobj.read(1 << 20):
+                    pass
+        except (tarfile.TarError, OSError, EOFError, zlib.error) as e:  # damaged or not a gzip tar
             raise ValueError(f"{path} is not a readable submission archive: {e}") from e
         return out
     return read_rollouts_bytes(path.read_bytes(), str(path))
@@ -220,7 +225,7 @@ def read_rollouts_bytes(data: bytes, name: str = "rollouts") -> list[submission_
 
     submission = _parse_submission(data)
     if submission is not None:
-        return list(submission.scenario_rollouts)
+        return _utf8_ids(list(submission.scenario_rollouts), name)
     try:
         rollouts = submission_pb2.ScenarioRollouts.FromString(data)
     except DecodeError:
@@ -228,4 +233,12 @@ def read_rollouts_bytes(data: bytes, name: str = "rollouts") -> list[submission_
     if rollouts is None or not rollouts.joint_scenes:
         raise ValueError(f"{name} is neither a SimAgentsChallengeSubmission nor a ScenarioRollouts "
                          "binproto with joint scenes")
-    return [rollouts]
+    return _utf8_ids([rollouts], name)
+
+
+def _utf8_ids(rollouts: list[submission_pb2.ScenarioRollouts], name: str) -> list[submission_pb2.ScenarioRollouts]:
+    """`rollouts`, unless a scenario id is not UTF-8 (proto2 hands such a string back as bytes)."""
+    for i, r in enumerate(rollouts):
+        if not isinstance(r.scenario_id, str):
+            raise ValueError(f"{name}: scenario_rollouts {i}: scenario_id {r.scenario_id[:40]!r} is not UTF-8")
+    return rollouts
