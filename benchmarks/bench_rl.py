@@ -23,7 +23,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 def rollouts_per_second(checkpoint: str, datasets: dict, num_actors: int, scenarios: int, rollouts: int) -> float:
     import ray
 
-    from smart_r1.distributed.rollout_worker import RolloutSpec, split, start_workers
+    from smart_r1.distributed.rollout_tasks import split
+    from smart_r1.distributed.rollout_worker import RolloutSpec, start_workers
 
     workers = start_workers(checkpoint, datasets, num_actors, cpus=1, gpus=0)
     spec = RolloutSpec(num_rollouts=rollouts)

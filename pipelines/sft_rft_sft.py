@@ -5,7 +5,9 @@
     ray job submit --working-dir . -- python pipelines/sft_rft_sft.py
 
 Stages and hyper-parameters come from the YAML config; `--set SECTION.FIELD=VALUE` overrides any
-of them (e.g. `--set rft.alpha=0.8 --set rft.beta=0.02`). A re-run with the same out_dir resumes.
+of them (e.g. `--set rft.alpha=0.8 --set rft.beta=0.02`). A re-run with the same out_dir resumes;
+one whose config changed a finished stage's inputs is refused unless --restart or --branch says
+what to do.
 """
 
 from __future__ import annotations
@@ -24,6 +26,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="override a config value (repeatable)")
     p.add_argument("--out-dir", default=None, help="where stages write checkpoints and tables")
     p.add_argument("--init-checkpoint", default=None, help="start from this checkpoint (skips BC)")
+    p.add_argument("--restart", action="store_true",
+                   help="out_dir holds stages made with another config: redo them (and the stages after them)")
+    p.add_argument("--branch", default=None, metavar="NEW_DIR",
+                   help="copy out_dir to NEW_DIR and run there, redoing the stages whose config changed")
     p.add_argument("--inject-learner-failure", action="append", default=[], metavar="STAGE:N",
                    help="fault drill: make the learner fail once at epoch/step N of STAGE "
                         "(it must resume from its last checkpoint)")
@@ -33,6 +39,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
     sys.path.insert(0, str(HERE.parent))  # runnable from a checkout without installing
     from smart_r1.config import load_config
+    from smart_r1.distributed.run_identity import branch, check_run
 
     args = parse_args(argv)
     overrides = list(args.overrides)
@@ -47,6 +54,9 @@ def main(argv=None) -> int:
             stage, _, n = item.partition(":")
             config.stage(stage)  # an unknown stage name fails here
             failures[stage] = int(n)
+        if args.branch:
+            config = branch(config, args.branch)
+        check_run(config, restart=args.restart)  # refuses to mix results of another config
     except ValueError as e:
         print(f"sft_rft_sft: invalid configuration: {e}", file=sys.stderr)
         return 2

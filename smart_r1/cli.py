@@ -77,6 +77,7 @@ def _cmd_rollout(args: argparse.Namespace) -> int:
     from smart_r1.data.dataset import iter_scenarios
     from smart_r1.metrics.rollouts_io import states_to_scenario_rollouts
     from smart_r1.rollout.policy import load_policy, sample_states
+    from smart_r1.storage import write_bytes
 
     model = load_policy(args.checkpoint)
     record = next(iter_scenarios(args.scenario), None)
@@ -86,8 +87,7 @@ def _cmd_rollout(args: argparse.Namespace) -> int:
     sampling.validate()
     states = sample_states(model, record, args.num_rollouts, args.seed, sampling)
     proto = states_to_scenario_rollouts(record, states)
-    with open(args.out, "wb") as f:
-        f.write(proto.SerializeToString())
+    write_bytes(args.out, proto.SerializeToString())
     print(f"{states.shape[0]} rollouts of {states.shape[1]} sim agents "
           f"(scenario {record.scenario_id}) -> {args.out}")
     return 0

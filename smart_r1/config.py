@@ -70,6 +70,8 @@ class _Stage:
     lr: float = option(5e-4, "learning rate (AdamW)")
     weight_decay: float = option(0.0, "AdamW weight decay")
     grad_clip: float = option(1.0, "gradients are clipped to this global norm")
+    max_nonfinite_updates: int = option(3, "updates in a row skipped for a non-finite loss or gradient "
+                                           "before the stage stops with an error")
 
     def validate(self) -> None:
         where = f"stage {self.name!r}"
@@ -81,6 +83,8 @@ class _Stage:
             raise ValueError(f"{where}: weight_decay must be >= 0, got {self.weight_decay}")
         if not self.grad_clip > 0:
             raise ValueError(f"{where}: grad_clip must be > 0, got {self.grad_clip}")
+        if self.max_nonfinite_updates < 0:
+            raise ValueError(f"{where}: max_nonfinite_updates must be >= 0, got {self.max_nonfinite_updates}")
 
 
 @dataclass(frozen=True)
@@ -134,6 +138,8 @@ class MPOStage(_Stage):
     collision_weight: float = option(1.0, "weight of the collision-free fraction in the reward (0 = realism only)")
     offroad_weight: float = option(1.0, "weight of the on-road fraction in the reward (0 = realism only)")
     max_staleness: int = option(1, "drop rollouts made with weights older than this many updates")
+    min_rollout_fraction: float = option(0.5, "least fraction of a step's scenarios with usable rollouts; "
+                                              "below it the step is sampled again once, then the stage stops")
     sampling: SamplingConfig = option(SamplingConfig(), "how the rollouts sample tokens (the policy pi)")
     kind: str = field(default="mpo", init=False, metadata={"help": "mpo"})
 
@@ -153,6 +159,8 @@ class MPOStage(_Stage):
             raise ValueError(f"{where}: kl_estimator must be 'k3' or 'full'")
         if self.max_staleness < 0:
             raise ValueError(f"{where}: max_staleness must be >= 0")
+        if not 0.0 < self.min_rollout_fraction <= 1.0:
+            raise ValueError(f"{where}: min_rollout_fraction must lie in (0, 1], got {self.min_rollout_fraction}")
         if self.collision_weight < 0 or self.offroad_weight < 0:
             raise ValueError(f"{where}: collision_weight and offroad_weight must be >= 0")
         self.sampling.validate(f"stage {self.name!r}: sampling")
@@ -178,6 +186,10 @@ class RayConfig:
     # and SFT, and their cores would go unused.
     learner_threads: int = option(0, "torch threads per learner; 0 = its CPUs")
     max_learner_failures: int = option(2, "learner restarts from the last checkpoint before the stage fails")
+    max_actor_restarts: int = option(3, "restarts of a crashed rollout actor (its unfinished tasks are retried) "
+                                        "before its work counts as failed")
+    task_timeout_s: float = option(1800.0, "longest wait for one rollout or scoring task before the run stops "
+                                           "with an error naming the actor and its scenarios")
     storage_path: str = option("", "Ray Train / Tune storage; '' = <out_dir>/ray")
 
     def validate(self) -> None:
@@ -189,8 +201,10 @@ class RayConfig:
             raise ValueError("ray.gpus_per_rollout_worker must be >= 0")
         if self.learner_threads < 0:
             raise ValueError(f"ray.learner_threads must be >= 0 (0 = the learner's CPUs), got {self.learner_threads}")
-        if self.max_learner_failures < 0:
-            raise ValueError(f"ray.max_learner_failures must be >= 0, got {self.max_learner_failures}")
+        if self.max_learner_failures < 0 or self.max_actor_restarts < 0:
+            raise ValueError("ray.max_learner_failures and ray.max_actor_restarts must be >= 0")
+        if not self.task_timeout_s > 0:
+            raise ValueError(f"ray.task_timeout_s must be > 0, got {self.task_timeout_s}")
 
 
 @dataclass(frozen=True)

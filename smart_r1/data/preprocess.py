@@ -19,6 +19,7 @@ from smart_r1.data.parquet import write_shard
 from smart_r1.data.tfrecord import RecordError, read_records
 from smart_r1.data.womd import parse_scenario
 from smart_r1.ray_runtime import ensure_ray
+from smart_r1.storage import write_json
 
 REPORT_NAME = "preprocess_report.json"
 
@@ -72,7 +73,7 @@ def convert_file(path: str, out_dir: str) -> FileResult:
         result.bad.append(BadRecord(path, -1, f"cannot read file: {e}"))
     # The bad list goes first: a finished shard always has its bad list beside it.
     if result.bad:
-        bad_list.write_text(json.dumps([asdict(b) for b in result.bad]))
+        write_json(bad_list, [asdict(b) for b in result.bad])
     write_shard(shard, records)
     result.scenarios = len(records)
     return result
@@ -106,7 +107,5 @@ def preprocess(pattern: str, out_dir: str | Path, num_workers: int | None = None
         "seconds": round(time.perf_counter() - started, 3),
         "shards": [r.shard for r in results],
     }
-    tmp = out_dir / f".{REPORT_NAME}.tmp"
-    tmp.write_text(json.dumps(report, indent=2))
-    tmp.replace(out_dir / REPORT_NAME)
+    write_json(out_dir / REPORT_NAME, report)
     return report

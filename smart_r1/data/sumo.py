@@ -10,6 +10,7 @@ same `ScenarioRecord` -> proto path as WOMD data, so `smart-r1 preprocess` reads
 
 from __future__ import annotations
 
+import json
 import multiprocessing
 import os
 import tempfile
@@ -26,6 +27,7 @@ from smart_r1.data.sumo_network import NetworkSpec, RoadMap, build_network, extr
 from smart_r1.data.sumo_traffic import AGENT_TYPES, Demand, Tracks, make_demand, simulate
 from smart_r1.data.tfrecord import write_records
 from smart_r1.data.womd import scenario_to_proto
+from smart_r1.storage import write_json
 from smart_r1.types import (
     CURRENT_TIME_INDEX, CYCLIST, MAP_KINDS, NUM_STEPS, PEDESTRIAN, STEP_SECONDS, TL_ABSENT, VEHICLE,
     ScenarioRecord,
@@ -190,6 +192,7 @@ def _field(number: int, payload: bytes) -> bytes:
     return bytes(out) + payload
 
 
+SUMMARY_NAME = "dataset.json"  # written last: a generated set with it is complete
 _SCENARIO = scenario_pb2.Scenario.DESCRIPTOR
 _TRACKS = _SCENARIO.fields_by_name["tracks"].number
 _MAP_FEATURES = _SCENARIO.fields_by_name["map_features"].number
@@ -347,7 +350,10 @@ def make_dataset(out_dir, num_scenarios: int, seed: int, scenarios_per_file: int
                  config: SumoConfig = SumoConfig()) -> dict:
     """Generate `num_scenarios` scenarios into `out_dir/sumo-SSSSS-of-NNNNN.tfrecord` files.
 
-    Deterministic: the same seed gives the same bytes. Returns a JSON-able summary.
+    Deterministic: the same seed gives the same bytes. Returns a JSON-able summary, also written
+    last as `out_dir/dataset.json`: each file is written atomically and the summary after them,
+    so a set with its summary is complete (an interrupted run leaves no summary; see
+    `complete_dataset`).
     """
     if num_scenarios < 1 or scenarios_per_file < 1:
         raise ValueError("--scenarios and --per-file must be at least 1")
@@ -377,9 +383,23 @@ def make_dataset(out_dir, num_scenarios: int, seed: int, scenarios_per_file: int
         write_records(path, scenarios[f * scenarios_per_file:(f + 1) * scenarios_per_file])
         files.append(str(path))
     seconds = time.perf_counter() - started
-    return {"files": files, "scenarios": len(scenarios), "networks": networks, "seed": seed,
-            "seconds": round(seconds, 3), "scenarios_per_second": round(len(scenarios) / seconds, 2),
-            **summarize(scenarios), "config": asdict(config)}
+    summary = {"files": files, "scenarios": len(scenarios), "networks": networks, "seed": seed,
+               "scenarios_per_file": scenarios_per_file, "seconds": round(seconds, 3),
+               "scenarios_per_second": round(len(scenarios) / seconds, 2),
+               **summarize(scenarios), "config": asdict(config)}
+    write_json(out_dir / SUMMARY_NAME, summary)
+    return summary
+
+
+def complete_dataset(out_dir, num_scenarios: int, seed: int) -> bool:
+    """Whether `out_dir` holds a whole generated set of these `num_scenarios` and `seed` (its
+    summary is written after every file, and names them)."""
+    path = Path(out_dir) / SUMMARY_NAME
+    if not path.exists():
+        return False
+    summary = json.loads(path.read_text())
+    return (summary.get("scenarios") == num_scenarios and summary.get("seed") == seed
+            and all((Path(out_dir) / Path(f).name).exists() for f in summary.get("files", [])))
 
 
 def summarize(scenarios: list[bytes]) -> dict:

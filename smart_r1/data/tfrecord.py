@@ -14,6 +14,8 @@ from pathlib import Path
 
 import google_crc32c
 
+from smart_r1.storage import write_bytes
+
 _MASK_DELTA = 0xA282EAD8
 
 
@@ -74,14 +76,11 @@ def read_records(path: str | Path) -> Iterator[bytes]:
 
 
 def write_records(path: str | Path, payloads: Iterable[bytes]) -> int:
-    """Write payloads as a TFRecord file; returns the number written."""
-    count = 0
-    with open(path, "wb") as f:
-        for data in payloads:
-            length = struct.pack("<Q", len(data))
-            f.write(length)
-            f.write(struct.pack("<I", masked_crc(length)))
-            f.write(data)
-            f.write(struct.pack("<I", masked_crc(data)))
-            count += 1
-    return count
+    """Write payloads as a TFRecord file, atomically (the file is whole or absent); returns the
+    number written."""
+    frames = []
+    for data in payloads:
+        length = struct.pack("<Q", len(data))
+        frames += [length, struct.pack("<I", masked_crc(length)), data, struct.pack("<I", masked_crc(data))]
+    write_bytes(path, b"".join(frames))
+    return len(frames) // 4

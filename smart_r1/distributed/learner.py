@@ -8,8 +8,6 @@ loops are `supervised_loop` (BC, CAT-K SFT) and `mpo_loop` (RFT); what they shar
 
 from __future__ import annotations
 
-import os
-import shutil
 from pathlib import Path
 
 from ray.train import FailureConfig, RunConfig, ScalingConfig
@@ -19,6 +17,7 @@ from smart_r1.config import RayConfig
 from smart_r1.distributed.mpo_loop import mpo_loop
 from smart_r1.distributed.supervised_loop import supervised_loop
 from smart_r1.distributed.worker_kit import MODEL_NAME, LearnerJob
+from smart_r1.storage import copy_file
 
 
 def run_learner(job: LearnerJob, ray_cfg: RayConfig, storage_path: str) -> str:
@@ -31,7 +30,7 @@ def run_learner(job: LearnerJob, ray_cfg: RayConfig, storage_path: str) -> str:
         scaling_config=ScalingConfig(num_workers=ray_cfg.num_learners, use_gpu=ray_cfg.use_gpu,
                                      resources_per_worker={"CPU": ray_cfg.cpus_per_learner,
                                                            **({"GPU": 1} if ray_cfg.use_gpu else {})}),
-        run_config=RunConfig(name=f"{Path(job.stage_dir).parent.name}-{job.stage.name}",
+        run_config=RunConfig(name=job.run_name or f"{Path(job.stage_dir).parent.name}-{job.stage.name}",
                              storage_path=storage_path,
                              failure_config=FailureConfig(max_failures=ray_cfg.max_learner_failures)),
     )
@@ -40,7 +39,5 @@ def run_learner(job: LearnerJob, ray_cfg: RayConfig, storage_path: str) -> str:
         raise RuntimeError(f"stage {job.stage.name}: learner failed") from result.error
     out = Path(job.stage_dir) / MODEL_NAME
     with result.checkpoint.as_directory() as d:
-        tmp = out.with_name(f".{MODEL_NAME}.tmp")
-        shutil.copyfile(Path(d) / MODEL_NAME, tmp)
-        os.replace(tmp, out)
+        copy_file(Path(d) / MODEL_NAME, out)
     return str(out)

@@ -6,7 +6,10 @@ One RL step:
     adv       stale experiences (weights more than `max_staleness` versions old) are dropped,
               failed rollouts are dropped and counted (never scored as zero: with a fixed
               baseline a zero reward would push the policy away from whatever it sampled);
-              the rest are collated into one `ExperienceBatch`
+              the rest are collated into one `ExperienceBatch`; when fewer than
+              `min_rollout_fraction` of the step's scenarios are usable, the step is sampled again
+              once, then the stage stops with the failures named (every wait is bounded by
+              `ray.task_timeout_s`)
     update    `mpo_step` on this rank's share, gradients averaged over ranks
     sync      one `ray.put` of the new weights, tagged with the next version
 With max_staleness >= 1 the next step's rollouts are dispatched before the update (with the
@@ -16,17 +19,22 @@ clipped ratio surrogate, which corrects for the one-version lag.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import ray
 import torch.distributed as dist
 
-from smart_r1.distributed.rollout_worker import RolloutSpec, split
+from smart_r1.distributed import rollout_tasks
+from smart_r1.distributed.rollout_tasks import Task
+from smart_r1.distributed.rollout_worker import RolloutSpec
 from smart_r1.distributed.timing import PhaseTimer, format_phases
 from smart_r1.distributed.worker_kit import LearnerJob, Progress, maybe_fail, report, say, start_training
 from smart_r1.model.checkpoint import load_checkpoint
 from smart_r1.rl.experience import collate_experiences
 from smart_r1.rl.mpo import mpo_step
-from smart_r1.types import Experience, RolloutFailure
+from smart_r1.rl.optim import NonFiniteGuard
+from smart_r1.types import Experience
 
 
 def step_scenarios(seed: int, step: int, num_scenarios: int, count: int) -> list[int]:
@@ -35,28 +43,16 @@ def step_scenarios(seed: int, step: int, num_scenarios: int, count: int) -> list
     return sorted(rng.choice(num_scenarios, size=count, replace=count > num_scenarios).tolist())
 
 
-def dispatch(workers: list, version: int, weights_ref, indices: list[int], spec: RolloutSpec) -> list:
-    return [w.rollout.remote(version, [weights_ref], "train", shard, spec)
-            for w, shard in zip(workers, split(indices, len(workers)))]
+def dispatch(workers: list, version: int, weights_ref, indices: list[int], spec: RolloutSpec) -> list[Task]:
+    return rollout_tasks.dispatch(workers, "rollout", indices, version, [weights_ref], "train", spec)
 
 
-def collect(pending: list) -> tuple[list[Experience], int]:
-    """Experiences of finished tasks; failed scenarios and failed tasks are counted, not kept."""
-    experiences, failed = [], 0
-    for ref in pending:
-        try:
-            results = ray.get(ref)
-        except ray.exceptions.RayError as e:
-            say(f"[rft] a rollout task failed and is dropped: {type(e).__name__}")
-            failed += 1
-            continue
-        for r in results:
-            if isinstance(r, RolloutFailure):
-                say(f"[rft] rollout of {r.scenario_id} failed and is dropped: {r.error.splitlines()[0]}")
-                failed += 1
-            else:
-                experiences.append(r)
-    return experiences, failed
+def collect(tasks: list[Task], timeout_s: float) -> tuple[list[Experience], int]:
+    """Experiences of finished tasks; failed scenarios and failed tasks are counted and named, not kept."""
+    experiences, failures = rollout_tasks.gather(tasks, timeout_s, "RL step rollouts")
+    for message in failures:
+        say(f"[rft] dropped: {message}")
+    return experiences, len(failures)
 
 
 def _share(experiences: list[Experience], rank: int, world_size: int) -> list[Experience]:
@@ -76,10 +72,11 @@ def mpo_loop(config: dict) -> None:
     ref_model = load_checkpoint(job.ref_checkpoint or job.init_checkpoint, map_location=device)
     ref_model.requires_grad_(False)
     workers = job.rollout_workers
-    num_scenarios = ray.get(workers[0].num_scenarios.remote("train"))
+    num_scenarios = ray.get(workers[0].num_scenarios.remote("train"), timeout=job.task_timeout_s)
     spec = RolloutSpec.of_stage(stage)
     overlap = stage.max_staleness >= 1
     timer = PhaseTimer()
+    guard = NonFiniteGuard(f"stage {stage.name}", stage.max_nonfinite_updates)
     progress = Progress(stage.name, stage.steps, start, rank == 0)
     if rank == 0:
         objective = ("the clipped ratio surrogate (MPO-3): batches are reused or sampled one update ahead"
@@ -93,6 +90,13 @@ def mpo_loop(config: dict) -> None:
     def scenarios_of(step: int) -> list[int]:
         return step_scenarios(job.seed, step, num_scenarios, stage.scenarios_per_step)
 
+    def usable(tasks: list[Task]) -> tuple[list[Experience], int, int]:
+        """(fresh experiences, failed scenarios, stale scenarios) of dispatched tasks."""
+        experiences, failed = collect(tasks, job.task_timeout_s)
+        fresh = [e for e in experiences if version - e.version <= stage.max_staleness]
+        return fresh, failed, len(experiences) - len(fresh)
+
+    needed = math.ceil(stage.min_rollout_fraction * stage.scenarios_per_step)
     version = start
     pending = dispatch(workers, version, weights(), scenarios_of(start), spec) if rank == 0 else []
     for step in range(start, stage.steps):
@@ -102,10 +106,18 @@ def mpo_loop(config: dict) -> None:
         experiences, failed, stale = [], 0, 0
         if rank == 0:
             with timer.phase("rollout"):
-                experiences, failed = collect(pending)
-            fresh = [e for e in experiences if version - e.version <= stage.max_staleness]
-            stale = len(experiences) - len(fresh)
-            experiences = fresh
+                experiences, failed, stale = usable(pending)
+                if len(experiences) < needed:  # sample this step again, once, with the current weights
+                    say(f"[{stage.name}] RL step {step}: {len(experiences)} of {stage.scenarios_per_step} scenarios "
+                        f"usable ({failed} failed, {stale} stale); sampling it again")
+                    experiences, failed_again, stale_again = usable(
+                        dispatch(workers, version, weights(), scenarios_of(step), spec))
+                    failed, stale = failed + failed_again, stale + stale_again
+                    if len(experiences) < needed:
+                        raise RuntimeError(
+                            f"stage {stage.name}, RL step {step}: only {len(experiences)} of {stage.scenarios_per_step} "
+                            f"scenarios gave usable rollouts twice (min_rollout_fraction {stage.min_rollout_fraction}); "
+                            "the failures are named above")
             if overlap and step + 1 < stage.steps:  # sample the next step while this one updates
                 pending = dispatch(workers, version, weights(), scenarios_of(step + 1), spec)
         experiences = _share(experiences, rank, world_size)
@@ -115,7 +127,10 @@ def mpo_loop(config: dict) -> None:
             batch = collate_experiences(experiences, device)
         with timer.phase("update"):
             stats = mpo_step(model, ref_model, optimizer, batch, stage, version, world_size)
-        version += 1
+        if guard.update(stats["grad_norm"], f"RL step {step}"):
+            version += 1  # the weights changed (a skipped update leaves the version as it was)
+        else:
+            say(f"[{stage.name}] RL step {step}: non-finite loss or gradient, update skipped")
         if rank == 0 and not overlap and step + 1 < stage.steps:
             pending = dispatch(workers, version, weights(), scenarios_of(step + 1), spec)
         worker_time = {f"worker_{k}_s": float(np.mean([e.seconds[k] for e in experiences]))
@@ -127,6 +142,7 @@ def mpo_loop(config: dict) -> None:
             "collision_rate": float(np.mean([e.collision.mean() for e in experiences])),
             "offroad_rate": float(np.mean([e.offroad.mean() for e in experiences])),
             "rollouts_failed": failed, "rollouts_stale": stale, "scenarios": len(experiences),
+            "nonfinite_skipped": guard.skipped,
         }
         progress.line(step + 1, f"reward {metrics['reward']:.3f} realism {metrics['realism']:.3f} "
                                 f"coll {metrics['collision_rate']:.3f} off {metrics['offroad_rate']:.3f} "

@@ -10,6 +10,7 @@ skips finished stages and continues an unfinished one from its last checkpoint.
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -19,22 +20,24 @@ import torch
 
 from smart_r1.config import EvalConfig, PipelineConfig
 from smart_r1.data.dataset import iter_scenarios
-from smart_r1.data.preprocess import preprocess
-from smart_r1.data.sumo import make_dataset
+from smart_r1.data.preprocess import REPORT_NAME, preprocess
+from smart_r1.data.sumo import complete_dataset, make_dataset
 from smart_r1.distributed.learner import run_learner
 from smart_r1.distributed.resources import check_resources
-from smart_r1.distributed.rollout_worker import RolloutSpec, split, start_workers
+from smart_r1.distributed.rollout_tasks import dispatch, gather
+from smart_r1.distributed.rollout_worker import RolloutSpec, start_workers
 from smart_r1.distributed.timing import PhaseTimer
-from smart_r1.distributed.worker_kit import LearnerJob
+from smart_r1.distributed.run_identity import INIT, check_run, record_stage
+from smart_r1.distributed.worker_kit import MODEL_NAME, LearnerJob
 from smart_r1.metrics import aggregate_metrics, step_events
 from smart_r1.metrics.tables import metrics_table
 from smart_r1.model.checkpoint import load_weights, save_checkpoint
 from smart_r1.model.config import ModelConfig
 from smart_r1.model.smart_tiny import SmartTiny
 from smart_r1.rollout.policy import load_policy, sample_states
+from smart_r1.storage import write_json, write_text
 from smart_r1.tokens.motion_vocab import build_vocab
 from smart_r1.tracking.mlflow_runs import folder_run
-from smart_r1.types import RolloutFailure
 from smart_r1.viz.render import render_scenario
 
 SHARED_SCENARIO = Path(__file__).resolve().parents[2].parent / "shared" / "womd" / "motion_data_one_scenario.tfrecord"
@@ -49,10 +52,12 @@ def prepare_data(config: PipelineConfig, out: Path) -> dict[str, str]:
         if paths[name]:
             continue
         raw, parquet = out / "data" / f"{name}_raw", out / "data" / name
-        if not (parquet / "preprocess_report.json").exists():
+        if not complete_dataset(raw, count, seed):  # absent, interrupted, or of another size / seed
             print(f"[data] generating {count} SUMO scenarios ({name}, seed {seed}) ...", flush=True)
-            if not list(raw.glob("*.tfrecord")):
-                make_dataset(raw, num_scenarios=count, seed=seed)
+            for folder in (raw, parquet):
+                shutil.rmtree(folder, ignore_errors=True)
+            make_dataset(raw, num_scenarios=count, seed=seed)
+        if not (parquet / REPORT_NAME).exists():  # written last; an interrupted run resumes per shard
             report = preprocess(str(raw / "*.tfrecord"), parquet, verbose=False)
             if report["bad_records"]:
                 raise RuntimeError(f"generated data has bad records: {report['bad_records'][:3]}")
@@ -83,20 +88,18 @@ def prepare_model(config: PipelineConfig, datasets: dict[str, str], out: Path) -
     return str(init)
 
 
-def score_checkpoint(workers: list, checkpoint: str, version: int, dataset: str, cfg: EvalConfig) -> dict:
+def score_checkpoint(workers: list, checkpoint: str, version: int, dataset: str, cfg: EvalConfig,
+                     timeout_s: float = 1800.0) -> dict:
     """Fast WOSAC metrics of a checkpoint on (the first `cfg.max_scenarios` scenarios of) a
     dataset, sampled as `cfg` says, scored by the rollout workers, aggregated as the official
     code does."""
     ref = ray.put(load_weights(checkpoint))
-    count = min(cfg.max_scenarios, ray.get(workers[0].num_scenarios.remote(dataset)))
+    count = min(cfg.max_scenarios, ray.get(workers[0].num_scenarios.remote(dataset), timeout=timeout_s))
     spec = RolloutSpec(num_rollouts=cfg.num_rollouts, sampling=cfg.sampling)
-    results = [r for part in ray.get([w.score_scenarios.remote(version, [ref], dataset, shard, spec)
-                                      for w, shard in zip(workers, split(list(range(count)), len(workers)))])
-               for r in part]
-    scored = [r for r in results if not isinstance(r, RolloutFailure)]
-    failed = [r for r in results if isinstance(r, RolloutFailure)]
-    for f in failed:
-        print(f"[eval] {f.scenario_id} dropped: {f.error}", flush=True)
+    tasks = dispatch(workers, "score_scenarios", list(range(count)), version, [ref], dataset, spec)
+    scored, failed = gather(tasks, timeout_s, f"scoring on {dataset}")
+    for message in failed:
+        print(f"[eval] dropped: {message}", flush=True)
     if not scored:
         raise RuntimeError(f"evaluation on {dataset}: every scenario failed")
     summary = aggregate_metrics([{k: v for k, v in r.items() if k != "scenario_id"} for r in scored])
@@ -121,20 +124,22 @@ def run_pipeline(config: PipelineConfig, fail_once_at: dict[str, int] | None = N
     """Run (or resume) every stage; returns {stage: {dataset: metrics}}."""
     started = time.perf_counter()
     check_resources(config.ray)
+    check_run(config)  # never mixes results of another config (see run_identity)
     out = Path(config.out_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(json.dumps(config.to_dict(), indent=2))
+    write_json(out / "config.json", config.to_dict())
     tracker, new = folder_run(out, out.name)  # a re-run resumes the same MLflow run
     if new:
         tracker.log_params(config.to_dict())
     timer = PhaseTimer()
     with timer.phase("data"):
         datasets = prepare_data(config, out)
+        record_stage(config, INIT)
         current = prepare_model(config, datasets, out)
     eval_sets = [d for d in ("heldout", "real") if d in datasets]
     r = config.ray
     workers = start_workers(current, datasets, r.num_rollout_workers, r.cpus_per_rollout_worker,
-                            r.gpus_per_rollout_worker, config.seed)
+                            r.gpus_per_rollout_worker, config.seed, r.max_actor_restarts)
     storage = r.storage_path or str(out / "ray")
     rows: dict[str, dict] = {}
     reference = current
@@ -145,13 +150,13 @@ def run_pipeline(config: PipelineConfig, fail_once_at: dict[str, int] | None = N
             print(f"[{stage.name}] skipped: starting from {config.init_checkpoint}", flush=True)
             continue
         if done.exists():
-            info = json.loads(done.read_text())
-            current, rows[stage.name] = info["checkpoint"], info["metrics"]
+            current, rows[stage.name] = str(stage_dir / MODEL_NAME), json.loads(done.read_text())["metrics"]
             print(f"[{stage.name}] already finished: {current}", flush=True)
             if stage.kind != "mpo":
                 reference = current
             continue
         stage_dir.mkdir(parents=True, exist_ok=True)
+        fingerprint = record_stage(config, stage.name)
         stage_tracker = tracker.child(stage.name)
         stage_tracker.log_params(asdict(stage))
         print(f"[{stage.name}] {stage.kind} from {current}", flush=True)
@@ -160,29 +165,32 @@ def run_pipeline(config: PipelineConfig, fail_once_at: dict[str, int] | None = N
                          seed=config.seed, ref_checkpoint=reference if stage.kind == "mpo" else "",
                          rollout_workers=workers if stage.kind == "mpo" else [], tracker=stage_tracker,
                          threads=r.learner_threads or max(1, int(r.cpus_per_learner)),
-                         fail_once_at=(fail_once_at or {}).get(stage.name, -1))
+                         fail_once_at=(fail_once_at or {}).get(stage.name, -1),
+                         run_name=f"{out.name}-{stage.name}-{fingerprint}", task_timeout_s=r.task_timeout_s)
         with timer.phase(f"stage_{stage.name}"):
             current = run_learner(job, r, storage)
         with timer.phase("eval"):
-            rows[stage.name] = {d: score_checkpoint(workers, current, 10**6 + i + 1, d, config.eval) for d in eval_sets}
+            rows[stage.name] = {d: score_checkpoint(workers, current, 10**6 + i + 1, d, config.eval, r.task_timeout_s)
+                                for d in eval_sets}
         seconds = time.perf_counter() - t0
         for d, m in rows[stage.name].items():
             stage_tracker.log_metrics({f"{d}/{k}": v for k, v in m.items()})
-        (stage_dir / "metrics.json").write_text(json.dumps(rows[stage.name], indent=2))
+        write_json(stage_dir / "metrics.json", rows[stage.name])
         stage_tracker.log_artifact(stage_dir / "metrics.json")
         stage_tracker.log_artifact(current, "checkpoints")
         with timer.phase("render"):
             stage_tracker.log_artifact(render_stage(current, datasets["heldout"], stage_dir / "rollout.png",
                                                     config.eval, config.seed), "plots")
         stage_tracker.finish()
-        done.write_text(json.dumps({"checkpoint": current, "metrics": rows[stage.name], "seconds": seconds}))
+        write_json(done, {"checkpoint": MODEL_NAME, "fingerprint": fingerprint, "metrics": rows[stage.name],
+                          "seconds": seconds})
         if stage.kind != "mpo":
             reference = current  # MPO's KL anchors to the latest supervised checkpoint
         print(f"[{stage.name}] finished in {seconds:.0f}s\n{stage_table({stage.name: rows[stage.name]})}",
               flush=True)
     table = stage_table(rows)
-    (out / "results.md").write_text(table + "\n")
-    (out / "results.json").write_text(json.dumps(rows, indent=2))
+    write_text(out / "results.md", table + "\n")
+    write_json(out / "results.json", rows)
     tracker.log_artifact(out / "results.md")
     tracker.log_metrics({k: v for k, v in timer.lap().items()})
     tracker.finish()

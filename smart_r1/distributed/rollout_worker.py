@@ -136,14 +136,11 @@ class RolloutWorker:
 
 
 def start_workers(checkpoint: str, datasets: dict[str, str], count: int, cpus: float, gpus: float,
-                  seed: int = 0) -> list:
-    """`count` rollout actors; each restarts after a crash and retries its unfinished tasks."""
-    actor = ray.remote(RolloutWorker).options(num_cpus=cpus, num_gpus=gpus, max_restarts=-1,
-                                              max_task_retries=-1)
+                  seed: int = 0, max_restarts: int = 3) -> list:
+    """`count` rollout actors; each restarts after a crash (at most `max_restarts` times) and
+    retries its unfinished tasks, so a permanently failing actor ends as a failed task, not a hang."""
+    actor = ray.remote(RolloutWorker).options(num_cpus=cpus, num_gpus=gpus, max_restarts=max_restarts,
+                                              max_task_retries=max_restarts)
     device = "cuda" if gpus > 0 else "cpu"
     return [actor.remote(checkpoint, datasets, device, max(1, int(cpus)), seed, i) for i in range(count)]
 
-
-def split(indices: list[int], parts: int) -> list[list[int]]:
-    """Round-robin shards of indices, one per worker (empty shards dropped)."""
-    return [s for s in (indices[i::parts] for i in range(parts)) if s]

@@ -19,7 +19,7 @@ from smart_r1.distributed.timing import PhaseTimer, format_phases
 from smart_r1.distributed.worker_kit import LearnerJob, Progress, maybe_fail, report, say, start_training
 from smart_r1.rl.bc import bc_loss
 from smart_r1.rl.catk import catk_sft_loss
-from smart_r1.rl.optim import optimizer_step, set_learning_rate, warmup_cosine
+from smart_r1.rl.optim import NonFiniteGuard, optimizer_step, set_learning_rate, warmup_cosine
 from smart_r1.tokens.scene import build_scene, collate
 
 
@@ -60,10 +60,12 @@ def supervised_loop(config: dict) -> None:
     steps_per_epoch = stage.steps_per_epoch or math.ceil(scenes.total / world_size / stage.batch_scenarios)
     progress = Progress(stage.name, stage.epochs * steps_per_epoch, start_epoch * steps_per_epoch, rank == 0)
     torch.manual_seed(job.seed + rank)
+    guard = NonFiniteGuard(f"stage {stage.name}", stage.max_nonfinite_updates)
     for epoch in range(start_epoch, stage.epochs):
         maybe_fail(job, epoch)
         random.Random(job.seed * 7919 + epoch).shuffle(order)
         totals = {"loss": 0.0, "accuracy": 0.0, "tokens": 0}
+        skipped_before = guard.skipped
         for i in range(steps_per_epoch):
             with timer.phase("tokenize"):  # first use only
                 picked = [scenes[order[(i * stage.batch_scenarios + j) % len(order)]]
@@ -80,6 +82,9 @@ def supervised_loop(config: dict) -> None:
                     loss, stats = catk_sft_loss(model, batch, stage.catk_k)
             with timer.phase("update"):
                 grad_norm = optimizer_step(model, optimizer, loss, stage.grad_clip, world_size)
+            if not guard.update(grad_norm, f"epoch {epoch} step {i}"):
+                say(f"[{stage.name}] epoch {epoch} step {i}: non-finite loss or gradient, update skipped")
+                continue
             for k in ("loss", "accuracy"):
                 totals[k] += stats[k] * stats["tokens"]
             totals["tokens"] += stats["tokens"]
@@ -89,7 +94,8 @@ def supervised_loop(config: dict) -> None:
                                     f"acc {stats['accuracy']:.3f} |grad| {grad_norm:.2f}")
         n = max(totals["tokens"], 1)
         times = timer.lap()
-        metrics = {"epoch": epoch, "loss": totals["loss"] / n, "accuracy": totals["accuracy"] / n, **times}
+        metrics = {"epoch": epoch, "loss": totals["loss"] / n, "accuracy": totals["accuracy"] / n,
+                   "nonfinite_skipped": guard.skipped - skipped_before, **times}
         if rank == 0:
             say(f"[{stage.name}] epoch {epoch + 1}/{stage.epochs}: loss {metrics['loss']:.4f} "
                 f"accuracy {metrics['accuracy']:.3f} | {format_phases(times)}")

@@ -39,8 +39,11 @@ from ray.tune.schedulers import ASHAScheduler
 from smart_r1.config import PipelineConfig
 from smart_r1.distributed.pipeline import prepare_data, run_pipeline
 from smart_r1.distributed.resources import resources_needed, trial_resources, whole_trials
+from smart_r1.distributed.run_identity import fingerprint
 from smart_r1.distributed.sweep_config import SweepConfig, check_space, split_stages, trial_config
 from smart_r1.distributed.sweep_results import METRICS, best_row, format_sweep_table, trial_row
+from smart_r1.distributed.worker_kit import MODEL_NAME
+from smart_r1.storage import write_json, write_text
 from smart_r1.tracking.mlflow_runs import RunTracker, check_tracking_uri, folder_run, resolve_tracking_uri
 
 
@@ -58,7 +61,7 @@ def resolve_shared(checkpoint: str, base: PipelineConfig, rft_stage: str) -> tup
     if not done.exists():
         raise ValueError(f"shared SFT checkpoint: {path} is not a pipeline run folder with a finished "
                          f"{name!r} stage ({done} is missing)")
-    ckpt = path / name / "model.pt"  # where the pipeline puts it (done.json's path breaks if the folder moved)
+    ckpt = path / name / MODEL_NAME  # where the pipeline puts it
     if not ckpt.exists():
         raise ValueError(f"shared SFT checkpoint: {ckpt} is missing")
     data = {d: str(path / "data" / d) for d in ("train", "heldout") if (path / "data" / d).exists()}
@@ -133,7 +136,7 @@ def shared_base(sweep: SweepConfig, base: PipelineConfig, out: Path, checkpoint:
         folder_run(base_dir, "shared stages", parent=tracker)
         print(f"[sweep] shared stages {[s.name for s in before]} in {base_dir} (skipped where finished)", flush=True)
         run_pipeline(config)
-        ckpt = json.loads((base_dir / before[-1].name / "done.json").read_text())["checkpoint"]
+        ckpt = str(base_dir / before[-1].name / MODEL_NAME)
         datasets = prepare_data(config, base_dir)
     data = dataclasses.replace(data, train=datasets["train"], heldout=datasets["heldout"])
     return dataclasses.replace(base, data=data, init_checkpoint=ckpt).validate()
@@ -145,14 +148,15 @@ def run_sweep(sweep: SweepConfig, base: PipelineConfig, checkpoint: str = "") ->
     preflight(sweep, base, checkpoint)
     out = Path(sweep.out_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    (out / "sweep.json").write_text(json.dumps(_identity(sweep, base), indent=2))
+    write_json(out / "sweep.json", _identity(sweep, base))
     tracker, new = folder_run(out, out.name)  # a resumed sweep keeps its MLflow run
     if new:
         tracker.log_params({"sweep": dataclasses.asdict(sweep), "pipeline": base.to_dict()})
     trial_base = shared_base(sweep, base, out, checkpoint, tracker)
     setup = TrialSetup(trial_base, sweep.rft_stage, str(out / "trials"), tracker.tracking_uri, tracker.run_id)
     trainable = tune.with_resources(tune.with_parameters(run_trial, setup=setup), trial_resources(base.ray))
-    path = out / "tune" / "sweep"
+    name = f"sweep-{fingerprint(_identity(sweep, base))}"  # a sweep of another space never resumes this one
+    path = out / "tune" / name
     if tune.Tuner.can_restore(path):
         print(f"[sweep] resuming {path}: finished trials are kept", flush=True)
         # Errored trials (already retried by FailureConfig) stay errored: Tune starts every
@@ -177,12 +181,12 @@ def run_sweep(sweep: SweepConfig, base: PipelineConfig, checkpoint: str = "") ->
                                         max_concurrent_trials=concurrent, scheduler=scheduler),
             # a retried trial continues from its last finished stage (and the learner from its last
             # checkpoint), so a trial killed by a node failure or the OOM killer costs little
-            run_config=tune.RunConfig(name="sweep", storage_path=str(out / "tune"), verbose=1,
+            run_config=tune.RunConfig(name=name, storage_path=str(out / "tune"), verbose=1,
                                       failure_config=tune.FailureConfig(max_failures=2)))
     rows = [trial_row(r) for r in tuner.fit()]
     table = format_sweep_table(rows)
-    (out / "results.md").write_text(table + "\n")
-    (out / "results.json").write_text(json.dumps(rows, indent=2))
+    write_text(out / "results.md", table + "\n")
+    write_json(out / "results.json", rows)
     tracker.log_artifact(out / "results.md")
     failed = [r for r in rows if r["status"] == "error"]
     best = best_row(rows)
@@ -190,7 +194,7 @@ def run_sweep(sweep: SweepConfig, base: PipelineConfig, checkpoint: str = "") ->
                                    "decimals go to lower collision + off-road rate, then lower minADE",
               "overrides": [f"{sweep.rft_stage}.alpha={best['alpha']}", f"{sweep.rft_stage}.beta={best['beta']}"],
               "config": trial_config(trial_base, sweep.rft_stage, best["alpha"], best["beta"], "").to_dict()}
-    (out / "best.json").write_text(json.dumps(record, indent=2))
+    write_json(out / "best.json", record)
     tracker.log_artifact(out / "best.json")
     tracker.log_metrics({"best_alpha": best["alpha"], "best_beta": best["beta"],
                          **{f"best_{k}": v for k, v in best["metrics"].items()}})

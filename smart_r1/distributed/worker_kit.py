@@ -9,9 +9,6 @@ step) lives in `smart_r1.rl` and runs without Ray.
 
 from __future__ import annotations
 
-import json
-import os
-import shutil
 import sys
 import tempfile
 import time
@@ -24,6 +21,7 @@ from ray.train import Checkpoint
 
 from smart_r1.config import StageConfig
 from smart_r1.model.checkpoint import load_checkpoint, save_checkpoint
+from smart_r1.storage import copy_file, truncate_log, write_log_row
 from smart_r1.tracking.mlflow_runs import RunTracker
 
 STATE_NAME = "state.pt"  # inside a Ray Train checkpoint: model, optimizer, progress
@@ -46,6 +44,8 @@ class LearnerJob:
     tracker: RunTracker | None = None
     threads: int = 1
     fail_once_at: int = -1  # fault injection for tests: raise once at this step/epoch
+    run_name: str = ""  # the Ray Train run (its checkpoints); includes the stage's fingerprint
+    task_timeout_s: float = 1800.0  # longest wait for one rollout task
 
 
 def say(message: str) -> None:
@@ -105,27 +105,35 @@ def start_training(job: LearnerJob, unit: str) -> tuple:
         start = int(state["progress"]) + 1
         if rank == 0:
             say(f"[{job.stage.name}] resuming after {unit} {start - 1}")
+    if rank == 0:  # rows of work after the newest checkpoint are redone, so logged again
+        truncate_log(Path(job.stage_dir) / TRAIN_LOG, start)
     return model, optimizer, device, rank, world_size, start
 
 
 def report(job: LearnerJob, model, optimizer, progress: int, metrics: dict, rank: int) -> None:
-    """Report metrics and a checkpoint (rank 0 writes it) to Ray Train; log to MLflow."""
+    """Report metrics and a checkpoint (rank 0 writes it) to Ray Train; log to MLflow.
+
+    Crash consistency: the stage's log row is written first (replacing any row of this or a later
+    unit, left by a run that crashed after logging), then the state, atomically. A crash between
+    the two leaves a row whose unit is redone on resume and logged again, once.
+    """
+    core = getattr(model, "module", model)
+    bad = [name for name, p in core.state_dict().items() if p.is_floating_point() and not torch.isfinite(p).all()]
+    if bad:  # never saved: the last finite checkpoint stays the one to resume from
+        raise FloatingPointError(f"stage {job.stage.name}: non-finite weights after {progress} ({bad[:3]}); "
+                                 "not saved")
     if job.tracker is not None:
         job.tracker.for_rank(rank).log_metrics(metrics, step=progress)
     if rank != 0:
         ray.train.report(metrics, checkpoint=None)
         return
-    with open(Path(job.stage_dir) / TRAIN_LOG, "a") as f:  # the stage's metrics table, one row per report
-        f.write(json.dumps({"progress": progress, **metrics}) + "\n")
+    write_log_row(Path(job.stage_dir) / TRAIN_LOG, {"progress": progress, **metrics})
     with tempfile.TemporaryDirectory() as d:
-        core = getattr(model, "module", model)
         state = {"model": {k: v.detach().cpu() for k, v in core.state_dict().items()},
                  "optimizer": optimizer.state_dict(), "progress": progress}
         torch.save(state, Path(d) / STATE_NAME)
         save_checkpoint(Path(d) / MODEL_NAME, core, {"stage": job.stage.name, "progress": progress})
-        tmp = Path(job.stage_dir) / f".{LAST_NAME}.tmp"
-        shutil.copyfile(Path(d) / STATE_NAME, tmp)
-        os.replace(tmp, Path(job.stage_dir) / LAST_NAME)
+        copy_file(Path(d) / STATE_NAME, Path(job.stage_dir) / LAST_NAME)
         ray.train.report(metrics, checkpoint=Checkpoint.from_directory(d))
 
 

@@ -13,7 +13,6 @@ the CLI prints it and exits non-zero.
 from __future__ import annotations
 
 import dataclasses
-import json
 import tempfile
 import time
 from collections.abc import Iterator
@@ -31,6 +30,7 @@ from smart_r1.metrics import compute_scenario_metrics, step_events
 from smart_r1.metrics.leaderboard import Leaderboard, leaderboard
 from smart_r1.metrics.rollouts_io import scenario_rollouts_to_states, states_to_scenario_rollouts
 from smart_r1.rollout.policy import load_policy, sample_states
+from smart_r1.storage import write_json
 from smart_r1.types import ScenarioRecord
 from smart_r1.viz.render import render_scenario
 
@@ -160,8 +160,7 @@ def evaluate(cfg: EvaluateConfig, progress: bool = True) -> tuple[EvaluationResu
                               seconds=time.time() - start)
     if cfg.out:
         out = Path(cfg.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps({**result.to_dict(), "config": asdict(cfg)}, indent=2))
+        write_json(out, {**result.to_dict(), "config": asdict(cfg)})
         render_dir = out.parent / f"{out.stem}_renders"
     else:
         render_dir = Path(tempfile.mkdtemp(prefix="smart_r1_renders_"))

@@ -14,6 +14,7 @@ names, renamed to `-of-N` once N is known, then packed.
 
 from __future__ import annotations
 
+import io
 import tarfile
 import zlib
 from dataclasses import dataclass, field
@@ -25,6 +26,7 @@ from waymo_open_dataset.utils.sim_agents import submission_specs
 
 from smart_r1.data.womd import scenario_to_proto
 from smart_r1.metrics.rollouts_io import scenario_rollouts_to_states
+from smart_r1.storage import write_bytes
 from smart_r1.types import ScenarioRecord
 
 SHARD_PREFIX = "submission.binproto"
@@ -149,7 +151,7 @@ class SubmissionWriter:
         shard = self.info.to_proto()
         shard.scenario_rollouts.extend(self._pending)
         path = self.out_dir / f"{SHARD_PREFIX}-{len(self._parts):05d}.partial"
-        path.write_bytes(shard.SerializeToString())
+        write_bytes(path, shard.SerializeToString())
         self._parts.append(path)
         self._pending = []
 
@@ -165,9 +167,11 @@ class SubmissionWriter:
         for i, part in enumerate(self._parts):
             shards.append(part.rename(self.out_dir / f"{SHARD_PREFIX}-{i:05d}-of-{total:05d}"))
         archive = self.out_dir / ARCHIVE_NAME
-        with tarfile.open(archive, "w:gz") as tar:
+        packed = io.BytesIO()
+        with tarfile.open(fileobj=packed, mode="w:gz") as tar:
             for shard in shards:
                 tar.add(shard, arcname=shard.name)  # the server expects the shards at the root
+        write_bytes(archive, packed.getvalue())  # atomically: an archive on disk is a whole one
         self.archive = archive
         return archive
 

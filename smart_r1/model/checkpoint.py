@@ -10,6 +10,7 @@ import torch
 
 from smart_r1.model.config import ModelConfig
 from smart_r1.model.smart_tiny import SmartTiny
+from smart_r1.storage import save_torch
 from smart_r1.tokens.motion_vocab import MotionVocab
 
 FORMAT = "smart-r1/smart-tiny/v1"
@@ -18,10 +19,9 @@ FORMAT = "smart-r1/smart-tiny/v1"
 def save_checkpoint(path: str | Path, model: SmartTiny, extra: dict | None = None) -> None:
     """Write model weights, config and vocabulary; `extra` holds plain values (stage, epoch, loss)."""
     model = getattr(model, "module", model)  # unwrap DistributedDataParallel
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    torch.save({"format": FORMAT, "model_config": model.cfg.to_dict(), "vocab": model.vocab.to_dict(),
-                "state_dict": state, "extra": dict(extra or {})}, path)
+    save_torch({"format": FORMAT, "model_config": model.cfg.to_dict(), "vocab": model.vocab.to_dict(),
+                "state_dict": state, "extra": dict(extra or {})}, path)  # atomically: never half a file
 
 
 def _reason(e: BaseException) -> str:
@@ -89,8 +89,8 @@ def checkpoint_extra(path: str | Path) -> dict:
 
 def load_weights(path: str | Path) -> dict[str, torch.Tensor]:
     """The state dict of a checkpoint (CPU tensors), e.g. to send to workers that already hold the
-    model; ValueError when the file is not a SMART-tiny checkpoint."""
-    blob = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(blob, dict) or blob.get("format") != FORMAT:
-        raise ValueError(f"{path} is not a SMART-tiny checkpoint (expected format {FORMAT!r})")
-    return blob["state_dict"]
+    model; ValueError as `load_checkpoint`."""
+    weights = _read(path).get("state_dict")
+    if not isinstance(weights, dict):
+        raise ValueError(f"checkpoint {path}: no state dict")
+    return weights

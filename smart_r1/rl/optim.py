@@ -53,13 +53,44 @@ def average_gradients(model: torch.nn.Module, world_size: int) -> None:
 def optimizer_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, loss: torch.Tensor,
                    grad_clip: float, world_size: int = 1) -> float:
     """backward, average gradients over learners, clip their norm, step. Returns the norm before
-    clipping."""
+    clipping.
+
+    A non-finite loss or gradient skips the update (the weights stay as they were) and the
+    returned norm is NaN or inf: one bad batch must not poison the weights. Every learner skips
+    together: a non-finite loss on one learner makes its gradients NaN before the all-reduce.
+    """
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
+    finite_loss = bool(torch.isfinite(loss.detach()).all())
     for p in model.parameters():  # every learner all-reduces the same list of tensors
-        if p.grad is None and p.requires_grad:
-            p.grad = torch.zeros_like(p)
+        if p.requires_grad and (p.grad is None or not finite_loss):
+            p.grad = torch.full_like(p, float("nan")) if not finite_loss else torch.zeros_like(p)
     average_gradients(model, world_size)
-    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-    optimizer.step()
-    return float(norm)
+    norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip))
+    if math.isfinite(norm):
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return norm
+
+
+class NonFiniteGuard:
+    """Counts updates skipped for a non-finite loss or gradient; more than `limit` in a row stop
+    the stage with a clear error (a diverged run, not one bad batch)."""
+
+    def __init__(self, where: str, limit: int):
+        self.where, self.limit = where, limit
+        self.in_a_row = 0
+        self.skipped = 0
+
+    def update(self, grad_norm: float, at: str) -> bool:
+        """True if the update with this gradient norm was applied."""
+        if math.isfinite(grad_norm):
+            self.in_a_row = 0
+            return True
+        self.in_a_row += 1
+        self.skipped += 1
+        if self.in_a_row > self.limit:
+            raise FloatingPointError(f"{self.where}: {self.in_a_row} updates in a row with a non-finite loss or "
+                                     f"gradient (last at {at}); the run diverged: lower the learning rate or "
+                                     f"check the data")
+        return False

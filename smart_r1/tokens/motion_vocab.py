@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from smart_r1.storage import save_torch
 from smart_r1.tokens.geometry import box_corners, relative, wrap_angle
 from smart_r1.types import CYCLIST, PEDESTRIAN, ScenarioRecord
 
@@ -79,7 +80,7 @@ class MotionVocab:
         return cls(d["contours"].float()).validate()
 
     def save(self, path) -> None:
-        torch.save(self.to_dict(), path)
+        save_torch(self.to_dict(), path)
 
     @classmethod
     def load(cls, path) -> "MotionVocab":

@@ -15,6 +15,7 @@ from smart_r1.config import MPOStage, RayConfig
 from smart_r1.distributed.learner import run_learner
 from smart_r1.distributed.worker_kit import LearnerJob
 from smart_r1.distributed.mpo_loop import collect
+from smart_r1.distributed.rollout_tasks import Task
 from smart_r1.ray_runtime import ensure_ray
 from smart_r1.distributed.rollout_worker import RolloutSpec, start_workers
 from smart_r1.types import Experience, RolloutFailure
@@ -66,10 +67,10 @@ def test_failed_scenarios_are_dropped_and_counted(submitted, local_ray):
     (worker,) = start_workers(str(out / "sft" / "model.pt"), bad, count=1, cpus=0.5, gpus=0.0)
     spec = RolloutSpec(num_rollouts=2)
     # index 10**6 does not exist: that scenario fails inside the actor, the others are scored
-    refs = [worker.rollout.remote(0, [], "train", [0, 10**6, 1], spec)]
-    raw = ray.get(refs[0])
+    tasks = [Task(worker.rollout.remote(0, [], "train", [0, 10**6, 1], spec), 0, (0, 10**6, 1))]
+    raw = ray.get(tasks[0].ref)
     assert isinstance(raw[1], RolloutFailure) and "IndexError" in raw[1].error
-    experiences, failed = collect(refs)
+    experiences, failed = collect(tasks, timeout_s=300)
     assert failed == 1 and len(experiences) == 2
     assert all(isinstance(e, Experience) and e.rewards.shape == (2,) for e in experiences)
     ray.kill(worker)

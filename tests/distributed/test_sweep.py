@@ -122,7 +122,7 @@ def test_best_config_objective_and_tie_break():
 
 def _trial_states(out: Path) -> dict[str, str]:
     states = {}
-    for path in glob.glob(str(out / "tune" / "sweep" / "experiment_state-*.json")):
+    for path in glob.glob(str(out / "tune" / "sweep-*" / "experiment_state-*.json")):
         try:
             data = json.loads(Path(path).read_text())
         except (json.JSONDecodeError, OSError):  # being rewritten

@@ -1,0 +1,137 @@
+"""A run folder's identity: which config made what it holds.
+
+What a stage produces depends on the data, the model, the seed, the starting checkpoint, the
+number of rollout workers and learners (they seed and split the sampling), the evaluation (its
+metrics), and the stages up to and including it. The hash of those is the stage's fingerprint,
+recorded in `<out_dir>/run.json` when the stage starts (the initial model is the pseudo-stage
+"init"). A re-run whose fingerprint of a recorded stage differs is refused, naming the keys that
+differ, unless asked to start over from the first differing stage (`restart`), or to branch into
+a new folder (`branch`: the matching stages are copied, the rest is redone there). Resource
+settings that do not change results (CPUs, threads, storage) are not part of it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+from smart_r1.config import PipelineConfig
+from smart_r1.storage import write_json
+
+RUN_FILE = "run.json"
+INIT = "init"
+
+
+def _flat(d, prefix: str = "") -> dict[str, object]:
+    out = {}
+    for key, value in d.items():
+        if isinstance(value, dict):
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def stage_inputs(config: PipelineConfig, upto: int) -> dict:
+    """What decides the results of stage `upto` (-1: the initial model), as plain values."""
+    full = config.to_dict()
+    r = config.ray
+    common = {"data": full["data"], "model": full["model"], "seed": config.seed,
+              "init_checkpoint": config.init_checkpoint,
+              "ray": {"num_rollout_workers": r.num_rollout_workers, "num_learners": r.num_learners,
+                      "use_gpu": r.use_gpu}}
+    if upto < 0:
+        return {k: common[k] for k in ("data", "model", "seed", "init_checkpoint")}
+    return {**common, "eval": full["eval"],
+            "stages": {s["name"]: s for s in full["stages"][: upto + 1]}}
+
+
+def fingerprint(inputs: dict) -> str:
+    return hashlib.sha256(json.dumps(inputs, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def stage_fingerprint(config: PipelineConfig, name: str) -> str:
+    index = -1 if name == INIT else [s.name for s in config.stages].index(name)
+    return fingerprint(stage_inputs(config, index))
+
+
+def _recorded(out: Path) -> dict:
+    path = out / RUN_FILE
+    return json.loads(path.read_text())["stages"] if path.exists() else {}
+
+
+def _differences(recorded: dict, current: dict) -> list[str]:
+    old, new = _flat(recorded), _flat(current)
+    return sorted(k for k in old.keys() | new.keys() if old.get(k, "<absent>") != new.get(k, "<absent>"))
+
+
+def _order(config: PipelineConfig) -> list[tuple[str, int]]:
+    return [(INIT, -1)] + [(s.name, i) for i, s in enumerate(config.stages)]
+
+
+def check_run(config: PipelineConfig, restart: bool = False) -> None:
+    """Refuse (ValueError) a re-run of `config.out_dir` whose recorded stages were made with other
+    inputs; with `restart`, remove the first differing stage and everything after it instead."""
+    out = Path(config.out_dir)
+    recorded = _recorded(out)
+    for name, index in _order(config):
+        if name not in recorded:
+            continue
+        current = stage_inputs(config, index)
+        if recorded[name]["fingerprint"] == fingerprint(current):
+            continue
+        keys = _differences(recorded[name]["inputs"], current)
+        if not restart:
+            raise ValueError(
+                f"{out} holds results of another config: stage {name!r} was made with different "
+                f"{', '.join(keys[:8])}{' ...' if len(keys) > 8 else ''}. Re-run with --restart to redo it and "
+                f"the stages after it there, --branch NEW_DIR to keep this run and redo them in a new "
+                f"folder, or pick another --out-dir")
+        _forget_from(config, out, name)
+        print(f"[run] --restart: stage {name!r} and the stages after it are redone ({', '.join(keys[:5])} changed)",
+              flush=True)
+        return
+
+
+def _forget_from(config: PipelineConfig, out: Path, first: str) -> None:
+    """Remove stage `first` and every later stage's results from the run folder and its record
+    (generated data is checked on its own: `prepare_data` remakes a set of another size or seed)."""
+    names = [n for n, _ in _order(config)]
+    later = names[names.index(first):]
+    recorded = _recorded(out)
+    for name in later:
+        recorded.pop(name, None)
+        if name == INIT:
+            (out / "init.pt").unlink(missing_ok=True)
+        else:
+            shutil.rmtree(out / name, ignore_errors=True)
+    write_json(out / RUN_FILE, {"stages": recorded})
+
+
+def record_stage(config: PipelineConfig, name: str) -> str:
+    """Record that stage `name` of `config.out_dir` is (being) made with this config's inputs;
+    returns its fingerprint."""
+    out = Path(config.out_dir)
+    index = -1 if name == INIT else [s.name for s in config.stages].index(name)
+    inputs = stage_inputs(config, index)
+    recorded = _recorded(out)
+    recorded[name] = {"fingerprint": fingerprint(inputs), "inputs": inputs}
+    write_json(out / RUN_FILE, {"stages": recorded})
+    return recorded[name]["fingerprint"]
+
+
+def branch(config: PipelineConfig, new_dir: str) -> PipelineConfig:
+    """Copy the run folder to `new_dir` (which must not exist), then forget there what `config`
+    would redo; returns the config pointed at the new folder. The MLflow run is not copied: the
+    branch is a new run."""
+    old, new = Path(config.out_dir), Path(new_dir)
+    if new.exists():
+        raise ValueError(f"--branch: {new} already exists; give a new folder")
+    if old.exists():
+        shutil.copytree(old, new, ignore=shutil.ignore_patterns("mlflow_run_id", "ray"))
+    config = dataclasses.replace(config, out_dir=str(new))
+    check_run(config, restart=True)
+    return config

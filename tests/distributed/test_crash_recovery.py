@@ -1,0 +1,109 @@
+"""Crashes at any point, for real: the driver's whole process group is SIGKILLed during BC, during
+CAT-K SFT and during RFT, and during the generation and the preprocessing of the data. Each re-run
+resumes: no epoch or RL step is logged twice or skipped, every stage ends with its checkpoint,
+and the generated data is the full, valid set."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from smart_r1.data.dataset import iter_scenarios
+from smart_r1.storage import read_jsonl
+
+REPO = Path(__file__).resolve().parents[2]
+SCRIPT = REPO / "pipelines" / "sft_rft_sft.py"
+
+pytestmark = pytest.mark.slow
+
+
+def _start(argv: list[str], env: dict, log: Path) -> subprocess.Popen:
+    """A driver in its own process group (it starts Ray's processes in it too)."""
+    return subprocess.Popen([sys.executable, *argv], stdout=open(log, "a"), stderr=subprocess.STDOUT,
+                            env=env, start_new_session=True)
+
+
+def _kill_when(proc: subprocess.Popen, ready, timeout_s: float = 600) -> None:
+    deadline = time.time() + timeout_s
+    while not ready():
+        if proc.poll() is not None:
+            raise AssertionError(f"the run ended (rc {proc.returncode}) before the kill point")
+        if time.time() > deadline:
+            os.killpg(proc.pid, signal.SIGKILL)
+            raise AssertionError("the kill point was not reached in time")
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+
+def _rows(out: Path, stage: str) -> list[dict]:
+    return read_jsonl(out / stage / "train_log.jsonl")
+
+
+def test_pipeline_killed_in_every_kind_of_stage_resumes_without_redoing(submitted, tiny_config, tmp_path):
+    done_run, _ = submitted  # its generated data is reused: this test is about the stages
+    out = tmp_path / "run"
+    config = tiny_config(tmp_path / "crash.yaml", out,
+                         data={"train": str(done_run / "data" / "train"),
+                               "heldout": str(done_run / "data" / "heldout"), "real_scenario": ""},
+                         stages=[{"name": "bc", "kind": "bc", "epochs": 3, "batch_scenarios": 4},
+                                 {"name": "sft", "kind": "catk_sft", "epochs": 3, "batch_scenarios": 4, "catk_k": 3},
+                                 {"name": "rft", "kind": "mpo", "steps": 4, "num_rollouts": 2,
+                                  "scenarios_per_step": 2, "lr": 1e-3}])
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env["MLFLOW_TRACKING_URI"] = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    log = tmp_path / "driver.log"
+    argv = [str(SCRIPT), "--config", str(config)]
+    for stage in ("bc", "sft", "rft"):  # mid-stage: after its first checkpoint, before it is done
+        proc = _start(argv, env, log)
+        _kill_when(proc, lambda: len(_rows(out, stage)) >= 1 and not (out / stage / "done.json").exists()
+                   and (out / stage / "last_state.pt").exists())
+        assert not (out / stage / "done.json").exists()
+    finished = {s: (out / s / "model.pt").stat().st_mtime for s in ("bc", "sft")}
+    proc = _start(argv, env, log)
+    assert proc.wait(timeout=900) == 0, log.read_text()[-4000:]
+    text = log.read_text()
+    for stage, units in (("bc", 3), ("sft", 3), ("rft", 4)):
+        assert [r["progress"] for r in _rows(out, stage)] == list(range(units)), stage  # once each, none skipped
+        assert (out / stage / "done.json").exists() and (out / stage / "model.pt").exists()
+        assert f"[{stage}] resuming after" in text, stage
+    for stage in ("bc", "sft"):
+        assert f"[{stage}] already finished" in text
+        assert (out / stage / "model.pt").stat().st_mtime == finished[stage], "a finished stage was redone"
+    assert list(json.loads((out / "results.json").read_text())) == ["bc", "sft", "rft"]
+
+
+def test_killed_data_generation_and_preprocessing_are_redone_whole(tmp_path):
+    from smart_r1.data.sumo import make_dataset
+
+    out = tmp_path / "run"
+    config = tmp_path / "data.yaml"
+    config.write_text(yaml.safe_dump({"out_dir": str(out), "data": {
+        "embedded_train_scenarios": 6, "embedded_heldout_scenarios": 2, "real_scenario": ""},
+        "model": {"preset": "test", "vocab_size": 64}, "stages": [{"name": "bc", "kind": "bc"}]}))
+    code = ("import sys; sys.path.insert(0, sys.argv[2]); from pathlib import Path; "
+            "from smart_r1.config import load_config; from smart_r1.distributed.pipeline import prepare_data; "
+            "c = load_config(sys.argv[1]); print(prepare_data(c, Path(c.out_dir)), flush=True)")
+    argv = ["-c", code, str(config), str(REPO)]
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    log = tmp_path / "prepare.log"
+    raw, parquet = out / "data" / "train_raw", out / "data" / "train"
+    # during generation (TFRecords being written), then during preprocessing (shards being written)
+    _kill_when(_start(argv, env, log), lambda: raw.exists())
+    assert not (raw / "dataset.json").exists()
+    _kill_when(_start(argv, env, log), lambda: parquet.exists())
+    proc = _start(argv, env, log)
+    assert proc.wait(timeout=600) == 0, log.read_text()[-3000:]
+    make_dataset(tmp_path / "reference", num_scenarios=6, seed=0)
+    expected = [r.scenario_id for r in iter_scenarios(tmp_path / "reference")]
+    assert [r.scenario_id for r in iter_scenarios(parquet)] == expected
+    assert len(list(iter_scenarios(out / "data" / "heldout"))) == 2
+    assert not list(out.rglob("*.tmp")), "no temporary file is left behind"

@@ -1,0 +1,61 @@
+"""Waiting on rollout actors is bounded: a task that never answers stops the run with an error
+naming the actor and its scenarios; an actor that keeps dying ends, after its bounded restarts,
+as a failed task that is named, not a hang."""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+import pytest
+import ray
+
+from smart_r1.distributed.rollout_tasks import dispatch, gather
+from smart_r1.ray_runtime import ensure_ray
+from smart_r1.types import RolloutFailure
+
+
+class Misbehaving:
+    """An actor with the rollout actors' calling convention: (version, weights, dataset, indices, spec)."""
+
+    def rollout(self, version, weights, dataset, indices, spec):
+        if spec == "hang" and 7 in indices:
+            time.sleep(3600)
+        if spec == "die" and 7 in indices:
+            os._exit(1)  # the process dies: Ray restarts the actor and retries, a bounded number of times
+        return [RolloutFailure(i, f"s{i}", "ValueError: bad scenario") if i == 3 else i for i in indices]
+
+
+# The workers cannot import this test module: ship its classes by value.
+ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+
+
+@pytest.fixture
+def workers():
+    """Two fresh actors per test (a hung one stays busy until killed)."""
+    ensure_ray(num_cpus=2)
+    actor = ray.remote(Misbehaving).options(num_cpus=0.1, max_restarts=1, max_task_retries=1)
+    handles = [actor.remote() for _ in range(2)]
+    yield handles
+    for h in handles:
+        ray.kill(h, no_restart=True)
+
+
+def test_results_and_failed_scenarios_are_named(workers):
+    results, failures = gather(dispatch(workers, "rollout", [0, 1, 2, 3], 0, [], "train", "ok"), 60, "test")
+    assert sorted(results) == [0, 1, 2]
+    assert len(failures) == 1 and "scenario 3 (s3)" in failures[0] and "rollout worker 1" in failures[0]
+
+
+def test_a_task_that_never_answers_times_out_with_its_actor_and_scenarios(workers):
+    start = time.perf_counter()
+    with pytest.raises(TimeoutError, match=r"rollout worker 1 \(scenarios \[5, 7\]\)"):
+        gather(dispatch(workers, "rollout", [4, 5, 6, 7], 0, [], "train", "hang"), 3, "RL step")
+    assert time.perf_counter() - start < 30
+
+
+def test_an_actor_that_keeps_dying_is_a_named_failure(workers):
+    results, failures = gather(dispatch(workers, "rollout", [6, 7], 0, [], "train", "die"), 120, "RL step")
+    assert results == [6]
+    assert len(failures) == 1 and "rollout worker 1, scenarios [7]" in failures[0]

@@ -1,0 +1,66 @@
+"""A run folder never mixes results of two configs: a changed stage is refused with the keys that
+differ, redone with `restart`, or redone in a branch; unchanged stages are kept."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from smart_r1.config import load_config
+from smart_r1.distributed.run_identity import INIT, branch, check_run, record_stage, stage_fingerprint
+
+TINY = Path(__file__).resolve().parents[2] / "pipelines" / "tiny.yaml"
+
+
+def _finished_run(tmp_path: Path, overrides=()):
+    """A run folder as the pipeline leaves it (every stage recorded, with a file in its folder)."""
+    config = load_config(TINY, [f"out_dir={tmp_path / 'run'}", *overrides])
+    out = Path(config.out_dir)
+    out.mkdir()
+    (out / "init.pt").write_text("init")
+    record_stage(config, INIT)
+    for stage in config.stages:
+        (out / stage.name).mkdir()
+        (out / stage.name / "model.pt").write_text(stage.name)
+        record_stage(config, stage.name)
+    return config, out
+
+
+def test_unchanged_or_resource_only_changes_resume(tmp_path):
+    config, _ = _finished_run(tmp_path)
+    check_run(config)
+    check_run(load_config(TINY, [f"out_dir={config.out_dir}", "ray.cpus_per_learner=1", "ray.learner_threads=2"]))
+
+
+def test_a_changed_stage_is_refused_naming_the_keys(tmp_path):
+    config, out = _finished_run(tmp_path)
+    changed = load_config(TINY, [f"out_dir={out}", "rft.alpha=0.5", "rft.beta=0.1"])
+    with pytest.raises(ValueError, match=r"stage 'rft' was made with different stages\.rft\.alpha, stages\.rft\.beta"):
+        check_run(changed)
+    assert stage_fingerprint(changed, "sft") == stage_fingerprint(config, "sft")
+    with pytest.raises(ValueError, match=r"stage 'init' was made with different model\.preset"):
+        check_run(load_config(TINY, [f"out_dir={out}", "model.preset=cpu"]))
+
+
+def test_restart_redoes_the_changed_stage_and_those_after_it(tmp_path):
+    _, out = _finished_run(tmp_path)
+    changed = load_config(TINY, [f"out_dir={out}", "rft.alpha=0.5"])
+    check_run(changed, restart=True)
+    assert (out / "bc" / "model.pt").exists() and (out / "sft" / "model.pt").exists()
+    assert not (out / "rft").exists() and not (out / "sft_final").exists()
+    check_run(changed)  # nothing recorded is inconsistent any more
+
+
+def test_branch_keeps_the_old_run_and_redoes_in_a_new_folder(tmp_path):
+    config, out = _finished_run(tmp_path)
+    (out / "mlflow_run_id").write_text("old-run")
+    changed = load_config(TINY, [f"out_dir={out}", "sft_final.lr=1e-5"])
+    branched = branch(changed, str(tmp_path / "branch"))
+    new = Path(branched.out_dir)
+    assert (new / "rft" / "model.pt").read_text() == "rft" and not (new / "sft_final").exists()
+    assert not (new / "mlflow_run_id").exists(), "a branch is a new MLflow run"
+    assert (out / "sft_final" / "model.pt").exists(), "the old run is untouched"
+    check_run(config)
+    with pytest.raises(ValueError, match="already exists"):
+        branch(changed, str(new))
