@@ -251,6 +251,12 @@ class PipelineConfig:
                            (self.init_checkpoint, "init_checkpoint")):
             if path and "*" not in path and "://" not in path and not Path(path).exists():
                 raise ValueError(f"{what}: no such path {path!r}")
+        for path, what in ((self.data.train, "data.train"), (self.data.heldout, "data.heldout")):
+            folder = Path(path)
+            if path and "://" not in path and folder.is_dir() and not any(
+                    f.suffix == ".parquet" or ".tfrecord" in f.name for f in folder.iterdir()):
+                raise ValueError(f"{what}: {path!r} holds no .parquet shards or TFRecord files "
+                                 "(run `smart-r1 preprocess` into it first)")
         for name in ("embedded_train_scenarios", "embedded_heldout_scenarios"):
             if getattr(self.data, name) < 1:
                 raise ValueError(f"data.{name} must be >= 1")

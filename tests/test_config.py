@@ -70,6 +70,12 @@ def test_invalid_values_fail_clearly(override, message):
         load_config(DEFAULT, [override])
 
 
+def test_empty_data_folder_is_refused(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="holds no .parquet shards or TFRecord files"):
+        load_config(DEFAULT, [f"data.train={tmp_path / 'empty'}"])
+
+
 def test_unknown_kind(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("stages:\n  - {name: x, kind: ppo}\n")

@@ -12,7 +12,7 @@ from typing import Any
 import yaml
 from ray import tune
 
-from smart_r1.config import PipelineConfig, StageConfig
+from smart_r1.config import PipelineConfig, StageConfig, check_types
 
 
 @dataclass(frozen=True)
@@ -74,7 +74,9 @@ def load_sweep_config(path: str | Path, changes: dict[str, Any] | None = None) -
     for name in ("alpha", "beta"):
         value = raw.get(name, getattr(SweepConfig, name))
         raw[name] = tuple(float(v) for v in (value if isinstance(value, (list, tuple)) else [value]))
-    return SweepConfig(**raw).validate()
+    config = SweepConfig(**raw)
+    check_types(config, "sweep config")
+    return config.validate()
 
 
 def split_stages(base: PipelineConfig, rft_stage: str) -> tuple[tuple[StageConfig, ...], tuple[StageConfig, ...]]:
