@@ -5,7 +5,6 @@ which skip finished stages, are test_crash_recovery.py.)"""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 
