@@ -2,7 +2,8 @@
 the method is `smart_r1.rl.mpo.mpo_step`.
 
 One RL step:
-    rollout   rank 0 waits for the rollout workers' experiences of this step's scenarios
+    rollout   rank 0 hands this step's scenarios to the rollout workers through a queue (a free
+              actor takes the next scenario) and waits for their experiences
     adv       stale experiences (weights more than `max_staleness` versions old) are dropped,
               failed rollouts are dropped and counted (never scored as zero: with a fixed
               baseline a zero reward would push the policy away from whatever it sampled);
@@ -26,7 +27,7 @@ import ray
 import torch.distributed as dist
 
 from smart_r1.distributed import rollout_tasks
-from smart_r1.distributed.rollout_tasks import Task
+from smart_r1.distributed.rollout_tasks import RolloutQueue
 from smart_r1.distributed.rollout_worker import RolloutSpec
 from smart_r1.distributed.timing import PhaseTimer, format_phases
 from smart_r1.distributed.worker_kit import LearnerJob, Progress, maybe_fail, report, say, start_training
@@ -43,13 +44,13 @@ def step_scenarios(seed: int, step: int, num_scenarios: int, count: int) -> list
     return sorted(rng.choice(num_scenarios, size=count, replace=count > num_scenarios).tolist())
 
 
-def dispatch(workers: list, version: int, weights_ref, indices: list[int], spec: RolloutSpec) -> list[Task]:
+def dispatch(workers: list, version: int, weights_ref, indices: list[int], spec: RolloutSpec) -> RolloutQueue:
     return rollout_tasks.dispatch(workers, "rollout", indices, version, [weights_ref], "train", spec)
 
 
-def collect(tasks: list[Task], timeout_s: float) -> tuple[list[Experience], int]:
-    """Experiences of finished tasks; failed scenarios and failed tasks are counted and named, not kept."""
-    experiences, failures = rollout_tasks.gather(tasks, timeout_s, "RL step rollouts")
+def collect(queue: RolloutQueue, timeout_s: float) -> tuple[list[Experience], int]:
+    """Experiences of the queue's scenarios; failed scenarios and calls are counted and named, not kept."""
+    experiences, failures = rollout_tasks.gather(queue, timeout_s, "RL step rollouts")
     for message in failures:
         say(f"[rft] dropped: {message}")
     return experiences, len(failures)
@@ -90,9 +91,9 @@ def mpo_loop(config: dict) -> None:
     def scenarios_of(step: int) -> list[int]:
         return step_scenarios(job.seed, step, num_scenarios, stage.scenarios_per_step)
 
-    def usable(tasks: list[Task]) -> tuple[list[Experience], int, int]:
-        """(fresh experiences, failed scenarios, stale scenarios) of dispatched tasks."""
-        experiences, failed = collect(tasks, job.task_timeout_s)
+    def usable(queue: RolloutQueue) -> tuple[list[Experience], int, int]:
+        """(fresh experiences, failed scenarios, stale scenarios) of a dispatched step."""
+        experiences, failed = collect(queue, job.task_timeout_s)
         fresh = [e for e in experiences if version - e.version <= stage.max_staleness]
         return fresh, failed, len(experiences) - len(fresh)
 

@@ -96,8 +96,8 @@ def score_checkpoint(workers: list, checkpoint: str, version: int, dataset: str,
     ref = ray.put(load_weights(checkpoint))
     count = min(cfg.max_scenarios, ray.get(workers[0].num_scenarios.remote(dataset), timeout=timeout_s))
     spec = RolloutSpec(num_rollouts=cfg.num_rollouts, sampling=cfg.sampling)
-    tasks = dispatch(workers, "score_scenarios", list(range(count)), version, [ref], dataset, spec)
-    scored, failed = gather(tasks, timeout_s, f"scoring on {dataset}")
+    queue = dispatch(workers, "score_scenarios", list(range(count)), version, [ref], dataset, spec)
+    scored, failed = gather(queue, timeout_s, f"scoring on {dataset}")
     for message in failed:
         print(f"[eval] dropped: {message}", flush=True)
     if not scored:

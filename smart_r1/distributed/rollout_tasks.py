@@ -1,14 +1,18 @@
-"""Handing scenarios to the rollout actors and waiting for their results, with bounds.
+"""Handing scenarios to the rollout actors through a queue, and waiting for them, with bounds.
 
-Every wait has a timeout (`ray.task_timeout_s`): a task that does not answer in time stops the
-run with an error naming the actor and its scenarios, instead of hanging. A task whose actor
+Scenarios are handed out a few at a time: each actor starts with `per_call` scenarios in each
+of `in_flight` calls, and whenever one of its calls finishes (`ray.wait`) it is given the next
+ones, so a slow actor takes fewer scenarios instead of setting the step's time.
+
+Every wait has a timeout (`ray.task_timeout_s`): a call that does not answer in time stops the
+run with an error naming the actor and its scenarios, instead of hanging. A call whose actor
 died beyond its restarts, and a scenario that failed inside an actor, are counted and named, not
 scored (with a fixed MPO baseline a zero reward would push the policy away from what it sampled).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import ray
 
@@ -24,44 +28,79 @@ class Task:
     indices: tuple[int, ...]
 
 
+@dataclass
+class RolloutQueue:
+    """Scenarios of one request (an RL step, an evaluation) still to hand out, and the calls
+    running. `call(worker, indices)` starts one actor call and returns its ref."""
+
+    call: object
+    waiting: list[int]
+    running: list[Task] = field(default_factory=list)
+    per_call: int = 1
+
+    def give(self, worker: int) -> None:
+        """Hand `worker` its next scenarios, if any are left."""
+        if self.waiting:
+            indices, self.waiting = self.waiting[: self.per_call], self.waiting[self.per_call:]
+            self.running.append(Task(self.call(worker, indices), worker, tuple(indices)))
+
+
 def split(indices: list[int], parts: int) -> list[list[int]]:
     """Round-robin shards of indices, one per worker (empty shards dropped)."""
     return [s for s in (indices[i::parts] for i in range(parts)) if s]
 
 
-def dispatch(workers: list, method: str, indices: list[int], *args) -> list[Task]:
-    """Call `method(*args[:-1], shard, args[-1])`-style actor methods: `args` are the leading
-    arguments, the shard of scenario indices is inserted before the last one (the spec)."""
+def dispatch(workers: list, method: str, indices: list[int], *args, per_call: int = 1,
+             in_flight: int = 2) -> RolloutQueue:
+    """Start handing `indices` to `workers`' `method(*lead, shard, spec)` (`args` = lead..., spec):
+    `in_flight` calls of `per_call` scenarios per actor now, the rest as calls finish (`gather`)."""
     *lead, spec = args
-    return [Task(getattr(workers[w], method).remote(*lead, shard, spec), w, tuple(shard))
-            for w, shard in enumerate(split(indices, len(workers)))]
+    queue = RolloutQueue(lambda w, shard: getattr(workers[w], method).remote(*lead, shard, spec),
+                         list(indices), per_call=max(1, per_call))
+    for _ in range(in_flight):
+        for w in range(len(workers)):
+            queue.give(w)
+    return queue
 
 
-def gather(tasks: list[Task], timeout_s: float, what: str) -> tuple[list, list[str]]:
-    """(results of every scenario that succeeded, one message per failed scenario or task).
-
-    Raises TimeoutError naming the actors and scenarios still running after `timeout_s`."""
-    if not tasks:
-        return [], []
-    ready, waiting = ray.wait([t.ref for t in tasks], num_returns=len(tasks), timeout=timeout_s)
-    if waiting:
-        late = [t for t in tasks if t.ref in set(waiting)]
-        for t in late:
-            ray.cancel(t.ref, force=False)
-        names = "; ".join(f"rollout worker {t.worker} (scenarios {list(t.indices)})" for t in late)
-        raise TimeoutError(f"{what}: no answer within {timeout_s:g} s from {names} (ray.task_timeout_s)")
+def _results(task: Task, timeout_s: float) -> tuple[list, list[str]]:
+    try:
+        part = ray.get(task.ref, timeout=timeout_s)
+    except ray.exceptions.GetTimeoutError:
+        raise
+    except ray.exceptions.RayError as e:  # the actor died beyond its restarts, or the call raised
+        text = str(e).splitlines()[0] if str(e) else ""
+        return [], [f"rollout worker {task.worker}, scenarios {list(task.indices)}: {type(e).__name__}: {text}"]
     results, failures = [], []
-    for t in tasks:
-        try:
-            part = ray.get(t.ref, timeout=timeout_s)
-        except ray.exceptions.RayError as e:  # the actor died beyond its restarts, or the task raised
-            failures.append(f"rollout worker {t.worker}, scenarios {list(t.indices)}: "
-                            f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
-            continue
-        for r in part:
-            if isinstance(r, RolloutFailure):
-                failures.append(f"rollout worker {t.worker}, scenario {r.scenario_index} ({r.scenario_id}): "
-                                f"{r.error.splitlines()[0]}")
-            else:
-                results.append(r)
+    for r in part:
+        if isinstance(r, RolloutFailure):
+            failures.append(f"rollout worker {task.worker}, scenario {r.scenario_index} ({r.scenario_id}): "
+                            f"{r.error.splitlines()[0]}")
+        else:
+            results.append(r)
     return results, failures
+
+
+def gather(queue: RolloutQueue, timeout_s: float, what: str) -> tuple[list, list[str]]:
+    """(results of every scenario that succeeded, in the order of the request; one message per
+    failed scenario or call). Hands out the queue's remaining scenarios as actors free up.
+
+    Raises TimeoutError naming the actors and scenarios still running when no call has finished
+    for `timeout_s`."""
+    finished: list[tuple[Task, list]] = []
+    failures: list[str] = []
+    while queue.running:
+        done, _ = ray.wait([t.ref for t in queue.running], num_returns=1, timeout=timeout_s)
+        if not done:
+            names = "; ".join(f"rollout worker {t.worker} (scenarios {list(t.indices)})" for t in queue.running)
+            for t in queue.running:
+                ray.cancel(t.ref, force=False)
+            raise TimeoutError(f"{what}: no answer within {timeout_s:g} s from {names} (ray.task_timeout_s)")
+        task = next(t for t in queue.running if t.ref == done[0])
+        queue.running.remove(task)
+        queue.give(task.worker)
+        results, failed = _results(task, timeout_s)
+        finished.append((task, results))
+        failures += failed
+    finished.sort(key=lambda item: item[0].indices)
+    return [r for _, results in finished for r in results], failures

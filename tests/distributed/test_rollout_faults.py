@@ -3,7 +3,6 @@ completed rollout; a failing scenario is dropped and counted, never scored."""
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import threading
 import time
@@ -15,7 +14,7 @@ from smart_r1.config import MPOStage, RayConfig
 from smart_r1.distributed.learner import run_learner
 from smart_r1.distributed.worker_kit import LearnerJob
 from smart_r1.distributed.mpo_loop import collect
-from smart_r1.distributed.rollout_tasks import Task
+from smart_r1.distributed.rollout_tasks import dispatch
 from smart_r1.ray_runtime import ensure_ray
 from smart_r1.distributed.rollout_worker import RolloutSpec, start_workers
 from smart_r1.types import Experience, RolloutFailure
@@ -67,10 +66,9 @@ def test_failed_scenarios_are_dropped_and_counted(submitted, local_ray):
     (worker,) = start_workers(str(out / "sft" / "model.pt"), bad, count=1, cpus=0.5, gpus=0.0)
     spec = RolloutSpec(num_rollouts=2)
     # index 10**6 does not exist: that scenario fails inside the actor, the others are scored
-    tasks = [Task(worker.rollout.remote(0, [], "train", [0, 10**6, 1], spec), 0, (0, 10**6, 1))]
-    raw = ray.get(tasks[0].ref)
+    raw = ray.get(worker.rollout.remote(0, [], "train", [0, 10**6, 1], spec))
     assert isinstance(raw[1], RolloutFailure) and "IndexError" in raw[1].error
-    experiences, failed = collect(tasks, timeout_s=300)
+    experiences, failed = collect(dispatch([worker], "rollout", [0, 10**6, 1], 0, [], "train", spec), timeout_s=300)
     assert failed == 1 and len(experiences) == 2
     assert all(isinstance(e, Experience) and e.rewards.shape == (2,) for e in experiences)
     ray.kill(worker)

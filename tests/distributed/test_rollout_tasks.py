@@ -1,6 +1,6 @@
-"""Waiting on rollout actors is bounded: a task that never answers stops the run with an error
-naming the actor and its scenarios; an actor that keeps dying ends, after its bounded restarts,
-as a failed task that is named, not a hang."""
+"""Rollout work goes through a queue, so a slow actor takes fewer scenarios; waiting on actors is
+bounded: a call that never answers stops the run with an error naming the actor and its
+scenarios; an actor that keeps dying ends, after its bounded restarts, as a named failure."""
 
 from __future__ import annotations
 
@@ -19,11 +19,17 @@ from smart_r1.types import RolloutFailure
 class Misbehaving:
     """An actor with the rollout actors' calling convention: (version, weights, dataset, indices, spec)."""
 
+    def __init__(self, seconds_per_scenario: float = 0.0):
+        self.delay = seconds_per_scenario
+
     def rollout(self, version, weights, dataset, indices, spec):
+        time.sleep(self.delay * len(indices))
         if spec == "hang" and 7 in indices:
             time.sleep(3600)
         if spec == "die" and 7 in indices:
             os._exit(1)  # the process dies: Ray restarts the actor and retries, a bounded number of times
+        if spec == "tag":  # which actor did the work
+            return [(i, self.delay) for i in indices]
         return [RolloutFailure(i, f"s{i}", "ValueError: bad scenario") if i == 3 else i for i in indices]
 
 
@@ -50,7 +56,7 @@ def test_results_and_failed_scenarios_are_named(workers):
 
 def test_a_task_that_never_answers_times_out_with_its_actor_and_scenarios(workers):
     start = time.perf_counter()
-    with pytest.raises(TimeoutError, match=r"rollout worker 1 \(scenarios \[5, 7\]\)"):
+    with pytest.raises(TimeoutError, match=r"rollout worker 1 \(scenarios \[7\]\)"):
         gather(dispatch(workers, "rollout", [4, 5, 6, 7], 0, [], "train", "hang"), 3, "RL step")
     assert time.perf_counter() - start < 30
 
@@ -59,3 +65,15 @@ def test_an_actor_that_keeps_dying_is_a_named_failure(workers):
     results, failures = gather(dispatch(workers, "rollout", [6, 7], 0, [], "train", "die"), 120, "RL step")
     assert results == [6]
     assert len(failures) == 1 and "rollout worker 1, scenarios [7]" in failures[0]
+
+
+def test_a_slow_actor_takes_fewer_scenarios():
+    ensure_ray(num_cpus=2)
+    actor = ray.remote(Misbehaving).options(num_cpus=0.1)
+    fast, slow = actor.remote(0.05), actor.remote(2.0)
+    results, failures = gather(dispatch([fast, slow], "rollout", list(range(12)), 0, [], "train", "tag"), 60, "test")
+    assert not failures and [i for i, _ in results] == list(range(12)), "all, in the order of the request"
+    by_slow = sum(1 for _, delay in results if delay == 2.0)
+    assert by_slow <= 3, f"the slow actor took {by_slow} of 12 scenarios (fixed shards would give it 6)"
+    for h in (fast, slow):
+        ray.kill(h, no_restart=True)
