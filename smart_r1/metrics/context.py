@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from smart_r1.metrics.polylines import SegmentSet, build_segments, search_distance, stack_segments
-from smart_r1.types import LANE, NUM_FUTURE_STEPS, ROAD_EDGE, ScenarioRecord
+from smart_r1.types import LANE, NUM_FUTURE_STEPS, ROAD_EDGE, TL_ABSENT, ScenarioRecord
 
 # Official constants (map_metric_features.py, traffic_light_features.py, map.proto).
 ROAD_EDGE_Z_STRETCH = 3.0
@@ -52,9 +52,10 @@ class MetricContext:
         tl_lane_id: int64 [B, L], lanes with a traffic signal
         tl_lane_known: bool [B, L], the signal's lane is one of `lanes` (else never violated)
         tl_stop: bool [B, T + 1, L], signal in a STOP state at steps 10..90
-        tl_fence_start: float32 [B, L, 2], start of the lane segment nearest the stop point
-        tl_fence_dir: float32 [B, L, 2], that segment's direction (end - start)
-        tl_stop_t: float32 [B, L], the stop point's position along that segment
+        tl_fence_start: float32 [B, T + 1, L, 2], start of the lane segment nearest the stop point
+            at steps 10..90 (nearest the world origin where the signal is absent at that step)
+        tl_fence_dir: float32 [B, T + 1, L, 2], that segment's direction (end - start)
+        tl_stop_t: float32 [B, T + 1, L], the stop point's position along that segment
     """
 
     scenario_ids: tuple[str, ...]
@@ -99,18 +100,37 @@ def _polylines(record: ScenarioRecord, keep: np.ndarray) -> tuple[list[np.ndarra
     return [record.map_polyline(m) for m in index], [int(record.map_id[m]) for m in index]
 
 
-def _traffic_lights(record: ScenarioRecord, lanes: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Per signal lane: whether it is a known lane, its STOP steps, and its stop-point 'fence'.
+def _fence(point: torch.Tensor, start: torch.Tensor, end: torch.Tensor) -> tuple[np.ndarray, np.ndarray, float]:
+    """The 'fence' of a stop point on one lane: the lane segment nearest the point under the
+    official lane search (tail to the padding origin included), as (start, end - start, the
+    point's projection parameter along it; 0 on a degenerate segment, as divide_no_nan)."""
+    nearest = int(search_distance(point, start, end, 0.0, True).argmin())
+    a, b = start[nearest, :2], end[nearest, :2]
+    direction = b - a
+    length2 = direction[0] * direction[0] + direction[1] * direction[1]
+    to_point = point[:2] - a
+    dot = to_point[0] * direction[0] + to_point[1] * direction[1]
+    return a.numpy(), direction.numpy(), float(dot / length2) if float(length2) != 0 else 0.0
 
-    The fence is the lane segment nearest the stop point under the official lane search
-    (including the tail to the padding origin), with its start point and direction.
+
+def _traffic_lights(record: ScenarioRecord, lanes: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Per signal lane: whether it is a known lane, its STOP steps, and its stop-point 'fence' at
+    each of the steps 10..90 (arrays [L, T + 1, ...]).
+
+    As in the official `_tensorize_traffic_signals`, a lane whose signal is absent at a step has
+    the stop point (0, 0) at that step, so its fence there is the one of the world origin. That
+    fence decides whether an object is 'behind' the stop point at the step before a crossing:
+    a signal that reappears in a STOP state can count as crossed by any object already past the
+    stop point, whatever it does (for lanes heading towards the origin).
     """
     t0 = record.current_time_index
-    num = len(record.tl_lane_id)
+    num, steps = len(record.tl_lane_id), record.num_steps - t0
+    present = record.tl_state[t0:] != TL_ABSENT  # [T + 1, L]
     out = dict(lane_id=record.tl_lane_id.astype(np.int64), known=np.zeros(num, bool),
-               stop=np.isin(record.tl_state[t0:], STOP_STATES),
-               fence_start=np.zeros((num, 2), np.float32), fence_dir=np.zeros((num, 2), np.float32),
-               stop_t=np.zeros(num, np.float32))
+               stop=np.isin(record.tl_state[t0:], STOP_STATES).T,
+               fence_start=np.zeros((num, steps, 2), np.float32), fence_dir=np.zeros((num, steps, 2), np.float32),
+               stop_t=np.zeros((num, steps), np.float32))
+    origin = torch.zeros(3)
     for l, lane_id in enumerate(record.tl_lane_id.tolist()):
         segs = np.flatnonzero(lanes["owner"] == lane_id)
         if len(segs) == 0:
@@ -118,15 +138,11 @@ def _traffic_lights(record: ScenarioRecord, lanes: dict[str, np.ndarray]) -> dic
         start = torch.as_tensor(lanes["start"][segs])
         end = torch.as_tensor(lanes["end"][segs])
         stop = torch.as_tensor(record.tl_stop_point[l].astype(np.float32))
-        nearest = int(search_distance(stop, start, end, 0.0, True).argmin())
-        a, b = start[nearest, :2], end[nearest, :2]
-        direction = b - a
-        length2 = direction[0] * direction[0] + direction[1] * direction[1]
-        to_stop = stop[:2] - a
-        dot = to_stop[0] * direction[0] + to_stop[1] * direction[1]
+        fences = [_fence(stop, start, end), _fence(origin, start, end)]  # signal present, absent
+        pick = np.where(present[:, l], 0, 1)
         out["known"][l] = True
-        out["fence_start"][l], out["fence_dir"][l] = a.numpy(), direction.numpy()
-        out["stop_t"][l] = float(dot / length2) if float(length2) != 0 else 0.0
+        for key, k in (("fence_start", 0), ("fence_dir", 1), ("stop_t", 2)):
+            out[key][l] = np.stack([np.asarray(f[k], np.float32) for f in fences])[pick]
     return out
 
 
@@ -188,7 +204,6 @@ def build_context(records: Sequence[ScenarioRecord], device: str | torch.device 
 
     t = lambda x: torch.as_tensor(x, device=device)
     tl = per["tl"]
-    tl_stop = [np.moveaxis(x["stop"], 1, 0) for x in tl]  # pad along lanes: [L, T + 1]
     return MetricContext(
         scenario_ids=tuple(r.scenario_id for r in records),
         agent_mask=t(_pad(per["agent"], False)),
@@ -206,8 +221,9 @@ def build_context(records: Sequence[ScenarioRecord], device: str | torch.device 
         lanes=stack_segments(per["lanes"], 0.0, True, device),
         tl_lane_id=t(_pad([x["lane_id"] for x in tl], -1)),
         tl_lane_known=t(_pad([x["known"] for x in tl], False)),
-        tl_stop=t(np.moveaxis(_pad(tl_stop, False), 2, 1)),
-        tl_fence_start=t(_pad([x["fence_start"] for x in tl])),
-        tl_fence_dir=t(_pad([x["fence_dir"] for x in tl])),
-        tl_stop_t=t(_pad([x["stop_t"] for x in tl])),
+        # padded along lanes ([L, T + 1, ...] per scenario), then steps first
+        tl_stop=t(np.moveaxis(_pad([x["stop"] for x in tl], False), 2, 1)),
+        tl_fence_start=t(np.moveaxis(_pad([x["fence_start"] for x in tl]), 2, 1)),
+        tl_fence_dir=t(np.moveaxis(_pad([x["fence_dir"] for x in tl]), 2, 1)),
+        tl_stop_t=t(np.moveaxis(_pad([x["stop_t"] for x in tl]), 2, 1)),
     )

@@ -9,10 +9,15 @@ from which side of the edge the corner lies on (road edges run counter-clockwise
 their left), with the convexity rules at segment ends. The box's value is its most off-road
 corner; invalid boxes get -1e10.
 
-Red-light violations follow `traffic_light_features.compute_red_light_violation`: an agent's lane
-is the surface-street lane nearest its centre (the official lane search, see polylines.py), and
-it violates when that lane's signal is STOP and the centre crosses the stop point between two
-steps.
+Red-light violations follow `traffic_light_features.compute_red_light_violation`: an object
+violates at step t when it is valid at t, its lane at t (the surface-street lane nearest its
+centre under the official lane search, see polylines.py) has a signal in a STOP state at t, and
+its centre went from behind the stop point at t - 1 to ahead of it at t. Behind and ahead are
+measured along the stop point's 'fence' segment of each step; where the signal is absent at
+t - 1 that is the fence of the world origin (the official stop point of a missing signal), see
+`context._traffic_lights`. Only the validity at t counts, and the object's type never does: the
+first simulated step compares with the logged current step, and a logged object that was invalid
+at t - 1 is compared from its stored (meaningless) position there.
 """
 
 from __future__ import annotations
@@ -97,14 +102,16 @@ def red_light_violation(xy: torch.Tensor, valid: torch.Tensor, lanes: SegmentSet
     """bool [B, R, E, T]: red-light violation at each step after the first.
 
     xy [B, R, E, T + 1, 2] centres from the current step on, valid [B, R or 1, E, T + 1],
-    lanes from the context, tl_* [B, L] / tl_stop [B, T + 1, L] / fence_* [B, L, 2] / stop_t
-    [B, L] as in `MetricContext`.
+    lanes from the context, tl_lane_id / tl_lane_known [B, L], tl_stop [B, T + 1, L],
+    fence_start / fence_dir [B, T + 1, L, 2] and stop_t [B, T + 1, L] (per step) as in
+    `MetricContext`.
     """
     b, r, e, t1, _ = xy.shape
-    start_to_xy = xy[..., None, :] - fence_start[:, None, None, None]  # [B, R, E, T+1, L, 2]
-    along = segment_param(start_to_xy, fence_dir[:, None, None, None].expand_as(start_to_xy))  # [B, R, E, T+1, L]
-    stop = stop_t[:, None, None, None]
-    crossed = (along[:, :, :, :-1] < stop) & (along[:, :, :, 1:] > stop)  # [B, R, E, T, L]
+    start_to_xy = xy[..., None, :] - fence_start[:, None, None]  # [B, R, E, T+1, L, 2]
+    along = segment_param(start_to_xy, fence_dir[:, None, None].expand_as(start_to_xy))  # [B, R, E, T+1, L]
+    stop = stop_t[:, None, None]
+    # Behind the fence of step t - 1 at t - 1, ahead of the fence of step t at t.
+    crossed = (along[:, :, :, :-1] < stop[:, :, :, :-1]) & (along[:, :, :, 1:] > stop[:, :, :, 1:])  # [B, R, E, T, L]
     possible = (valid[:, :, :, 1:, None] & tl_stop[:, None, None, 1:] & tl_lane_known[:, None, None, None]
                 & crossed)
     candidate = possible.any(-1)  # [B, R, E, T]

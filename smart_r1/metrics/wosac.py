@@ -2,11 +2,14 @@
 
 Scoring follows `metrics.compute_scenario_metrics_for_features_bundle` of the official evaluator:
 each feature's likelihood is exp(mean log-likelihood of the logged values under the simulated
-distribution) over valid (object, step) pairs of a scenario; speeds need both neighbouring steps
-valid, accelerations two levels of that; time to collision and traffic lights count vehicles
-only; collision, off-road and traffic-light indications are "any valid step" per object, scored
-with Bernoulli estimators; the metametric is the config-weighted sum of the ten likelihoods.
-ADE divides by the object's valid logged steps over all 91 steps, as the official code does.
+distribution) over valid (object, step) pairs of a scenario; "valid" is the logged validity of
+the future steps only, so a speed needs both neighbouring future steps valid (never at the
+first or last step), an acceleration two levels of that; the time-to-collision and traffic-light likelihoods
+count vehicles only; collision, off-road and traffic-light indications are "any valid step" per
+object, scored with Bernoulli estimators; the metametric is the config-weighted sum of the ten
+likelihoods. The simulated collision, off-road and traffic-light violation rates count every
+evaluated object, whatever its type, at its logged valid steps. ADE divides by the object's
+valid logged steps over all 91 steps, as the official code does.
 
 Shapes: B scenarios, R rollouts, S sim agents, E evaluated agents, T = 80 steps.
 """
@@ -90,7 +93,8 @@ def score(log: MetricFeatures, sim: MetricFeatures, log_valid: torch.Tensor, eva
     rate = lambda ind: _mean_where(ind.float(), rollout_mask, (-2, -1))
     out["simulated_collision_rate"] = rate(indications["collision_indication"][1])
     out["simulated_offroad_rate"] = rate(indications["offroad_indication"][1])
-    # The official rate masks by validity only (no vehicle filter), unlike its likelihood.
+    # The official rate masks by logged validity only (no vehicle filter), unlike its likelihood:
+    # pedestrians and cyclists count (features_map.red_light_violation ignores types).
     out["simulated_traffic_light_violation_rate"] = rate(indication(sim.traffic_light_violation_per_step, valid))
 
     ade = sim.displacement.sum(-1) / valid_steps[:, None]  # [B, R, E]
