@@ -127,7 +127,8 @@ class MPOStage(_Stage):
     """RFT with Metric-oriented Policy Optimization (smart_r1.rl.mpo)."""
 
     steps: int = option(10, "RL updates")
-    alpha: float = option(0.77, "fixed baseline, advantage = reward - alpha; near the SFT policy's mean reward")
+    alpha: float | str = option(0.77, "fixed baseline, advantage = reward - alpha, on the reward's [0, 1] scale; "
+                                      "'auto' = the starting policy's mean reward on the first RL step's batch")
     beta: float = option(0.04, "weight of KL(pi || pi_ref)")
     num_rollouts: int = option(8, "rollouts per scenario per RL step (paper: 32)")
     scenarios_per_step: int = option(4, "scenarios per RL step")
@@ -146,8 +147,8 @@ class MPOStage(_Stage):
     def validate(self) -> None:
         super().validate()
         where = f"stage {self.name!r}"
-        if not 0.0 <= self.alpha <= 1.0:
-            raise ValueError(f"{where}: alpha must lie in [0, 1] (the metric's range), got {self.alpha}")
+        if self.alpha != "auto" and not (isinstance(self.alpha, (int, float)) and 0.0 <= self.alpha <= 1.0):
+            raise ValueError(f"{where}: alpha must lie in [0, 1] (the metric's range) or be 'auto', got {self.alpha!r}")
         if self.beta < 0:
             raise ValueError(f"{where}: beta must be >= 0, got {self.beta}")
         for name in ("steps", "num_rollouts", "scenarios_per_step", "updates_per_batch"):
@@ -407,6 +408,11 @@ def parse_value(text: str, kind: Any, where: str) -> Any:
             return float(text)
     except ValueError:
         raise ValueError(f"{where}: expected a {kind.__name__}, got {text!r}") from None
+    if float in typing.get_args(kind) and str in typing.get_args(kind):  # a number or a word (alpha: auto)
+        try:
+            return float(text)
+        except ValueError:
+            return text
     if kind is not str and _base_type(kind) is not kind and text.lower() in ("", "none", "null"):
         return None
     if _base_type(kind) in (int, float) and _base_type(kind) is not kind:

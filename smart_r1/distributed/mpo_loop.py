@@ -20,7 +20,10 @@ clipped ratio surrogate, which corrects for the one-version lag.
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import math
+from pathlib import Path
 
 import numpy as np
 import ray
@@ -35,7 +38,10 @@ from smart_r1.model.checkpoint import load_checkpoint
 from smart_r1.rl.experience import collate_experiences
 from smart_r1.rl.mpo import mpo_step
 from smart_r1.rl.optim import NonFiniteGuard
+from smart_r1.storage import write_json
 from smart_r1.types import Experience
+
+ALPHA_FILE = "alpha.json"  # alpha: auto, as calibrated
 
 
 def step_scenarios(seed: int, step: int, num_scenarios: int, count: int) -> list[int]:
@@ -54,6 +60,25 @@ def collect(queue: RolloutQueue, timeout_s: float) -> tuple[list[Experience], in
     for message in failures:
         say(f"[rft] dropped: {message}")
     return experiences, len(failures)
+
+
+def calibrated_alpha(job: LearnerJob, experiences: list[Experience], rank: int, world_size: int) -> float:
+    """`alpha: auto`: the mean reward of the starting policy's first batch (rank 0 has it all),
+    fixed for the rest of the stage and recorded in `<stage_dir>/alpha.json`, which a resumed
+    stage reads back."""
+    path = Path(job.stage_dir) / ALPHA_FILE
+    box = [0.0]
+    if rank == 0:  # decides, and tells the other ranks
+        if path.exists():
+            box[0] = float(json.loads(path.read_text())["alpha"])
+        else:
+            box[0] = float(np.mean([e.rewards.mean() for e in experiences]))
+            write_json(path, {"alpha": box[0], "from_scenarios": len(experiences), "auto": True})
+            say(f"[{job.stage.name}] alpha: auto = {box[0]:.4f} (the starting policy's mean reward on "
+                f"{len(experiences)} scenarios), fixed from here on")
+    if world_size > 1:
+        dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def _share(experiences: list[Experience], rank: int, world_size: int) -> list[Experience]:
@@ -121,6 +146,8 @@ def mpo_loop(config: dict) -> None:
                             "the failures are named above")
             if overlap and step + 1 < stage.steps:  # sample the next step while this one updates
                 pending = dispatch(workers, version, weights(), scenarios_of(step + 1), spec)
+        if stage.alpha == "auto":  # the first batch, sampled by the starting policy, calibrates it
+            stage = dataclasses.replace(stage, alpha=calibrated_alpha(job, experiences, rank, world_size))
         experiences = _share(experiences, rank, world_size)
         if not experiences:
             raise RuntimeError(f"RL step {step}: every rollout failed or was stale")
@@ -137,7 +164,7 @@ def mpo_loop(config: dict) -> None:
         worker_time = {f"worker_{k}_s": float(np.mean([e.seconds[k] for e in experiences]))
                        for k in ("rollout", "reward")}
         metrics = {
-            "step": step, "version": version, **stats, **worker_time, **timer.lap(),
+            "step": step, "version": version, "alpha": stage.alpha, **stats, **worker_time, **timer.lap(),
             "reward": float(np.mean([e.rewards.mean() for e in experiences])),
             "realism": float(np.mean([e.realism.mean() for e in experiences])),
             "collision_rate": float(np.mean([e.collision.mean() for e in experiences])),

@@ -35,7 +35,7 @@ def test_killed_actor_restarts_and_rft_completes(submitted, local_ray, tmp_path)
     sft = str(out / "sft" / "model.pt")
     workers = start_workers(sft, datasets, count=2, cpus=0.5, gpus=0.0)
     first_pid = ray.get(workers[0].info.remote())["pid"]
-    stage = MPOStage(name="rft", steps=4, num_rollouts=2, scenarios_per_step=2, lr=1e-3)
+    stage = MPOStage(name="rft", steps=4, num_rollouts=2, scenarios_per_step=2, lr=1e-3, alpha="auto")
     job = LearnerJob(stage=stage, stage_dir=str(tmp_path / "rft"), init_checkpoint=sft, datasets=datasets,
                      ref_checkpoint=sft, rollout_workers=workers)
     result = {}
@@ -54,6 +54,9 @@ def test_killed_actor_restarts_and_rft_completes(submitted, local_ray, tmp_path)
     rows = [json.loads(line) for line in log.read_text().splitlines()]
     assert [r["step"] for r in rows] == [0, 1, 2, 3]
     assert all(r["scenarios"] == 2 and r["rollouts_failed"] == 0 for r in rows), rows
+    # alpha: auto, calibrated on the first batch (the starting policy's mean reward), then fixed
+    alpha = json.loads((tmp_path / "rft" / "alpha.json").read_text())["alpha"]
+    assert 0.0 < alpha < 1.0 and all(r["alpha"] == alpha for r in rows)
     info = ray.get(workers[0].info.remote())
     assert info["pid"] != first_pid, "the killed actor was restarted in a new process"
     for w in workers:
