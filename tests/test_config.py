@@ -34,6 +34,7 @@ def test_overrides():
     config = load_config(DEFAULT, ["rft.sampling.top_k=4", "eval.sampling.temperature=0.9"])
     assert config.stage("rft").sampling.top_k == 4 and config.eval.sampling.temperature == 0.9
     assert config.eval.sampling.top_k == 8
+    assert load_config(DEFAULT, ["rft.alpha=auto"]).stage("rft").alpha == "auto"
 
 
 def test_each_stage_kind_has_its_own_fields(tmp_path):
@@ -50,6 +51,7 @@ def test_each_stage_kind_has_its_own_fields(tmp_path):
 
 @pytest.mark.parametrize("override, message", [
     ("rft.alpha=1.5", "alpha must lie in"),
+    ("rft.alpha=high", "or be 'auto'"),
     ("rft.beta=-0.1", "beta must be >= 0"),
     ("sft.catk_k=0", "catk_k"),
     ("nosuchstage.alpha=0.5", "unknown stage name 'nosuchstage'"),
