@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 # The official evaluator pins very old numpy/pandas/jax/tensorflow; install it without its deps,
-# after ours (see DESIGN.md). The Dockerfile runs this same target.
+# after ours (see DESIGN.md). The Dockerfile installs the same pin the same way.
 WAYMO := waymo-open-dataset-tf-2-12-0==1.6.7
 # glibc hands TensorFlow's large buffers back to the kernel after every op; these keep them
 # (the official evaluator runs about 2x faster).
