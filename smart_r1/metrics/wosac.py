@@ -129,7 +129,7 @@ def _check_tensor(record: ScenarioRecord, states: torch.Tensor) -> torch.Tensor:
     return states
 
 
-def evaluate(ctx: MetricContext, states: torch.Tensor, specs: dict[str, FeatureSpec]
+def metrics_and_features(ctx: MetricContext, states: torch.Tensor, specs: dict[str, FeatureSpec]
              ) -> tuple[dict[str, torch.Tensor], MetricFeatures, MetricFeatures]:
     """Metrics {field: [B]} plus the log and sim features of the evaluated agents."""
     log = log_features(ctx, ctx.eval_index)
@@ -153,7 +153,7 @@ def compute_metrics_batch(records: Sequence[ScenarioRecord], states: Sequence, c
     padded = pad_states(records, states, device)
     with torch.no_grad():
         ctx = context if context is not None else build_context(records, device)
-        metrics, _, _ = evaluate(ctx, padded, default_specs(config))
+        metrics, _, _ = metrics_and_features(ctx, padded, default_specs(config))
     values = {name: v.double().cpu().numpy() for name, v in metrics.items()}
     return [{name: float(values[name][i]) for name in METRIC_FIELDS} for i in range(len(records))]
 

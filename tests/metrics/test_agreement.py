@@ -284,11 +284,11 @@ def test_edits_exercise_their_rule(cases):
     import torch
 
     from smart_r1.metrics.context import build_context
-    from smart_r1.metrics.wosac import default_specs, evaluate
+    from smart_r1.metrics.wosac import default_specs, metrics_and_features
 
     record, states, official = cases["edited"]
     ctx = build_context([record], "cpu")
-    _, log, sim = evaluate(ctx, torch.as_tensor(states, dtype=torch.float32)[None], default_specs())
+    _, log, sim = metrics_and_features(ctx, torch.as_tensor(states, dtype=torch.float32)[None], default_specs())
     ids = evaluated_agent_ids(record).tolist()
     rows = {int(record.object_id[a]): a for a in range(record.num_agents)}
     log_valid = record.valid[:, CURRENT_TIME_INDEX + 1 :]
@@ -359,7 +359,7 @@ def test_padded_agents_never_count(cases):
     feature) and the metrics stay those of zero padding. The same edit on a real agent's slot
     does change them, so the comparison can fail."""
     from smart_r1.metrics.context import build_context
-    from smart_r1.metrics.wosac import default_specs, evaluate, pad_states
+    from smart_r1.metrics.wosac import default_specs, metrics_and_features, pad_states
 
     names = ["sumo", "perturbed"]
     records = [cases[n][0] for n in names]
@@ -371,7 +371,7 @@ def test_padded_agents_never_count(cases):
     assert sizes[small] < padded.shape[2], "the batch needs a scenario with padded agent slots"
 
     def metrics(batch):
-        values, _, _ = evaluate(ctx, batch, default_specs())
+        values, _, _ = metrics_and_features(ctx, batch, default_specs())
         return [{k: float(values[k][i]) for k in METRIC_FIELDS} for i in range(len(records))]
 
     reference = metrics(padded)
