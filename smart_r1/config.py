@@ -91,7 +91,8 @@ class _Stage:
 class _SupervisedStage(_Stage):
     epochs: int = option(1, "passes over the training scenarios")
     steps_per_epoch: int = option(0, "0 = a whole pass; else this many batches per epoch, freshly shuffled")
-    batch_scenarios: int = option(4, "scenarios per gradient step (per learner)")
+    batch_scenarios: int = option(4, "scenarios per gradient step and learner: the global batch is "
+                                     "ray.num_learners x batch_scenarios (lr is not rescaled with it)")
 
     def validate(self) -> None:
         super().validate()

@@ -58,6 +58,9 @@ def supervised_loop(config: dict) -> None:
     # Every rank takes the same number of steps (their gradients are all-reduced together);
     # a rank with fewer scenes wraps around its own.
     steps_per_epoch = stage.steps_per_epoch or math.ceil(scenes.total / world_size / stage.batch_scenarios)
+    if rank == 0:  # the rule: batch_scenarios is per learner; lr is used as given, never rescaled
+        say(f"[{stage.name}] global batch {world_size} learners x {stage.batch_scenarios} scenarios = "
+            f"{world_size * stage.batch_scenarios}, lr {stage.lr:g}, {steps_per_epoch} steps per epoch")
     progress = Progress(stage.name, stage.epochs * steps_per_epoch, start_epoch * steps_per_epoch, rank == 0)
     torch.manual_seed(job.seed + rank)
     guard = NonFiniteGuard(f"stage {stage.name}", stage.max_nonfinite_updates)
