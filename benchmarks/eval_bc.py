@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from smart_r1.data.dataset import iter_scenarios
-from smart_r1.metrics.wosac import aggregate_metrics, compute_scenario_metrics
+from smart_r1.metrics import aggregate_metrics, compute_scenario_metrics
 from smart_r1.model.checkpoint import load_checkpoint
 from smart_r1.data.dataset import data_source
 from smart_r1.rollout.closed_loop import rollout_records
