@@ -56,10 +56,21 @@ class DataConfig:
     real_scenario: str = option("auto", "a WOMD TFRecord also scored after each stage; 'auto' = ../shared's, '' = none")
 
 
+# What the forward passes compute in (smart_r1.model.precision): auto = bfloat16 where the
+# device has it natively (CUDA with bf16, a CPU with AVX512-BF16 / AMX), float32 elsewhere.
+PRECISIONS = ("auto", "float32", "bfloat16")
+
+
 @dataclass(frozen=True)
 class ModelSection:
     preset: str = option("cpu", "a ModelConfig preset (smart_r1.model.config): default (7M) | cpu | test")
     vocab_size: int = option(2048, "motion tokens per agent type")
+    precision: str = option("auto", "forward passes in auto | float32 | bfloat16; auto = bfloat16 where the "
+                                    "device computes it natively (CUDA, CPUs with AVX512-BF16 / AMX), else float32")
+
+    def validate(self) -> None:
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"model.precision must be one of {PRECISIONS}, got {self.precision!r}")
 
 
 @dataclass(frozen=True)
@@ -193,6 +204,7 @@ class RayConfig:
     task_timeout_s: float = option(1800.0, "longest wait for one rollout or scoring task before the run stops "
                                            "with an error naming the actor and its scenarios")
     storage_path: str = option("", "Ray Train / Tune storage; '' = <out_dir>/ray")
+    keep_checkpoints: int = option(2, "Ray Train checkpoints kept per stage (the newest)")
 
     def validate(self) -> None:
         if self.num_rollout_workers < 1 or self.num_learners < 1:
@@ -205,6 +217,8 @@ class RayConfig:
             raise ValueError(f"ray.learner_threads must be >= 0 (0 = the learner's CPUs), got {self.learner_threads}")
         if self.max_learner_failures < 0 or self.max_actor_restarts < 0:
             raise ValueError("ray.max_learner_failures and ray.max_actor_restarts must be >= 0")
+        if self.keep_checkpoints < 1:
+            raise ValueError(f"ray.keep_checkpoints must be >= 1, got {self.keep_checkpoints}")
         if not self.task_timeout_s > 0:
             raise ValueError(f"ray.task_timeout_s must be > 0, got {self.task_timeout_s}")
 
@@ -262,6 +276,7 @@ class PipelineConfig:
         for name in ("embedded_train_scenarios", "embedded_heldout_scenarios"):
             if getattr(self.data, name) < 1:
                 raise ValueError(f"data.{name} must be >= 1")
+        self.model.validate()
         self.ray.validate()
         self.eval.validate()
         return self

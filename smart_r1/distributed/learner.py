@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ray.train import FailureConfig, RunConfig, ScalingConfig
+from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
 from smart_r1.config import RayConfig
@@ -32,7 +32,8 @@ def run_learner(job: LearnerJob, ray_cfg: RayConfig, storage_path: str) -> str:
                                                            **({"GPU": 1} if ray_cfg.use_gpu else {})}),
         run_config=RunConfig(name=job.run_name or f"{Path(job.stage_dir).parent.name}-{job.stage.name}",
                              storage_path=storage_path,
-                             failure_config=FailureConfig(max_failures=ray_cfg.max_learner_failures)),
+                             failure_config=FailureConfig(max_failures=ray_cfg.max_learner_failures),
+                             checkpoint_config=CheckpointConfig(num_to_keep=ray_cfg.keep_checkpoints)),
     )
     result = trainer.fit()
     if result.error is not None:

@@ -50,6 +50,9 @@ def test_rft_updates_the_policy_with_phase_timings(submitted):
             assert phase in row
         assert row["rollouts_failed"] == 0 and row["scenarios"] == 2
         assert row["kl"] >= 0.0
+    # Ray Train keeps the newest ray.keep_checkpoints (2) of the 3 the stage reported
+    kept = list((out / "ray").glob("*-rft-*/checkpoint_*"))
+    assert 1 <= len(kept) <= 2, kept
     sft = torch.load(out / "sft" / "model.pt", weights_only=True)["state_dict"]
     rft = torch.load(out / "rft" / "model.pt", weights_only=True)["state_dict"]
     changed = [k for k in sft if not torch.equal(sft[k], rft[k])]
