@@ -13,6 +13,7 @@ what to do.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -61,8 +62,12 @@ def main(argv=None) -> int:
         print(f"sft_rft_sft: invalid configuration: {e}", file=sys.stderr)
         return 2
     from smart_r1.distributed.pipeline import run_pipeline
+    from smart_r1.model.precision import ENV_VAR
     from smart_r1.ray_runtime import ensure_ray
 
+    # model.precision reaches the learner and the rollout actors through the environment a local
+    # Ray's workers inherit (a cluster: `ray job submit --runtime-env-json` with env_vars)
+    os.environ[ENV_VAR] = config.model.precision
     ensure_ray(log_to_driver=True)
     try:
         run_pipeline(config, fail_once_at=failures)

@@ -14,6 +14,7 @@ realism meta metric is printed and written to <out_dir>/best.json.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -60,9 +61,11 @@ def main(argv=None) -> int:
     except ValueError as e:
         print(f"sweep_alpha_beta: invalid sweep: {e}", file=sys.stderr)
         return 2
+    from smart_r1.model.precision import ENV_VAR
     from smart_r1.ray_runtime import ensure_ray
     from smart_r1.distributed.sweep import run_sweep
 
+    os.environ[ENV_VAR] = base.model.precision  # the trials' Ray workers inherit it
     ensure_ray(log_to_driver=True)
     rows = run_sweep(sweep, base, args.sft_checkpoint)
     return 1 if any(r["status"] == "error" for r in rows) else 0

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 from smart_r1.config import BCConfig
 from smart_r1.data.dataset import iter_scenarios
+from smart_r1.model import precision
 from smart_r1.model.checkpoint import save_checkpoint
 from smart_r1.model.config import ModelConfig
 from smart_r1.model.smart_tiny import SmartTiny, teacher_targets
@@ -27,8 +28,12 @@ from smart_r1.tokens.scene import SceneBatch, build_scene, collate
 
 
 def bc_loss(model, batch: SceneBatch) -> tuple[torch.Tensor, dict]:
-    """Mean next-token cross-entropy over valid (scene, agent, slot) and its statistics."""
-    logits = model(batch)  # [B, A, 17, V]
+    """Mean next-token cross-entropy over valid (scene, agent, slot) and its statistics.
+
+    The forward runs under the process-wide precision (smart_r1.model.precision); the
+    cross-entropy is taken in float32."""
+    with precision.autocast(batch.agent_mask.device):
+        logits = model(batch)  # [B, A, 17, V]
     target, mask = teacher_targets(batch)  # [B, A, 17] each
     picked = logits[mask].float()  # [n, V]
     if picked.shape[0] == 0:
@@ -47,8 +52,7 @@ def bc_train_step(model, optimizer: torch.optim.Optimizer, batch: SceneBatch, gr
     device = next(model.parameters()).device
     batch = batch.to(device)
     model.train()
-    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
-        loss, stats = bc_loss(model, batch)
+    loss, stats = bc_loss(model, batch)
     grad_norm = optimizer_step(model, optimizer, loss, grad_clip)
     if scheduler is not None:
         scheduler.step()

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
+from smart_r1.model import precision
 from smart_r1.model.smart_tiny import SmartTiny
 from smart_r1.rollout.sampling import Candidates, Sampler, TokenSelector, sampled_log_probs
 from smart_r1.tokens.geometry import compose
@@ -31,10 +32,6 @@ class RolloutTensors:
     tokens: torch.Tensor
     log_probs: torch.Tensor
     poses: torch.Tensor
-
-
-def _autocast(device: torch.device):
-    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
 
 
 @torch.no_grad()
@@ -64,9 +61,9 @@ def closed_loop(model: SmartTiny, batch: SceneBatch, num_rollouts: int = 32, sel
     contours = model.vocab.contours.to(device)[rep.agent_type]  # [N, A, V, SHIFT, 3]
     pose = rep.anchor_pose[:, :, h]  # [N, A, 3] current pose (step 10)
     out_tokens, out_logp, out_poses = [], [], []
-    with _autocast(device):
+    with precision.autocast(device):
         ctx = model.encode_map(batch).repeat(num_rollouts)  # map encoded once per scene
-        cache = model.new_cache(n, a, dtype=torch.bfloat16 if device.type == "cuda" else torch.float32) if use_cache else None
+        cache = model.new_cache(n, a, dtype=precision.compute_dtype(device)) if use_cache else None
         logits = model.decode(ctx, tokens, rep.agent_type, poses, valid, 0, cache)[:, :, -1]  # [N, A, V]
         for step in range(NUM_FUTURE_TOKENS):  # one token per agent per step, all agents together
             flat = logits.float().reshape(n * a, vocab_size)  # [N * A, V]
@@ -121,7 +118,7 @@ def token_log_probs(model, batch: SceneBatch, tokens: torch.Tensor, poses: torch
     in_poses = torch.cat([rep.anchor_pose[:, :, 1:h + 1], reached[:, :, :-1]], 2)  # [N, A, 17, 3]
     in_valid = torch.cat([rep.token_valid[:, :, :h], live[:, :, None].expand(-1, -1, NUM_FUTURE_TOKENS - 1)], 2)
     in_valid = in_valid & live[..., None]  # [N, A, 17]
-    with _autocast(tokens.device):
+    with precision.autocast(tokens.device):
         ctx = core.encode_map(batch).repeat(r)
         logits = core.decode(ctx, in_tokens, rep.agent_type, in_poses, in_valid)[:, :, h - 1:]  # [N, A, 16, V]
     chosen = sampled_log_probs(logits, tok, top_k, top_p, temperature) * live[..., None]  # [N, A, 16]
