@@ -30,7 +30,7 @@ run: install
 	$(PY) pipelines/sft_rft_sft.py
 
 test: install
-	$(PY) -m pytest -q --timeout=1500
+	$(PY) -m pytest -q --timeout=1500 --durations=25
 
 test-fast: install
 	$(PY) -m pytest -q -m "not slow" --timeout=600
