@@ -20,7 +20,7 @@ from smart_r1.distributed.worker_kit import LearnerJob, Progress, maybe_fail, re
 from smart_r1.rl.bc import bc_loss
 from smart_r1.rl.catk import catk_sft_loss
 from smart_r1.rl.optim import NonFiniteGuard, optimizer_step, set_learning_rate, warmup_cosine
-from smart_r1.tokens.scene import build_scene, collate
+from smart_r1.tokens.scene import build_scene, collate, scene_size, size_bucketed
 
 
 class SceneCache:
@@ -66,13 +66,16 @@ def supervised_loop(config: dict) -> None:
     guard = NonFiniteGuard(f"stage {stage.name}", stage.max_nonfinite_updates)
     for epoch in range(start_epoch, stage.epochs):
         maybe_fail(job, epoch)
-        random.Random(job.seed * 7919 + epoch).shuffle(order)
+        rng = random.Random(job.seed * 7919 + epoch)
+        rng.shuffle(order)
         totals = {"loss": 0.0, "accuracy": 0.0, "tokens": 0}
         skipped_before = guard.skipped
+        # this epoch's draws in order, batched by size (less padding) window by window
+        draws = [order[k % len(order)] for k in range(steps_per_epoch * stage.batch_scenarios)]
+        batches = size_bucketed(draws, stage.batch_scenarios, lambda k: scene_size(scenes[k]), rng)
         for i in range(steps_per_epoch):
             with timer.phase("tokenize"):  # first use only
-                picked = [scenes[order[(i * stage.batch_scenarios + j) % len(order)]]
-                          for j in range(stage.batch_scenarios)]
+                picked = [scenes[k] for k in next(batches)]
             batch = collate(picked).to(device)
             if stage.kind == "bc":  # pretraining from scratch: warm-up, then cosine decay to 10%
                 factor = warmup_cosine(epoch * steps_per_epoch + i, stage.epochs * steps_per_epoch)
