@@ -202,7 +202,9 @@ class Experience:
         rewards: float32 [R] (per rollout) or [R, A] (per-agent credit)
         realism: float32 [R], per-rollout realism score (smart_r1.metrics.signals)
         collision: bool [R, A]; offroad: bool [R, A]
-        seconds: dict phase name -> seconds spent in the worker (rollout, reward)
+        seconds: dict phase name -> seconds spent in the worker (rollout, reward, reference)
+        ref_log_probs: float32 [R, A, 16] or None, log pi_ref of the sampled tokens when the worker
+            holds the frozen reference (the learner then skips that forward pass)
     """
 
     scenario_index: int
@@ -217,6 +219,7 @@ class Experience:
     collision: np.ndarray
     offroad: np.ndarray
     seconds: dict
+    ref_log_probs: np.ndarray | None = None
 
     @property
     def num_rollouts(self) -> int:

@@ -23,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 from pathlib import Path
 
 import numpy as np
@@ -42,6 +43,7 @@ from smart_r1.storage import write_json
 from smart_r1.types import Experience
 
 ALPHA_FILE = "alpha.json"  # alpha: auto, as calibrated
+REFERENCE_IN_WORKERS_ENV = "SMART_R1_REFERENCE_IN_WORKERS"  # "0": the learner runs pi_ref (to compare)
 
 
 def step_scenarios(seed: int, step: int, num_scenarios: int, count: int) -> list[int]:
@@ -100,6 +102,11 @@ def mpo_loop(config: dict) -> None:
     workers = job.rollout_workers
     num_scenarios = ray.get(workers[0].num_scenarios.remote("train"), timeout=job.task_timeout_s)
     spec = RolloutSpec.of_stage(stage)
+    if rank == 0 and stage.kl_estimator == "k3" and os.environ.get(REFERENCE_IN_WORKERS_ENV, "1") != "0":
+        # the workers run the frozen reference on their own rollouts and send log pi_ref: the
+        # update skips that forward pass (mpo_step); the 'full' estimator needs it here
+        spec = dataclasses.replace(spec, reference=(ray.put({k: v.detach().cpu()
+                                                             for k, v in ref_model.state_dict().items()}),))
     overlap = stage.max_staleness >= 1
     timer = PhaseTimer()
     guard = NonFiniteGuard(f"stage {stage.name}", stage.max_nonfinite_updates)

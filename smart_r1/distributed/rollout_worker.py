@@ -9,6 +9,7 @@ actor fetches the weights only when the version differs from the one it holds (e
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import os
 import time
@@ -22,7 +23,7 @@ from smart_r1.config import MPOStage, SamplingConfig
 from smart_r1.data.dataset import iter_scenarios
 from smart_r1.metrics import compute_scenario_metrics
 from smart_r1.model.checkpoint import load_checkpoint
-from smart_r1.rl.experience import make_experience
+from smart_r1.rl.experience import make_experience, reference_log_probs
 from smart_r1.rl.rewards import RewardConfig
 from smart_r1.rollout.closed_loop import closed_loop, to_rollouts
 from smart_r1.rollout.sampling import Sampler
@@ -33,11 +34,13 @@ from smart_r1.types import Experience, RolloutFailure, ScenarioRecord
 @dataclass(frozen=True)
 class RolloutSpec:
     """What a rollout task does: how many rollouts per scenario, how they sample, how they are
-    rewarded (plain values for Ray)."""
+    rewarded (plain values for Ray), and, for MPO, `reference`: (the frozen reference's weights as
+    an ObjectRef,) when the workers also send its log-probs of their rollouts (else ())."""
 
     num_rollouts: int = 8
     sampling: SamplingConfig = SamplingConfig()
     reward: RewardConfig = RewardConfig()
+    reference: tuple = ()
 
     @classmethod
     def of_stage(cls, stage: MPOStage) -> "RolloutSpec":
@@ -54,6 +57,7 @@ class RolloutWorker:
         self.device = torch.device(device if device != "cuda" or torch.cuda.is_available() else "cpu")
         self.model = load_checkpoint(checkpoint, map_location=self.device)
         self.version = -1  # the checkpoint's own weights
+        self.reference, self._reference_ref = None, None  # MPO's frozen reference, when asked for
         self.datasets = dict(datasets)
         self._records: dict[str, list[ScenarioRecord]] = {}
         self._scenes: dict[tuple[str, int], object] = {}
@@ -84,6 +88,17 @@ class RolloutWorker:
             self._scenes[key] = build_scene(self.records(dataset)[index], self.model.vocab, agents="sim")
         return self._scenes[key]
 
+    def _reference(self, spec: RolloutSpec):
+        """The frozen reference the spec names (fetched once per stage), or None."""
+        if not spec.reference:
+            return None
+        if self._reference_ref != spec.reference[0].hex():
+            self.reference = copy.deepcopy(self.model).requires_grad_(False)
+            self.reference.load_state_dict(ray.get(spec.reference[0]))
+            self.reference.eval()
+            self._reference_ref = spec.reference[0].hex()
+        return self.reference
+
     def _sampler(self, spec: RolloutSpec) -> Sampler:
         return Sampler(**dataclasses.asdict(spec.sampling), generator=self.generator)
 
@@ -93,6 +108,7 @@ class RolloutWorker:
         """Sample `spec.num_rollouts` rollouts of each scenario and score them into experience."""
         self._sync(version, weights)
         sampler = self._sampler(spec)
+        reference = self._reference(spec)
         out: list[Experience | RolloutFailure] = []
         for index in indices:
             scenario_id = "?"
@@ -102,8 +118,12 @@ class RolloutWorker:
                 t0 = time.perf_counter()
                 scene = self._scene(dataset, index)
                 tensors = closed_loop(self.model, scene, spec.num_rollouts, sampler)
+                t1 = time.perf_counter()
+                ref_log_probs = None if reference is None else reference_log_probs(reference, scene, tensors,
+                                                                                   spec.sampling)
                 out.append(make_experience(index, record, scene, tensors, self.version, spec.reward,
-                                           rollout_seconds=time.perf_counter() - t0))
+                                           rollout_seconds=t1 - t0, ref_log_probs=ref_log_probs,
+                                           reference_seconds=time.perf_counter() - t1))
             except Exception as e:  # one bad scenario must not sink the batch; the learner counts it
                 out.append(RolloutFailure(index, scenario_id, f"{type(e).__name__}: {e}\n"
                                           + traceback.format_exc(limit=3)))

@@ -7,6 +7,7 @@ without reading the dataset.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -14,16 +15,20 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from smart_r1.config import SamplingConfig
 from smart_r1.metrics import rollout_signals
 from smart_r1.rl.rewards import RewardConfig, rollout_rewards
-from smart_r1.rollout.closed_loop import RolloutTensors, to_rollouts
-from smart_r1.tokens.scene import SceneBatch, collate
+from smart_r1.rollout.closed_loop import RolloutTensors, to_rollouts, token_log_probs
+from smart_r1.tokens.scene import SceneBatch, collate, unpad
 from smart_r1.types import Experience, ScenarioRecord
 
 
 def make_experience(scenario_index: int, record: ScenarioRecord, scene: SceneBatch, tensors: RolloutTensors,
-                    version: int, reward: RewardConfig, rollout_seconds: float = 0.0) -> Experience:
+                    version: int, reward: RewardConfig, rollout_seconds: float = 0.0,
+                    ref_log_probs: torch.Tensor | None = None, reference_seconds: float = 0.0) -> Experience:
     """Score the rollouts of one scene (B = 1) with the fast WOSAC signals and assemble rewards.
+    `ref_log_probs` [1, R, A, 16]: the frozen reference's log-probs of the sampled tokens, when the
+    worker computed them (`reference_log_probs`).
 
     Raises FloatingPointError on a non-finite reward: the caller drops the scenario rather than
     scoring it as zero (with a fixed baseline, a zero reward pushes away from whatever was sampled).
@@ -40,7 +45,17 @@ def make_experience(scenario_index: int, record: ScenarioRecord, scene: SceneBat
         log_probs=tensors.log_probs[0].float().cpu().numpy(),
         rewards=rewards.cpu().numpy().astype(np.float32), realism=signals.realism.float().cpu().numpy(),
         collision=signals.collision.cpu().numpy(), offroad=signals.offroad.cpu().numpy(),
-        seconds={"rollout": rollout_seconds, "reward": time.perf_counter() - t0})
+        seconds={"rollout": rollout_seconds, "reward": time.perf_counter() - t0, "reference": reference_seconds},
+        ref_log_probs=None if ref_log_probs is None else ref_log_probs[0].float().cpu().numpy())
+
+
+def reference_log_probs(ref_model, scene: SceneBatch, tensors: RolloutTensors,
+                        sampling: SamplingConfig) -> torch.Tensor:
+    """log pi_ref [B, R, A, 16] of sampled rollouts under the frozen reference, exactly as the
+    learner's `mpo_step` computes them (`token_log_probs`, the sampler's distribution), so a
+    rollout worker that holds the reference can send them along."""
+    with torch.no_grad():
+        return token_log_probs(ref_model, scene, tensors.tokens, tensors.poses, **dataclasses.asdict(sampling))
 
 
 @dataclass(frozen=True)
@@ -54,6 +69,7 @@ class ExperienceBatch:
         old_log_probs: float32 [B, R, A, 16], log pi_old when sampled (the behaviour policy)
         rewards: float32 [B, R] per rollout or [B, R, A] per agent
         versions: int64 [B], the weights version that sampled each scene's rollouts
+        ref_log_probs: float32 [B, R, A, 16] or None, log pi_ref from the rollout workers
     """
 
     scenes: SceneBatch
@@ -62,12 +78,26 @@ class ExperienceBatch:
     old_log_probs: torch.Tensor
     rewards: torch.Tensor
     versions: torch.Tensor
+    ref_log_probs: torch.Tensor | None = None
 
     @property
     def live(self) -> torch.Tensor:
         """bool [B, R, A, 16]: the tokens that count (sim agents, every step)."""
         b, r, a, t = self.tokens.shape
         return (self.scenes.sim_mask & self.scenes.agent_mask)[:, None, :, None].expand(b, r, a, t)
+
+    def per_scene(self) -> list["ExperienceBatch"]:
+        """One batch per scene (B = 1), cut to its own agents and map segments: no padding."""
+        out = []
+        for i in range(self.tokens.shape[0]):
+            scene = unpad(self.scenes, i)
+            a = scene.agent_mask.shape[1]
+            cut = lambda x: None if x is None else x[i:i + 1, :, :a]  # [1, R, A_i, ...]
+            out.append(ExperienceBatch(
+                scenes=scene, tokens=cut(self.tokens), poses=cut(self.poses), old_log_probs=cut(self.old_log_probs),
+                rewards=cut(self.rewards) if self.rewards.dim() == 3 else self.rewards[i:i + 1],
+                versions=self.versions[i:i + 1], ref_log_probs=cut(self.ref_log_probs)))
+        return out
 
 
 def _pad_agents(arrays: Sequence[np.ndarray], a: int) -> torch.Tensor:
@@ -95,4 +125,6 @@ def collate_experiences(experiences: Sequence[Experience], device: torch.device 
         poses=_pad_agents([e.poses for e in experiences], a).to(device),
         old_log_probs=_pad_agents([e.log_probs for e in experiences], a).to(device),
         rewards=rewards.to(device),
-        versions=torch.tensor([e.version for e in experiences], dtype=torch.int64, device=device))
+        versions=torch.tensor([e.version for e in experiences], dtype=torch.int64, device=device),
+        ref_log_probs=(_pad_agents([e.ref_log_probs for e in experiences], a).to(device)
+                       if all(e.ref_log_probs is not None for e in experiences) else None))

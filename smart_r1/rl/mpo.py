@@ -75,7 +75,8 @@ def mpo_loss(log_probs: torch.Tensor, ref_log_probs: torch.Tensor, rewards: torc
              mask: torch.Tensor, alpha: float, beta: float,
              old_log_probs: torch.Tensor | None = None, clip_eps: float | None = None,
              kl_estimator: str = "k3", full_log_probs: torch.Tensor | None = None,
-             full_ref_log_probs: torch.Tensor | None = None) -> tuple[torch.Tensor, MPOStats]:
+             full_ref_log_probs: torch.Tensor | None = None,
+             count: float | None = None) -> tuple[torch.Tensor, MPOStats]:
     """The MPO loss (eq. MPO-2, or MPO-3 with clipping).
 
     Args:
@@ -85,13 +86,15 @@ def mpo_loss(log_probs: torch.Tensor, ref_log_probs: torch.Tensor, rewards: torc
         mask: [R, S, T] bool, the tokens that count (valid agents and steps).
         alpha: the fixed baseline. beta: the KL weight.
         old_log_probs: [R, S, T] log pi_old at sampling time; with clip_eps, enables MPO-3.
+        count: the number of tokens the means are over (default: mask.sum()); with the batch's
+            count, the losses and statistics of its parts add up to the batch's.
     """
     adv = advantages(rewards, alpha)
     while adv.dim() < log_probs.dim():
         adv = adv.unsqueeze(-1)  # [R] -> [R, 1, 1] or [R, S] -> [R, S, 1]
     adv = adv.expand_as(log_probs)
     m = mask.to(log_probs.dtype)
-    count = m.sum().clamp_min(1.0)
+    count = m.sum().clamp_min(1.0) if count is None else count
     clip_fraction = torch.zeros(())
     if clip_eps is not None and old_log_probs is not None:
         ratio = torch.exp(log_probs - old_log_probs)
@@ -111,33 +114,50 @@ def mpo_loss(log_probs: torch.Tensor, ref_log_probs: torch.Tensor, rewards: torc
 
 
 def mpo_step(model: torch.nn.Module, ref_model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-             batch: ExperienceBatch, stage: MPOStage, policy_version: int, world_size: int = 1) -> dict:
+             batch: ExperienceBatch, stage: MPOStage, policy_version: int, world_size: int = 1,
+             per_scene: bool = True) -> dict:
     """One RL step of MPO: `stage.updates_per_batch` updates of `model` on `batch`.
 
     pi is the distribution the actors sampled from (the model's tokens tempered and filtered as
     `stage.sampling` says); the update runs in eval mode (no dropout), so pi is exactly the
     sampling policy, as in RLHF practice. The clipped surrogate (MPO-3) is used when the batch is
     reused or holds rollouts of weights older than `policy_version`; otherwise MPO-2.
+
+    What it need not compute, it does not: log pi_ref comes with the batch when the rollout
+    workers computed it (`batch.ref_log_probs`, the same `token_log_probs` on the same rollouts;
+    the 'full' KL estimator still needs the reference here), and with `per_scene` each scene is
+    run on its own agents and map segments instead of the batch's padding, its loss normalised by
+    the whole batch's token count, so the summed loss and its gradient are the padded batch's.
     Returns the last update's statistics plus `grad_norm` and `clipped_objective` (0 or 1).
     """
-    b, r, a = batch.tokens.shape[:3]
     full = stage.kl_estimator == "full"
     sampling = dataclasses.asdict(stage.sampling)
     off_policy = stage.updates_per_batch > 1 or bool((batch.versions != policy_version).any())
-    flat = lambda x: x.reshape(b * r, *x.shape[2:])  # [B, R, ...] -> [B * R, ...]: the rollouts axis
+    parts = batch.per_scene() if per_scene and batch.tokens.shape[0] > 1 else [batch]
+    count = batch.live.sum().clamp_min(1).float()  # the batch's tokens: every part's normaliser
+
+    def log_probs(net, part):  # ([B, R, A, 16], [B, R, A, 16, V] or None)
+        out = token_log_probs(net, part.scenes, part.tokens, part.poses, full=full, **sampling)
+        return out if full else (out, None)
+
     with torch.no_grad():
-        ref_out = token_log_probs(ref_model, batch.scenes, batch.tokens, batch.poses, full=full, **sampling)
-    ref_lp, ref_full = ref_out if full else (ref_out, None)
-    live = flat(batch.live)
+        refs = [(part.ref_log_probs, None) if part.ref_log_probs is not None and not full
+                else log_probs(ref_model, part) for part in parts]
     model.eval()
     stats, grad_norm = None, 0.0
     for _ in range(stage.updates_per_batch):
-        out = token_log_probs(model, batch.scenes, batch.tokens, batch.poses, full=full, **sampling)
-        lp, lp_full = out if full else (out, None)
-        loss, stats = mpo_loss(
-            flat(lp), flat(ref_lp), flat(batch.rewards), live, stage.alpha, stage.beta,
-            old_log_probs=flat(batch.old_log_probs) if off_policy else None,
-            clip_eps=stage.clip_eps, kl_estimator=stage.kl_estimator,
-            full_log_probs=flat(lp_full) if full else None, full_ref_log_probs=flat(ref_full) if full else None)
+        loss, sums = 0.0, None
+        for part, (ref_lp, ref_full) in zip(parts, refs):
+            b, r = part.tokens.shape[:2]
+            flat = lambda x: None if x is None else x.reshape(b * r, *x.shape[2:])  # [B, R, ...] -> [B * R, ...]
+            lp, lp_full = log_probs(model, part)
+            part_loss, part_stats = mpo_loss(
+                flat(lp), flat(ref_lp), flat(part.rewards), flat(part.live), stage.alpha, stage.beta,
+                old_log_probs=flat(part.old_log_probs) if off_policy else None,
+                clip_eps=stage.clip_eps, kl_estimator=stage.kl_estimator,
+                full_log_probs=flat(lp_full), full_ref_log_probs=flat(ref_full), count=count)
+            loss = loss + part_loss
+            sums = vars(part_stats) if sums is None else {k: v + vars(part_stats)[k] for k, v in sums.items()}
+        stats = MPOStats(**sums)  # every statistic is a sum over tokens / count: the parts add up
         grad_norm = optimizer_step(model, optimizer, loss, stage.grad_clip, world_size)
     return {**vars(stats), "grad_norm": grad_norm, "clipped_objective": int(off_policy)}

@@ -174,6 +174,23 @@ def collate(scenes: Sequence[SceneBatch]) -> SceneBatch:
     return SceneBatch(**fields)
 
 
+def unpad(batch: SceneBatch, i: int) -> SceneBatch:
+    """Scene i of a collated batch on its own (B = 1), its padding cut off: what `collate` was given."""
+    def used(mask: torch.Tensor) -> int:  # collate pads after the last real slot
+        return int(mask.nonzero().max()) + 1 if mask.any() else 0
+    a, m = used(batch.agent_mask[i]), used(batch.map_mask[i])
+    fields = {}
+    for f in dataclasses.fields(SceneBatch):
+        v = getattr(batch, f.name)
+        if f.name == "scenario_id":
+            fields[f.name] = [v[i]]
+        elif f.name == "origin":
+            fields[f.name] = v[i:i + 1]
+        else:
+            fields[f.name] = v[i:i + 1, :m if f.name.startswith("map_") else a]
+    return SceneBatch(**fields)
+
+
 def scene_size(scene: SceneBatch) -> tuple[int, int]:
     """(agent slots, map-segment slots) of a single scene: what `collate` pads to."""
     return int(scene.agent_mask.shape[1]), int(scene.map_mask.shape[1])
