@@ -13,6 +13,8 @@ from smart_r1.tokens.geometry import relative
 
 # Distances enter the Fourier features in units of 10 m, time in units of 10 slots (5 s).
 _DIST_SCALE, _TIME_SCALE = 0.1, 0.1
+# gather_rows by an embedding lookup (False: advanced indexing, the reference; see use_fast_paths)
+_GATHER_BY_EMBEDDING = True
 
 
 def rel_pose_features(query_pose: torch.Tensor, key_pose: torch.Tensor, dt: torch.Tensor | None = None) -> torch.Tensor:
@@ -67,6 +69,8 @@ def gather_rows(src: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     of the time of advanced indexing's scatter (`index_put_`) on the map encoder's
     [4, 2048, 32, 128] gathers (2-core AMD EPYC)."""
     b, n, feat = src.shape[0], src.shape[1], src.shape[2:]
+    if not _GATHER_BY_EMBEDDING:
+        return src[torch.arange(b, device=src.device).view(-1, *([1] * (index.ndim - 1))), index]
     if b == 1 or src.stride(0) == 0:  # one scene, or one scene's rows shared by all (an expanded view)
         rows, flat = src[0].reshape(n, -1), index.expand(b, *index.shape[1:]) if index.shape[0] != b else index
     else:
@@ -141,9 +145,12 @@ class RelAttention(nn.Module):
         return x + self.drop(self.ff(self.norm_ff(x)))
 
 
-def use_factored_attention(module: nn.Module, on: bool = True) -> None:
-    """Switch every RelAttention in `module` between the factored form (default) and the
-    reference form that projects each key's relative pose (benchmarks and tests compare them)."""
+def use_fast_paths(module: nn.Module, on: bool = True) -> None:
+    """Switch between the faster forms (default) and the reference forms they are checked and
+    benchmarked against: every RelAttention in `module` factored or projecting each key's
+    relative pose, and (process-wide) gather_rows by embedding lookup or advanced indexing."""
+    global _GATHER_BY_EMBEDDING
+    _GATHER_BY_EMBEDDING = on
     for m in module.modules():
         if isinstance(m, RelAttention):
             m.factored = on

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from smart_r1.model.config import ModelConfig
-from smart_r1.model.layers import gather_rows, use_factored_attention
+from smart_r1.model.layers import gather_rows, use_fast_paths
 from smart_r1.model.smart_tiny import SmartTiny
 from smart_r1.rl.bc import bc_loss
 from smart_r1.tokens.motion_vocab import build_vocab
@@ -19,6 +19,7 @@ GRAD_RTOL = 1e-3
 
 
 def _advanced_index(src: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """gather_rows as it was: advanced indexing."""
     b = torch.arange(src.shape[0]).view(-1, *([1] * (index.ndim - 1)))
     return src[b, index]
 
@@ -39,21 +40,21 @@ def test_gather_rows_equals_advanced_indexing_with_gradients():
     assert torch.equal(gather_rows(shared, index), _advanced_index(shared, index))
 
 
-def test_factored_attention_matches_the_reference_on_the_real_scene(womd_record):
+def test_fast_paths_match_the_reference_on_the_real_scene(womd_record):
     vocab = build_vocab([womd_record], size=64, seed=0)
     torch.manual_seed(0)
     model = SmartTiny(ModelConfig.preset("cpu", vocab_size=64, dropout=0.0), vocab)
     scene = build_scene(womd_record, vocab, agents="all", max_agents=32, max_map_segments=128)
     results = {}
-    for factored in (False, True):
-        use_factored_attention(model, factored)
+    for fast in (False, True):
+        use_fast_paths(model, fast)
         model.zero_grad()
         loss, _ = bc_loss(model, scene)
         loss.backward()
         with torch.no_grad():
             logits = model(scene)
-        results[factored] = logits, float(loss.detach()), {n: p.grad.clone() for n, p in model.named_parameters()}
-    use_factored_attention(model, True)
+        results[fast] = logits, float(loss.detach()), {n: p.grad.clone() for n, p in model.named_parameters()}
+    use_fast_paths(model, True)
     (ref_logits, ref_loss, ref_grads), (logits, loss, grads) = results[False], results[True]
     assert (logits - ref_logits).abs().max() < LOGIT_ATOL
     assert abs(loss - ref_loss) < LOGIT_ATOL
