@@ -168,8 +168,8 @@ def mpo_loop(config: dict) -> None:
             say(f"[{stage.name}] RL step {step}: non-finite loss or gradient, update skipped")
         if rank == 0 and not overlap and step + 1 < stage.steps:
             pending = dispatch(workers, version, weights(), scenarios_of(step + 1), spec)
-        worker_time = {f"worker_{k}_s": float(np.mean([e.seconds[k] for e in experiences]))
-                       for k in ("rollout", "reward")}
+        worker_time = {f"worker_{k}_s": float(np.mean([e.seconds.get(k, 0.0) for e in experiences]))
+                       for k in ("rollout", "reward", "reference")}
         metrics = {
             "step": step, "version": version, "alpha": stage.alpha, **stats, **worker_time, **timer.lap(),
             "reward": float(np.mean([e.rewards.mean() for e in experiences])),

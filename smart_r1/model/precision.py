@@ -5,8 +5,8 @@ rollouts).
 A precision is one of
     auto      bfloat16 where the hardware computes it natively (a CUDA GPU with bf16; a CPU with
               AVX512-BF16 or AMX), float32 elsewhere. On a CPU without native bf16 the matmuls are
-              emulated and run about 20x slower than in float32 (the AMD EPYC dev machine,
-              BENCHMARKS.md), so `auto` never picks it there.
+              emulated: 1.4 against 133 GFLOP/s in float32 on the AMD EPYC dev machine
+              (BENCHMARKS.md), so `auto` never picks it there.
     float32   the reference path.
     bfloat16  always, even emulated (tests; a CPU whose flags the detection misses).
 

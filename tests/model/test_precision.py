@@ -1,7 +1,7 @@
 """Reduced precision: detection and the config switch, the bfloat16 forward against the float32
 reference on the real scene, and rollout log-probs against the learner's recomputation.
 
-bfloat16 autocast runs on any CPU (emulated where the processor lacks it, ~20x slower), so these
+bfloat16 autocast runs on any CPU (emulated where the processor lacks it, ~100x slower), so these
 tests use the `test` preset and a few hundred map segments to stay within seconds everywhere."""
 
 from __future__ import annotations
