@@ -104,6 +104,8 @@ class _SupervisedStage(_Stage):
     steps_per_epoch: int = option(0, "0 = a whole pass; else this many batches per epoch, freshly shuffled")
     batch_scenarios: int = option(4, "scenarios per gradient step and learner: the global batch is "
                                      "ray.num_learners x batch_scenarios (lr is not rescaled with it)")
+    label_smoothing: float = option(0.0, "share of each target token's probability spread over the "
+                                         "vocabulary in the cross-entropy (SMART: 0.1)")
 
     def validate(self) -> None:
         super().validate()
@@ -112,6 +114,8 @@ class _SupervisedStage(_Stage):
                 raise ValueError(f"stage {self.name!r}: {name} must be >= 1, got {getattr(self, name)}")
         if self.steps_per_epoch < 0:
             raise ValueError(f"stage {self.name!r}: steps_per_epoch must be >= 0 (0 = a whole pass)")
+        if not 0.0 <= self.label_smoothing < 1.0:
+            raise ValueError(f"stage {self.name!r}: label_smoothing must be in [0, 1), got {self.label_smoothing}")
 
 
 @dataclass(frozen=True)
@@ -126,12 +130,16 @@ class CatKStage(_SupervisedStage):
     """Closed-loop SFT on CAT-K rollouts (constant lr)."""
 
     catk_k: int = option(5, "CAT-K's K: the executed token is the one closest to the log among the K most likely")
+    bc_weight: float = option(0.0, "weight of the log's own next-token loss added to the CAT-K loss "
+                                   "(0 = CAT-K alone, as published)")
     kind: str = field(default="catk_sft", init=False, metadata={"help": "catk_sft"})
 
     def validate(self) -> None:
         super().validate()
         if self.catk_k < 1:
             raise ValueError(f"stage {self.name!r}: catk_k (CAT-K's K) must be >= 1, got {self.catk_k}")
+        if self.bc_weight < 0:
+            raise ValueError(f"stage {self.name!r}: bc_weight must be >= 0, got {self.bc_weight}")
 
 
 @dataclass(frozen=True)

@@ -83,9 +83,10 @@ def supervised_loop(config: dict) -> None:
             model.train()
             with timer.phase("forward"):
                 if stage.kind == "bc":
-                    loss, stats = bc_loss(model, batch)
+                    loss, stats = bc_loss(model, batch, stage.label_smoothing)
                 else:
-                    loss, stats = catk_sft_loss(model, batch, stage.catk_k)
+                    loss, stats = catk_sft_loss(model, batch, stage.catk_k, bc_weight=stage.bc_weight,
+                                                 label_smoothing=stage.label_smoothing)
             with timer.phase("update"):
                 grad_norm = optimizer_step(model, optimizer, loss, stage.grad_clip, world_size)
             if not guard.update(grad_norm, f"epoch {epoch} step {i}"):

@@ -27,11 +27,12 @@ from smart_r1.tokens.motion_vocab import MotionVocab, build_vocab
 from smart_r1.tokens.scene import SceneBatch, build_scene, collate
 
 
-def bc_loss(model, batch: SceneBatch) -> tuple[torch.Tensor, dict]:
+def bc_loss(model, batch: SceneBatch, label_smoothing: float = 0.0) -> tuple[torch.Tensor, dict]:
     """Mean next-token cross-entropy over valid (scene, agent, slot) and its statistics.
 
-    The forward runs under the process-wide precision (smart_r1.model.precision); the
-    cross-entropy is taken in float32."""
+    `label_smoothing` spreads that share of each target's mass uniformly over the vocabulary
+    (SMART trains with 0.1). The forward runs under the process-wide precision
+    (smart_r1.model.precision); the cross-entropy is taken in float32."""
     with precision.autocast(batch.agent_mask.device):
         logits = model(batch)  # [B, A, 17, V]
     target, mask = teacher_targets(batch)  # [B, A, 17] each
@@ -39,7 +40,7 @@ def bc_loss(model, batch: SceneBatch) -> tuple[torch.Tensor, dict]:
     if picked.shape[0] == 0:
         zero = logits.sum() * 0.0  # keeps the graph (and DDP's gradient hooks) intact
         return zero, {"loss": 0.0, "accuracy": 0.0, "tokens": 0}
-    loss = F.cross_entropy(picked, target[mask])
+    loss = F.cross_entropy(picked, target[mask], label_smoothing=label_smoothing)
     accuracy = (picked.argmax(-1) == target[mask]).float().mean()
     return loss, {"loss": float(loss.detach()), "accuracy": float(accuracy), "tokens": int(mask.sum())}
 

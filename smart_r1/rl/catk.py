@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import torch
 
+from smart_r1.rl.bc import bc_loss
 from smart_r1.rollout.closed_loop import RolloutTensors, closed_loop, token_log_probs
 from smart_r1.rollout.sampling import catk_selector
 from smart_r1.tokens.tokenize import best_tokens
@@ -59,8 +60,16 @@ def catk_targets(batch: SceneBatch, rollout: RolloutTensors, vocab: MotionVocab)
     return torch.stack(targets, -1), valid & live  # [B, R, A, 16] each
 
 
-def catk_sft_loss(model, batch: SceneBatch, catk_k: int, num_rollouts: int = 1) -> tuple[torch.Tensor, dict]:
-    """L_SFT on one batch: CAT-K rollouts (no gradient), then the teacher-forced cross-entropy.
+def catk_sft_loss(model, batch: SceneBatch, catk_k: int, num_rollouts: int = 1, bc_weight: float = 0.0,
+                  label_smoothing: float = 0.0) -> tuple[torch.Tensor, dict]:
+    """L_SFT on one batch: CAT-K rollouts (no gradient), then the teacher-forced cross-entropy,
+    plus `bc_weight` times the log's own next-token loss (L_BC on the same scenes):
+
+        L = L_SFT + bc_weight * L_BC
+
+    The log term keeps the states the log visits in the training distribution, so what CAT-K
+    adds (recovery from the policy's own drift) does not replace what BC learnt. Both terms
+    take `label_smoothing` (share of each target's mass spread over the vocabulary).
 
     `model` may be wrapped (e.g. DistributedDataParallel); it is left in train mode."""
     core = getattr(model, "module", model)
@@ -70,12 +79,19 @@ def catk_sft_loss(model, batch: SceneBatch, catk_k: int, num_rollouts: int = 1) 
         targets, valid = catk_targets(batch, rollout, core.vocab)
     core.train()
     _, logp_all = token_log_probs(model, batch, rollout.tokens, rollout.poses, full=True)  # [B, R, A, 16, V]
-    if not valid.any():
-        zero = logp_all.sum() * 0.0  # keeps the graph intact
-        return zero, {"loss": 0.0, "accuracy": 0.0, "tokens": 0, "executed_is_target": 0.0}
-    picked = logp_all.gather(-1, targets[..., None])[..., 0]  # [B, R, A, 16]
-    loss = -picked[valid].mean()
-    accuracy = (logp_all.argmax(-1) == targets)[valid].float().mean()
-    on_log = (rollout.tokens == targets)[valid].float().mean()
-    return loss, {"loss": float(loss.detach()), "accuracy": float(accuracy), "tokens": int(valid.sum()),
-                  "executed_is_target": float(on_log)}
+    stats = {"loss": 0.0, "accuracy": 0.0, "tokens": 0, "executed_is_target": 0.0}
+    if valid.any():
+        picked = logp_all.gather(-1, targets[..., None])[..., 0][valid]  # [n]
+        nll = -picked.mean()
+        loss = nll if not label_smoothing else \
+            (1 - label_smoothing) * nll - label_smoothing * logp_all[valid].mean()
+        stats.update(loss=float(loss.detach()), tokens=int(valid.sum()),
+                     accuracy=float((logp_all.argmax(-1) == targets)[valid].float().mean()),
+                     executed_is_target=float((rollout.tokens == targets)[valid].float().mean()))
+    else:
+        loss = logp_all.sum() * 0.0  # keeps the graph intact
+    if bc_weight:
+        log_loss, log_stats = bc_loss(model, batch, label_smoothing)
+        loss = loss + bc_weight * log_loss
+        stats.update(log_loss=log_stats["loss"], log_accuracy=log_stats["accuracy"])
+    return loss, stats

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from smart_r1.model.config import ModelConfig
-from smart_r1.model.smart_tiny import SmartTiny
+from smart_r1.model.smart_tiny import SmartTiny, teacher_targets
+from smart_r1.rl.bc import bc_loss
 from smart_r1.rl.catk import catk_sft_loss, catk_targets
 from smart_r1.rollout.closed_loop import RolloutTensors, closed_loop
 from smart_r1.rollout.sampling import Sampler, catk_selector
@@ -121,3 +122,26 @@ def test_loss_trains_every_parameter_and_decreases(setup):
         optimizer.step()
         losses.append(stats["loss"])
     assert losses[-1] < losses[0]
+
+
+def test_log_term_and_label_smoothing_are_the_stated_sums(womd_record):
+    """L = L_SFT + w * L_BC, and smoothing eps mixes the target's NLL with the mean NLL over the
+    vocabulary; dropout off so the pieces are the same forward passes."""
+    torch.manual_seed(0)
+    vocab = build_vocab([womd_record], size=64, seed=0)
+    model = SmartTiny(ModelConfig.preset("test", dropout=0.0), vocab)
+    batch = build_scene(womd_record, vocab, agents="sim")
+    plain, stats = catk_sft_loss(model, batch, catk_k=5)
+    mixed, mixed_stats = catk_sft_loss(model, batch, catk_k=5, bc_weight=0.5)
+    log_loss, _ = bc_loss(model, batch)
+    assert stats["tokens"] > 0 and "log_loss" in mixed_stats
+    assert float(mixed) == pytest.approx(float(plain) + 0.5 * float(log_loss), rel=1e-5)
+    smooth, _ = catk_sft_loss(model, batch, catk_k=5, label_smoothing=0.1)
+    assert float(smooth) != pytest.approx(float(plain), rel=1e-4)  # the term is really there
+    smooth_bc, _ = bc_loss(model, batch, label_smoothing=0.1)
+    with torch.no_grad():
+        logits = model(batch)
+    target, mask = teacher_targets(batch)
+    logp = logits[mask].float().log_softmax(-1)
+    manual = 0.9 * -logp.gather(-1, target[mask][:, None]).mean() - 0.1 * logp.mean()
+    assert float(smooth_bc) == pytest.approx(float(manual), rel=1e-5)
