@@ -178,6 +178,18 @@ def _cmd_export_submission(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_compare_runs(args: argparse.Namespace) -> int:
+    from smart_r1.metrics.intervals import compare_runs
+    from smart_r1.storage import write_text
+
+    report = compare_runs(args.runs, args.data, args.n_boot)
+    print(report, end="")
+    if args.out:
+        write_text(args.out, report)
+        print(f"-> {args.out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="smart-r1", description="SMART-tiny traffic simulation: WOMD data, tokens, model, rollouts, WOSAC metrics.")
@@ -263,6 +275,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--official", action="store_true", help="use Waymo's official evaluator (slow)")
     p.add_argument("--json", action="store_true", help="print JSON with the SimAgentMetrics field names")
     p.set_defaults(func=_cmd_metrics)
+
+    p = sub.add_parser("compare-runs", help="stage table over pipeline runs that differ by seed, "
+                                            "with seed-and-scenario bootstrap intervals")
+    p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="pipeline out_dir of each seed's run")
+    p.add_argument("--data", default="heldout", help="evaluation set: heldout or real")
+    p.add_argument("--n-boot", type=int, default=2000, help="bootstrap resamples")
+    p.add_argument("--out", default=None, help="also write the report to this markdown file")
+    p.set_defaults(func=_cmd_compare_runs)
     return parser
 
 

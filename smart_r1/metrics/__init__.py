@@ -13,6 +13,8 @@ Modules, in data order:
     wosac                  scoring, per-scenario and batched metrics
     leaderboard            dataset aggregation (the one), WOSAC bucket scores, the leaderboard row
     tables                 markdown tables of metrics (pipeline, sweep, CLI)
+    intervals              bootstrap intervals over scenarios (and seeds), paired stage
+                           differences, the pipeline's score files, the multi-seed report
     signals                per-rollout / per-agent RL signals (collision, off-road, realism),
                            per-step event flags for drawing
     official               the official evaluator, with the 2025 config, serial or over Ray tasks
@@ -29,10 +31,12 @@ from smart_r1.metrics.rollouts_io import (
 )
 from smart_r1.metrics.signals import RolloutSignals, StepEvents, rollout_signals, step_events
 from smart_r1.metrics.leaderboard import aggregate_metrics
+from smart_r1.metrics.intervals import Interval, bootstrap_ci, paired_difference, seed_bootstrap
 from smart_r1.metrics.wosac import compute_metrics_batch, compute_scenario_metrics
 
 __all__ = [
-    "FEATURE_NAMES", "LIKELIHOOD_FIELDS", "METRIC_FIELDS", "RolloutSignals", "StepEvents", "aggregate_metrics",
+    "FEATURE_NAMES", "Interval", "LIKELIHOOD_FIELDS", "METRIC_FIELDS", "RolloutSignals", "StepEvents", "aggregate_metrics",
     "compute_metrics_batch", "enable_compile", "compute_scenario_metrics", "log_replay_states", "rollout_signals",
-    "scenario_rollouts_to_states", "states_to_scenario_rollouts", "step_events",
+    "scenario_rollouts_to_states", "seed_bootstrap", "states_to_scenario_rollouts", "step_events",
+    "bootstrap_ci", "paired_difference",
 ]

@@ -1,0 +1,247 @@
+"""Confidence intervals of the WOSAC aggregates: a percentile bootstrap over scenarios, paired
+differences between two checkpoints on the scenarios both scored, and a two-level bootstrap over
+training seeds and scenarios; the pipeline's per-scenario score files and the multi-seed report.
+
+Every dataset-level figure is a plain mean over scenarios of one per-scenario field
+(`aggregate_metrics`: the realism metametric too is the mean of the per-scenario metametric), so
+a resample is a vector of counts c [n] (how often each of n scenarios was drawn; sum n) and its
+aggregate is c @ X / n, with X [n, F] the per-scenario fields: every resample of every field in
+one matrix product, equal to `aggregate_metrics` for c = 1. The interval is the percentile one:
+the (1 - level) / 2 and (1 + level) / 2 quantiles of the resampled aggregates.
+
+Across seeds (runs that differ only by their seed, scored on the same scenarios) the figure is
+the mean over seeds of each seed's mean over scenarios, X [S, n, F]. A resample draws S seeds
+with replacement, then n scenarios with replacement, and uses the same scenario draw for every
+drawn seed: the scenarios are shared, so a hard scenario is hard for every seed, and drawing
+them apart per seed would average that away and understate the spread (a crossed, not a nested,
+design). With one seed it is the scenario bootstrap.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from smart_r1.metrics.tables import HEADLINE, difference_table, markdown_table, metrics_table
+
+Records = Sequence[Mapping[str, object]]  # per-scenario metric dicts, each with a scenario_id
+HEADLINE_FIELDS = tuple(name for _, name, _ in HEADLINE)
+DIFFERENCE_FIELDS = HEADLINE_FIELDS[:3]  # metametric, collision, off-road
+SCORES_FILE = "scores_{dataset}.json"
+
+
+@dataclass(frozen=True)
+class Interval:
+    """A point estimate with its percentile-bootstrap interval [lo, hi]."""
+
+    mean: float
+    lo: float
+    hi: float
+
+    @property
+    def excludes_zero(self) -> bool:
+        return self.lo > 0.0 or self.hi < 0.0
+
+
+def scenario_matrix(per_scenario: Records, fields: Sequence[str]) -> np.ndarray:
+    """[num_scenarios, num_fields] float64 of the per-scenario metric dicts. Raises ValueError on
+    a missing field or a non-finite value (naming the scenario's position)."""
+    values = np.empty((len(per_scenario), len(fields)))
+    for i, metrics in enumerate(per_scenario):
+        missing = [f for f in fields if f not in metrics]
+        if missing:
+            raise ValueError(f"scenario {i}: metrics lack the field {missing[0]!r}")
+        values[i] = [float(metrics[f]) for f in fields]
+    bad = ~np.isfinite(values)
+    if bad.any():
+        i, j = np.argwhere(bad)[0]
+        raise ValueError(f"scenario {i}: {fields[j]} is {values[i, j]}")
+    return values
+
+
+def draw_counts(rng: np.random.Generator, n_boot: int, n: int) -> np.ndarray:
+    """[n_boot, n] float64: how often each of n items is drawn in each of n_boot resamples of n
+    draws with replacement (each row sums to n)."""
+    draws = rng.integers(0, n, size=(n_boot, n)) + n * np.arange(n_boot)[:, None]  # row b's bins
+    return np.bincount(draws.ravel(), minlength=n_boot * n).reshape(n_boot, n).astype(np.float64)
+
+
+def resampled_means(values: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """values [n, F], counts [B, n] -> [B, F]: each resample's mean of every field (counts of 1
+    give the plain mean over scenarios, what `aggregate_metrics` computes)."""
+    return counts @ values / counts.sum(axis=1, keepdims=True)
+
+
+def _check(n_boot: int, level: float) -> None:
+    if n_boot < 1:
+        raise ValueError(f"n_boot must be >= 1, got {n_boot}")
+    if not 0.0 < level < 1.0:
+        raise ValueError(f"level must lie in (0, 1), got {level}")
+
+
+def seed_scenario_bootstrap(values: np.ndarray, n_boot: int = 2000, seed: int = 0,
+                            level: float = 0.95) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """values [S, n, F] (seeds, scenarios, fields) -> (mean, lo, hi), each [F]: the mean over
+    seeds and scenarios and its interval, seeds then shared scenarios resampled (module doc)."""
+    _check(n_boot, level)
+    num_seeds, n, _ = values.shape
+    if n < 2:
+        raise ValueError(f"an interval over scenarios needs at least 2 scenarios, got {n}")
+    rng = np.random.default_rng(seed)
+    seed_w = draw_counts(rng, n_boot, num_seeds) / num_seeds  # [B, S]
+    scenario_w = draw_counts(rng, n_boot, n) / n  # [B, n]
+    samples = np.einsum("bs,snf,bn->bf", seed_w, values, scenario_w, optimize=True)  # [B, F]
+    lo, hi = np.quantile(samples, [(1 - level) / 2, (1 + level) / 2], axis=0)
+    return values.mean(axis=(0, 1)), lo, hi
+
+
+def bootstrap_ci(per_scenario: Records, fields: Sequence[str], n_boot: int = 2000, seed: int = 0,
+                 level: float = 0.95) -> dict[str, tuple[float, float]]:
+    """{field: (lo, hi)}: the percentile-bootstrap interval of each field's mean over scenarios
+    (scenarios resampled with replacement; all fields from the same resamples)."""
+    _, lo, hi = seed_scenario_bootstrap(scenario_matrix(per_scenario, fields)[None], n_boot, seed, level)
+    return {f: (float(lo[j]), float(hi[j])) for j, f in enumerate(fields)}
+
+
+def _aligned(runs: Sequence[Records], fields: Sequence[str]) -> np.ndarray:
+    """[len(runs), n, F]: the fields of the n scenario ids every run scored, in sorted id order."""
+    by_id = []
+    for k, records in enumerate(runs):
+        ids = [str(r["scenario_id"]) for r in records]
+        if len(set(ids)) != len(ids):
+            raise ValueError(f"records {k}: a scenario_id appears twice")
+        by_id.append(dict(zip(ids, records)))
+    shared = sorted(set.intersection(*(set(d) for d in by_id)))
+    return np.stack([scenario_matrix([d[i] for i in shared], fields) for d in by_id])
+
+
+def _intervals(fields: Sequence[str], mean, lo, hi) -> dict[str, Interval]:
+    return {f: Interval(float(mean[j]), float(lo[j]), float(hi[j])) for j, f in enumerate(fields)}
+
+
+def paired_difference(per_scenario_a: Records, per_scenario_b: Records, fields: Sequence[str],
+                      n_boot: int = 2000, seed: int = 0, level: float = 0.95) -> dict[str, Interval]:
+    """{field: Interval of mean(b - a)} over the scenario ids both scored: the per-scenario
+    differences are resampled, so what the scenarios share (how hard each is) cancels."""
+    a, b = _aligned([per_scenario_a, per_scenario_b], fields)
+    return _intervals(fields, *seed_scenario_bootstrap((b - a)[None], n_boot, seed, level))
+
+
+def seed_bootstrap(per_seed: Sequence[Records], fields: Sequence[str], n_boot: int = 2000, seed: int = 0,
+                   level: float = 0.95) -> dict[str, Interval]:
+    """{field: Interval} of the mean over seeds of the mean over scenarios; `per_seed` holds one
+    list of per-scenario records per training seed (scenarios matched by id, only shared ones)."""
+    return _intervals(fields, *seed_scenario_bootstrap(_aligned(per_seed, fields), n_boot, seed, level))
+
+
+def paired_seed_difference(per_seed_a: Sequence[Records], per_seed_b: Sequence[Records], fields: Sequence[str],
+                           n_boot: int = 2000, seed: int = 0, level: float = 0.95) -> dict[str, Interval]:
+    """{field: Interval of mean(b - a)} across seeds: per seed, b - a on the scenarios both
+    scored (and every seed scored), then seeds and scenarios resampled."""
+    if len(per_seed_a) != len(per_seed_b):
+        raise ValueError(f"{len(per_seed_a)} seeds against {len(per_seed_b)}")
+    values = _aligned([*per_seed_a, *per_seed_b], fields)  # [2S, n, F]
+    a, b = np.split(values, 2)
+    return _intervals(fields, *seed_scenario_bootstrap(b - a, n_boot, seed, level))
+
+
+def headline_intervals(per_scenario: Records, n_boot: int = 2000, seed: int = 0) -> dict[str, list[float] | None]:
+    """{'<field>_ci95': [lo, hi]} for every headline field (None with fewer than 2 scenarios:
+    an interval over one scenario says nothing)."""
+    if len(per_scenario) < 2:
+        return {f"{f}_ci95": None for f in HEADLINE_FIELDS}
+    return {f"{f}_ci95": list(ci) for f, ci in bootstrap_ci(per_scenario, HEADLINE_FIELDS, n_boot, seed).items()}
+
+
+# -- the pipeline's score files and the reports built from them ----------------------------------
+
+def scores_path(stage_dir: str | Path, dataset: str) -> Path:
+    return Path(stage_dir) / SCORES_FILE.format(dataset=dataset)
+
+
+def read_scores(path: str | Path) -> dict:
+    """A stage's score file: {'dataset', 'checkpoint', 'num_rollouts', 'failed': [messages],
+    'records': [{'scenario_id', SimAgentMetrics fields}]}."""
+    path = Path(path)
+    try:
+        scores = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not JSON ({e})") from None
+    if not isinstance(scores, dict) or not isinstance(scores.get("records"), list):
+        raise ValueError(f"{path}: not a score file (no 'records' list)")
+    return scores
+
+
+def stage_differences(stage_dirs: Mapping[str, Path], datasets: Sequence[str], n_boot: int = 2000) -> str:
+    """Markdown table of the paired differences between consecutive stages (later - earlier) on
+    each dataset, from the stages' score files; '-' where a file is missing or fewer than 2
+    scenarios are shared."""
+    stages = list(stage_dirs)
+    rows = []
+    for dataset in datasets:
+        for before, after in zip(stages, stages[1:]):
+            paths = [scores_path(stage_dirs[s], dataset) for s in (before, after)]
+            diff, count = None, 0
+            if all(p.exists() for p in paths):
+                a, b = (read_scores(p)["records"] for p in paths)
+                count = len({r["scenario_id"] for r in a} & {r["scenario_id"] for r in b})
+                if count >= 2:
+                    diff = paired_difference(a, b, DIFFERENCE_FIELDS, n_boot)
+            rows.append(((f"{before} -> {after}", dataset, count), diff))
+    return difference_table(("stages", "data"), rows, trailing=("scenarios",))
+
+
+def _run_stages(run: Path, dataset: str) -> dict[str, dict]:
+    """{stage: score file} of one run, in the order of its config's stages (those scored)."""
+    config_path = run / "config.json"
+    if not config_path.exists():
+        raise FileNotFoundError(f"{run} is not a pipeline run folder (no config.json)")
+    stages = [s["name"] for s in json.loads(config_path.read_text()).get("stages", [])]
+    out = {s: read_scores(scores_path(run / s, dataset)) for s in stages if scores_path(run / s, dataset).exists()}
+    if not out:
+        raise FileNotFoundError(f"{run}: no stage has a score file {SCORES_FILE.format(dataset=dataset)}")
+    return out
+
+
+def compare_runs(runs: Sequence[str | Path], dataset: str = "heldout", n_boot: int = 2000) -> str:
+    """The multi-seed report of pipeline runs that differ only by their seed: per stage the mean
+    over seeds of the headline figures with the seed-and-scenario interval, then the paired
+    differences between consecutive stages, '*' where the interval excludes 0."""
+    runs = [Path(r) for r in runs]
+    per_run = [_run_stages(r, dataset) for r in runs]
+    configs = [json.loads((r / "config.json").read_text()) for r in runs]
+    seeds = [c.get("seed") for c in configs]
+    # Named, not refused: a run may differ harmlessly (Ray resources, paths).
+    differ = sorted({k for c in configs for k in c if k not in ("seed", "out_dir") and c.get(k) != configs[0].get(k)})
+    stages = [s for s in per_run[0] if all(s in p for p in per_run)]  # scored in every run
+    if not stages:
+        raise ValueError(f"no stage is scored on {dataset} in every run")
+    records = {s: [p[s]["records"] for p in per_run] for s in stages}
+    rollouts = {s: sorted({int(p[s]["num_rollouts"]) for p in per_run}) for s in stages}
+    rows, shared = [], {}
+    for s in stages:
+        shared[s] = len(set.intersection(*({r["scenario_id"] for r in recs} for recs in records[s])))
+        if shared[s] < 2:
+            raise ValueError(f"stage {s}: fewer than 2 scenarios are scored on {dataset} in every run")
+        est = seed_bootstrap(records[s], HEADLINE_FIELDS, n_boot)
+        metrics = {f: i.mean for f, i in est.items()} | {f"{f}_ci95": [i.lo, i.hi] for f, i in est.items()}
+        rows.append(((s, shared[s], "/".join(map(str, rollouts[s]))), metrics))
+    diffs = []
+    for before, after in zip(stages, stages[1:]):
+        d = paired_seed_difference(records[before], records[after], DIFFERENCE_FIELDS, n_boot)
+        ids = [{r["scenario_id"] for r in recs} for recs in records[before] + records[after]]
+        diffs.append(((f"{before} -> {after}", len(set.intersection(*ids))), d))
+    header = markdown_table(("runs", "seeds", "data", "configs also differ in"),
+                            [(len(runs), ", ".join(map(str, seeds)), dataset, ", ".join(differ) or "-")])
+    return "\n\n".join([
+        header,
+        "Mean over seeds with its 95% interval (bootstrap over seeds, then over the shared scenarios):",
+        metrics_table(("stage",), rows, trailing=("scenarios", "rollouts")),
+        "Paired differences between consecutive stages (later - earlier), same interval; "
+        "* the interval excludes 0:",
+        difference_table(("stages",), diffs, trailing=("scenarios",)),
+    ]) + "\n"
