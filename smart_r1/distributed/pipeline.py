@@ -30,6 +30,7 @@ from smart_r1.distributed.timing import PhaseTimer
 from smart_r1.distributed.run_identity import INIT, check_run, record_stage
 from smart_r1.distributed.worker_kit import MODEL_NAME, LearnerJob
 from smart_r1.metrics import aggregate_metrics, step_events
+from smart_r1.metrics.intervals import headline_intervals, scores_path, stage_differences
 from smart_r1.metrics.tables import metrics_table
 from smart_r1.model.checkpoint import load_weights, save_checkpoint
 from smart_r1.model.config import ModelConfig
@@ -89,10 +90,12 @@ def prepare_model(config: PipelineConfig, datasets: dict[str, str], out: Path) -
 
 
 def score_checkpoint(workers: list, checkpoint: str, version: int, dataset: str, cfg: EvalConfig,
-                     timeout_s: float = 1800.0) -> dict:
+                     timeout_s: float = 1800.0, stage_dir: Path | None = None) -> dict:
     """Fast WOSAC metrics of a checkpoint on (the first `cfg.max_scenarios` scenarios of) a
     dataset, sampled as `cfg` says, scored by the rollout workers, aggregated as the official
-    code does."""
+    code does, with a 95% bootstrap interval over scenarios beside each headline figure
+    (`<field>_ci95`). The per-scenario metrics go to `<stage_dir>/scores_<dataset>.json`, which
+    the paired stage differences and `smart-r1 compare-runs` read."""
     ref = ray.put(load_weights(checkpoint))
     count = min(cfg.max_scenarios, ray.get(workers[0].num_scenarios.remote(dataset), timeout=timeout_s))
     spec = RolloutSpec(num_rollouts=cfg.num_rollouts, sampling=cfg.sampling)
@@ -103,7 +106,12 @@ def score_checkpoint(workers: list, checkpoint: str, version: int, dataset: str,
     if not scored:
         raise RuntimeError(f"evaluation on {dataset}: every scenario failed")
     summary = aggregate_metrics([{k: v for k, v in r.items() if k != "scenario_id"} for r in scored])
-    return {**summary, "scenarios": len(scored), "failed": len(failed), "num_rollouts": cfg.num_rollouts}
+    if stage_dir is not None:
+        write_json(scores_path(stage_dir, dataset), {"dataset": dataset, "checkpoint": checkpoint,
+                                                     "num_rollouts": cfg.num_rollouts, "failed": failed,
+                                                     "records": scored})
+    return {**summary, **headline_intervals(scored), "scenarios": len(scored), "failed": len(failed),
+            "num_rollouts": cfg.num_rollouts}
 
 
 def render_stage(checkpoint: str, data: str, out_path: Path, cfg: EvalConfig, seed: int = 0) -> Path:
@@ -114,10 +122,11 @@ def render_stage(checkpoint: str, data: str, out_path: Path, cfg: EvalConfig, se
 
 
 def stage_table(rows: dict[str, dict[str, dict]]) -> str:
-    """Markdown table: one row per (stage, dataset)."""
-    return metrics_table(("stage", "data"), [((stage, dataset, m["scenarios"]), m)
+    """Markdown table: one row per (stage, dataset), each headline figure with its 95% interval
+    over scenarios where the metrics carry one."""
+    return metrics_table(("stage", "data"), [((stage, dataset, m["scenarios"], m.get("num_rollouts", "-")), m)
                                              for stage, by_data in rows.items() for dataset, m in by_data.items()],
-                         trailing=("scenarios",))
+                         trailing=("scenarios", "rollouts"))
 
 
 def run_pipeline(config: PipelineConfig, fail_once_at: dict[str, int] | None = None) -> dict:
@@ -170,8 +179,8 @@ def run_pipeline(config: PipelineConfig, fail_once_at: dict[str, int] | None = N
         with timer.phase(f"stage_{stage.name}"):
             current = run_learner(job, r, storage)
         with timer.phase("eval"):
-            rows[stage.name] = {d: score_checkpoint(workers, current, 10**6 + i + 1, d, config.eval, r.task_timeout_s)
-                                for d in eval_sets}
+            rows[stage.name] = {d: score_checkpoint(workers, current, 10**6 + i + 1, d, config.eval,
+                                                    r.task_timeout_s, stage_dir) for d in eval_sets}
         seconds = time.perf_counter() - t0
         for d, m in rows[stage.name].items():
             stage_tracker.log_metrics({f"{d}/{k}": v for k, v in m.items()})
@@ -188,7 +197,10 @@ def run_pipeline(config: PipelineConfig, fail_once_at: dict[str, int] | None = N
             reference = current  # MPO's KL anchors to the latest supervised checkpoint
         print(f"[{stage.name}] finished in {seconds:.0f}s\n{stage_table({stage.name: rows[stage.name]})}",
               flush=True)
-    table = stage_table(rows)
+    # Paired differences from the stages' score files (a resumed run reads those of earlier runs).
+    differences = stage_differences({s: out / s for s in rows}, eval_sets)
+    table = (f"{stage_table(rows)}\n\nPaired differences between consecutive stages (later - earlier), "
+             f"95% bootstrap over the scenarios both scored; * the interval excludes 0:\n\n{differences}")
     write_text(out / "results.md", table + "\n")
     write_json(out / "results.json", rows)
     tracker.log_artifact(out / "results.md")

@@ -29,8 +29,13 @@ def test_job_succeeds_with_tables(submitted):
         for key in ("simulated_collision_rate", "simulated_offroad_rate"):
             assert 0.0 <= m[key] <= 1.0
         assert m["min_average_displacement_error"] > 0
+        lo, hi = m["metametric_ci95"]  # 95% bootstrap over the 3 scenarios
+        assert lo - 1e-9 <= m["metametric"] <= hi + 1e-9
         assert (out / stage / "done.json").exists()
-    assert "| rft | heldout |" in (out / "results.md").read_text()
+        scores = json.loads((out / stage / "scores_heldout.json").read_text())
+        assert len(scores["records"]) == 3 and scores["num_rollouts"] == 2
+    results = (out / "results.md").read_text()
+    assert "| rft | heldout |" in results and "| sft -> rft | heldout |" in results
 
 
 def test_learner_failure_resumed_from_checkpoint(submitted):
