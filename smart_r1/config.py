@@ -63,12 +63,18 @@ PRECISIONS = ("auto", "float32", "bfloat16")
 
 @dataclass(frozen=True)
 class ModelSection:
-    preset: str = option("cpu", "a ModelConfig preset (smart_r1.model.config): default (7M) | cpu | test")
+    preset: str = option("cpu", "a ModelConfig preset (smart_r1.model.config): default (SMART-tiny) | cpu | test")
     vocab_size: int = option(2048, "motion tokens per agent type")
+    vocab_scenarios: int = option(200, "training scenarios whose logged motions the vocabulary is built from")
+    vocab_samples: int = option(10000, "motion samples per agent type clustered into tokens (memory: "
+                                       "2 bytes x samples^2 on the driver, 200 MB at 10000)")
     precision: str = option("auto", "forward passes in auto | float32 | bfloat16; auto = bfloat16 where the "
                                     "device computes it natively (CUDA, CPUs with AVX512-BF16 / AMX), else float32")
 
     def validate(self) -> None:
+        for name in ("vocab_size", "vocab_scenarios", "vocab_samples"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"model.{name} must be >= 1, got {getattr(self, name)}")
         if self.precision not in PRECISIONS:
             raise ValueError(f"model.precision must be one of {PRECISIONS}, got {self.precision!r}")
 

@@ -79,7 +79,9 @@ def prepare_model(config: PipelineConfig, datasets: dict[str, str], out: Path) -
     init = out / "init.pt"
     if not init.exists():
         t0 = time.perf_counter()
-        vocab = build_vocab(iter_scenarios(datasets["train"], 200), size=config.model.vocab_size, seed=config.seed)
+        m = config.model
+        vocab = build_vocab(iter_scenarios(datasets["train"], m.vocab_scenarios), size=m.vocab_size, seed=config.seed,
+                            max_samples=m.vocab_samples)
         torch.manual_seed(config.seed)
         cfg = ModelConfig.preset(config.model.preset, vocab_size=config.model.vocab_size)
         model = SmartTiny(cfg, vocab)
