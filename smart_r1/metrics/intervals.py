@@ -107,6 +107,11 @@ def bootstrap_ci(per_scenario: Records, fields: Sequence[str], n_boot: int = 200
     return {f: (float(lo[j]), float(hi[j])) for j, f in enumerate(fields)}
 
 
+def shared_ids(runs: Sequence[Records]) -> set[str]:
+    """The scenario ids every run scored."""
+    return set.intersection(*({str(r["scenario_id"]) for r in records} for records in runs))
+
+
 def _aligned(runs: Sequence[Records], fields: Sequence[str]) -> np.ndarray:
     """[len(runs), n, F]: the fields of the n scenario ids every run scored, in sorted id order."""
     by_id = []
@@ -115,7 +120,7 @@ def _aligned(runs: Sequence[Records], fields: Sequence[str]) -> np.ndarray:
         if len(set(ids)) != len(ids):
             raise ValueError(f"records {k}: a scenario_id appears twice")
         by_id.append(dict(zip(ids, records)))
-    shared = sorted(set.intersection(*(set(d) for d in by_id)))
+    shared = sorted(shared_ids(runs))
     return np.stack([scenario_matrix([d[i] for i in shared], fields) for d in by_id])
 
 
@@ -188,7 +193,7 @@ def stage_differences(stage_dirs: Mapping[str, Path], datasets: Sequence[str], n
             diff, count = None, 0
             if all(p.exists() for p in paths):
                 a, b = (read_scores(p)["records"] for p in paths)
-                count = len({r["scenario_id"] for r in a} & {r["scenario_id"] for r in b})
+                count = len(shared_ids([a, b]))
                 if count >= 2:
                     diff = paired_difference(a, b, DIFFERENCE_FIELDS, n_boot)
             rows.append(((f"{before} -> {after}", dataset, count), diff))
@@ -222,19 +227,18 @@ def compare_runs(runs: Sequence[str | Path], dataset: str = "heldout", n_boot: i
         raise ValueError(f"no stage is scored on {dataset} in every run")
     records = {s: [p[s]["records"] for p in per_run] for s in stages}
     rollouts = {s: sorted({int(p[s]["num_rollouts"]) for p in per_run}) for s in stages}
-    rows, shared = [], {}
+    rows = []
     for s in stages:
-        shared[s] = len(set.intersection(*({r["scenario_id"] for r in recs} for recs in records[s])))
-        if shared[s] < 2:
-            raise ValueError(f"stage {s}: fewer than 2 scenarios are scored on {dataset} in every run")
+        count = len(shared_ids(records[s]))
+        if count < 2:
+            raise ValueError(f"stage {s}: {count} scenario(s) scored on {dataset} in every run; an interval needs 2")
         est = seed_bootstrap(records[s], HEADLINE_FIELDS, n_boot)
         metrics = {f: i.mean for f, i in est.items()} | {f"{f}_ci95": [i.lo, i.hi] for f, i in est.items()}
-        rows.append(((s, shared[s], "/".join(map(str, rollouts[s]))), metrics))
+        rows.append(((s, count, "/".join(map(str, rollouts[s]))), metrics))
     diffs = []
     for before, after in zip(stages, stages[1:]):
         d = paired_seed_difference(records[before], records[after], DIFFERENCE_FIELDS, n_boot)
-        ids = [{r["scenario_id"] for r in recs} for recs in records[before] + records[after]]
-        diffs.append(((f"{before} -> {after}", len(set.intersection(*ids))), d))
+        diffs.append(((f"{before} -> {after}", len(shared_ids(records[before] + records[after]))), d))
     header = markdown_table(("runs", "seeds", "data", "configs also differ in"),
                             [(len(runs), ", ".join(map(str, seeds)), dataset, ", ".join(differ) or "-")])
     return "\n\n".join([

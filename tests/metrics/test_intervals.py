@@ -16,6 +16,7 @@ from smart_r1.metrics import (
 )
 from smart_r1.metrics.intervals import (
     HEADLINE_FIELDS, draw_counts, headline_intervals, paired_seed_difference, resampled_means, scenario_matrix,
+    scores_path, stage_differences,
 )
 
 NUM_SCENARIOS = 8
@@ -128,6 +129,22 @@ def test_bad_inputs(records):
         bootstrap_ci(records, ["metametric"], level=95)
     assert headline_intervals(records[:1]) == {f"{f}_ci95": None for f in HEADLINE_FIELDS}
     assert headline_intervals(records)["metametric_ci95"] == list(bootstrap_ci(records, ["metametric"])["metametric"])
+
+
+def test_stage_differences_from_score_files(records, tmp_path):
+    from smart_r1.storage import write_json
+
+    better = [{**r, "simulated_collision_rate": r["simulated_collision_rate"] - 0.25} for r in records]
+    for stage, recs in (("bc", records), ("rft", better)):
+        write_json(scores_path(tmp_path / stage, "heldout"), {"num_rollouts": 2, "records": recs})
+        write_json(scores_path(tmp_path / stage, "real"), {"num_rollouts": 2, "records": recs[:1]})
+    table = stage_differences({"bc": tmp_path / "bc", "rft": tmp_path / "rft", "sft": tmp_path / "sft"},
+                              ["heldout", "real"])
+    lines = table.splitlines()
+    assert lines[2] == "| bc -> rft | heldout | +0.0000 [0.000, 0.000] | -0.2500 [-0.250, -0.250] * | " \
+                       "+0.0000 [0.000, 0.000] | 8 |"
+    assert lines[3] == "| rft -> sft | heldout | - | - | - | 0 |"  # sft has no score file
+    assert lines[4] == "| bc -> rft | real | - | - | - | 1 |"  # one scenario: no interval
 
 
 # -- smart-r1 compare-runs ---------------------------------------------------------------------
