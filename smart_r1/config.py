@@ -161,7 +161,8 @@ class MPOStage(_Stage):
     updates_per_batch: int = option(1, "updates on one batch; > 1 reuses it (then ratio clipping applies)")
     clip_eps: float = option(0.2, "ratio clipping of the surrogate when a batch is reused or stale")
     kl_estimator: str = option("k3", "k3 (sampled tokens) or full (whole vocabulary)")
-    per_agent_credit: bool = option(False, "each agent's own collision / off-road flags in its reward")
+    per_agent_credit: bool = option(True, "each agent's own collision / off-road flags in its reward "
+                                          "(false: the rollout's fractions, shared by all its agents)")
     collision_weight: float = option(1.0, "weight of the collision-free fraction in the reward (0 = realism only)")
     offroad_weight: float = option(1.0, "weight of the on-road fraction in the reward (0 = realism only)")
     max_staleness: int = option(1, "drop rollouts made with weights older than this many updates")

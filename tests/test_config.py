@@ -23,9 +23,9 @@ def test_default_config_loads():
 
 
 def test_overrides():
-    config = load_config(DEFAULT, ["rft.alpha=0.8", "rft.per_agent_credit=true", "eval.num_rollouts=4",
+    config = load_config(DEFAULT, ["rft.alpha=0.8", "rft.per_agent_credit=false", "eval.num_rollouts=4",
                                    "out_dir=/tmp/x"])
-    assert config.stage("rft").alpha == 0.8 and config.stage("rft").per_agent_credit is True
+    assert config.stage("rft").alpha == 0.8 and config.stage("rft").per_agent_credit is False
     assert config.eval.num_rollouts == 4 and config.out_dir == "/tmp/x"
     # a CPU count written as an integer in YAML may become fractional on the command line
     config = load_config(DEFAULT, ["ray.cpus_per_learner=0.5"])
