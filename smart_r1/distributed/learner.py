@@ -8,16 +8,84 @@ loops are `supervised_loop` (BC, CAT-K SFT) and `mpo_loop` (RFT); what they shar
 
 from __future__ import annotations
 
+import ipaddress
+import os
+import socket
+from datetime import timedelta
 from pathlib import Path
 
+import ray
+import torch.distributed as dist
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-from ray.train.torch import TorchTrainer
+from ray.train.backend import Backend
+from ray.train.torch import TorchConfig, TorchTrainer
 
 from smart_r1.config import RayConfig
 from smart_r1.distributed.mpo_loop import mpo_loop
 from smart_r1.distributed.supervised_loop import supervised_loop
 from smart_r1.distributed.worker_kit import MODEL_NAME, LearnerJob
 from smart_r1.storage import copy_file
+
+
+_store = None  # worker 0's TCPStore server while its process group lives
+
+
+def _host_store(world_size: int, timeout_s: int) -> int:
+    """Worker 0: a TCPStore served from a socket bound to 127.0.0.1 (given a port, TCPStore binds
+    all interfaces, whatever the host); returns the port."""
+    global _store
+    sock = socket.create_server(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    _store = dist.TCPStore("127.0.0.1", port, world_size, is_master=True, master_listen_fd=sock.detach(),
+                           wait_for_workers=False, timeout=timedelta(seconds=timeout_s))
+    return port
+
+
+def _join(backend: str, port: int, timeout_s: int) -> None:
+    ctx = ray.train.get_context()
+    rank, world_size = ctx.get_world_rank(), ctx.get_world_size()
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(ctx.get_local_rank()),
+                      LOCAL_WORLD_SIZE=str(ctx.get_local_world_size()), NODE_RANK=str(ctx.get_node_rank()))
+    if backend == "nccl":
+        os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")  # as Ray Train does
+    store = _store if rank == 0 else dist.TCPStore("127.0.0.1", port, world_size, is_master=False,
+                                                   timeout=timedelta(seconds=timeout_s))
+    dist.init_process_group(backend, store=store, rank=rank, world_size=world_size,
+                            timeout=timedelta(seconds=timeout_s))
+
+
+def _leave(destroy: bool) -> None:
+    global _store
+    if destroy and dist.is_initialized():
+        dist.destroy_process_group()
+    _store = None
+
+
+class _LoopbackTorchBackend(Backend):
+    """Ray Train's torch process group (gloo or NCCL) on a store that listens on 127.0.0.1 only;
+    gloo and NCCL bind the interface ray_runtime names (GLOO/NCCL_SOCKET_IFNAME)."""
+
+    def on_start(self, worker_group, backend_config: TorchConfig):
+        port = worker_group.execute_single(0, _host_store, len(worker_group), backend_config.timeout_s)
+        worker_group.execute(_join, backend_config.backend or "gloo", port, backend_config.timeout_s)
+
+    def on_shutdown(self, worker_group, backend_config: TorchConfig):
+        worker_group.execute(_leave, len(worker_group) > 1)  # Ray Train's choice for one worker
+
+
+class LoopbackTorchConfig(TorchConfig):
+    """TorchConfig for a Ray on loopback (one machine): every worker is on this host."""
+
+    @property
+    def backend_cls(self):
+        return _LoopbackTorchBackend
+
+
+def torch_config() -> TorchConfig:
+    """Ray Train's default; on a local Ray (node IP 127.0.0.1: ray_runtime.ensure_ray) one whose
+    process group's store listens on 127.0.0.1 as well."""
+    local = ipaddress.ip_address(ray.util.get_node_ip_address()).is_loopback
+    return LoopbackTorchConfig() if local else TorchConfig()
 
 
 def run_learner(job: LearnerJob, ray_cfg: RayConfig, storage_path: str) -> str:
@@ -27,6 +95,7 @@ def run_learner(job: LearnerJob, ray_cfg: RayConfig, storage_path: str) -> str:
     trainer = TorchTrainer(
         loop,
         train_loop_config={"job": job},
+        torch_config=torch_config(),
         scaling_config=ScalingConfig(num_workers=ray_cfg.num_learners, use_gpu=ray_cfg.use_gpu,
                                      resources_per_worker={"CPU": ray_cfg.cpus_per_learner,
                                                            **({"GPU": 1} if ray_cfg.use_gpu else {})}),
