@@ -2,8 +2,9 @@
 the old content or the new one, never a part.
 
 Local paths: the bytes go to a temporary name in the same folder, are flushed to disk, then
-renamed over the target (`os.replace` is atomic on POSIX). URIs (`s3://`, `gs://`, ...) go
-through `pyarrow.fs`, where an object appears only once its upload completes.
+renamed over the target (`os.replace` is atomic on POSIX); a `file://` URI is a local path.
+Other URIs (`s3://`, `gs://`, ...) go through `pyarrow.fs` in one upload, where an object
+appears only once its upload completes.
 """
 
 from __future__ import annotations
@@ -24,13 +25,78 @@ def is_uri(path: str | Path) -> bool:
     return "://" in str(path)
 
 
+def resolve(path: str | Path) -> tuple[pafs.FileSystem | None, str]:
+    """(filesystem, path inside it) of a URI (`s3://bucket/key?endpoint_override=...`, `gs://`,
+    `file://`, through `pyarrow.fs.FileSystem.from_uri`), or (None, path) for a local path.
+    A `file://` URI resolves to the local filesystem, so writes to it stay atomic renames."""
+    if not is_uri(path):
+        return None, str(path)
+    fs, key = pafs.FileSystem.from_uri(str(path))
+    if isinstance(fs, pafs.LocalFileSystem):
+        return None, key
+    return fs, key
+
+
+def join(base: str | Path, name: str) -> str:
+    """`base/name` for a local folder or a URI (keeping a URI's `?query`, e.g. an endpoint)."""
+    text = str(base)
+    if not is_uri(text):
+        return str(Path(text) / name)
+    head, sep, query = text.partition("?")
+    return f"{head.rstrip('/')}/{name}{sep}{query}"
+
+
+def exists(path: str | Path) -> bool:
+    fs, key = resolve(path)
+    if fs is None:
+        return Path(key).exists()
+    return fs.get_file_info(key).type != pafs.FileType.NotFound
+
+
+def is_dir(path: str | Path) -> bool:
+    fs, key = resolve(path)
+    if fs is None:
+        return Path(key).is_dir()
+    return fs.get_file_info(key).type == pafs.FileType.Directory
+
+
+def list_files(folder: str | Path, suffix: str) -> list[str]:
+    """Names (not paths) of the files directly in `folder` ending in `suffix`, sorted; hidden
+    names (temporaries) are left out. FileNotFoundError when the folder does not exist."""
+    fs, key = resolve(folder)
+    if fs is None:
+        if not Path(key).is_dir():
+            raise FileNotFoundError(f"no such data folder: {folder}")
+        names = [p.name for p in Path(key).iterdir() if p.is_file()]
+    else:
+        try:
+            infos = fs.get_file_info(pafs.FileSelector(key.rstrip("/"), recursive=False))
+        except FileNotFoundError:
+            raise FileNotFoundError(f"no such data folder: {folder}") from None
+        names = [info.base_name for info in infos if info.type == pafs.FileType.File]
+    return sorted(n for n in names if n.endswith(suffix) and not n.startswith("."))
+
+
+def open_input(path: str | Path):
+    """A random-access binary file for reading (local or URI), e.g. for `pyarrow.parquet`."""
+    fs, key = resolve(path)
+    if fs is None:
+        return open(key, "rb")
+    return fs.open_input_file(key)
+
+
+def read_bytes(path: str | Path) -> bytes:
+    with open_input(path) as f:
+        return f.read()
+
+
 def write_bytes(path: str | Path, data: bytes) -> None:
-    if is_uri(path):
-        fs, key = pafs.FileSystem.from_uri(str(path))
+    fs, key = resolve(path)
+    if fs is not None:  # object stores: the object appears only once its upload completes
         with fs.open_output_stream(key) as out:
             out.write(data)
         return
-    path = Path(path)
+    path = Path(key)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:

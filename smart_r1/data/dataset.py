@@ -7,12 +7,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
-import pyarrow.parquet as pq
 import torch
 
-from smart_r1.data.parquet import read_shard, shard_paths
+from smart_r1.data.parquet import num_rows, read_shard, shard_paths
 from smart_r1.data.tfrecord import read_records
 from smart_r1.data.womd import read_scenarios
+from smart_r1.storage import is_uri
 from smart_r1.types import ScenarioRecord
 
 
@@ -47,7 +47,10 @@ def expand_inputs(pattern: str) -> list[str]:
 
 
 def data_source(path: str | Path) -> str:
-    """A folder of Parquet shards as is; a folder of TFRecords as a glob over them."""
+    """A folder of Parquet shards as is; a folder of TFRecords as a glob over them. A URI
+    (`file://`, `s3://`, `gs://`) names Parquet shards (a folder or one shard)."""
+    if is_uri(path):
+        return str(path)
     p = Path(path)
     if p.is_dir() and not list(p.glob("*.parquet")) and glob.glob(str(p / "*.tfrecord*")):
         return str(p / "*.tfrecord*")
@@ -57,16 +60,18 @@ def data_source(path: str | Path) -> str:
 def count_scenarios(data: str | Path) -> int:
     """How many scenarios `data` holds, without parsing them (for a progress bar's ETA)."""
     text = data_source(data)
-    if ".tfrecord" in text:
+    if ".tfrecord" in text and not is_uri(text):
         return sum(1 for path in expand_inputs(text) for _ in read_records(path))
-    return sum(pq.ParquetFile(path).metadata.num_rows for path in shard_paths(text))
+    return sum(num_rows(path) for path in shard_paths(text))
 
 
 def iter_scenarios(data: str | Path, limit: int | None = None) -> Iterator[ScenarioRecord]:
     """Yield scenarios from Parquet shards, or from TFRecords when `data` names TFRecord files
-    (a file, a glob, or a folder of them)."""
+    (a file, a glob, or a folder of them). Parquet shards may live in a local folder or under a
+    URI (`file://`, `s3://bucket/prefix`, `gs://...`, read through pyarrow.fs); they are read one
+    row group at a time, so memory holds what the caller keeps, not the dataset."""
     text = data_source(data)
-    if ".tfrecord" in text:
+    if ".tfrecord" in text and not is_uri(text):
         sources = (rec for path in expand_inputs(text) for rec in read_scenarios(path))
     else:
         paths = shard_paths(data)

@@ -42,6 +42,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from smart_r1.storage import is_dir, is_uri, join, list_files, open_input, resolve, write_bytes
 from smart_r1.types import ScenarioRecord
 
 _SCALARS = {"current_time_index": pa.int32(), "sdc_index": pa.int32()}
@@ -55,6 +56,7 @@ _ARRAYS = {
     "map_points": pa.float64(), "tl_lane_id": pa.int64(), "tl_state": pa.int8(),
     "tl_stop_point": pa.float64(),
 }
+ROW_GROUP_ROWS = 32  # scenarios per row group: the unit a reader decodes at a time
 SCHEMA = pa.schema(
     [pa.field("scenario_id", pa.string())]
     + [pa.field(k, v) for k, v in _SCALARS.items()]
@@ -81,13 +83,19 @@ def records_to_table(records: Sequence[ScenarioRecord]) -> pa.Table:
     return pa.table(columns, schema=SCHEMA)
 
 
-def write_shard(path: str | Path, records: Sequence[ScenarioRecord]) -> Path:
-    """Write records to `path` atomically: a temporary file in the same folder, then a rename."""
-    path = Path(path)
+def write_shard(path: str | Path, records: Sequence[ScenarioRecord]) -> Path | str:
+    """Write records to `path` atomically: a temporary file in the same folder, then a rename; to
+    a URI (`s3://`, `gs://`) as one upload (the object appears whole or not at all)."""
+    if is_uri(path) and resolve(path)[0] is not None:
+        buffer = pa.BufferOutputStream()
+        pq.write_table(records_to_table(records), buffer, compression="zstd", row_group_size=ROW_GROUP_ROWS)
+        write_bytes(path, buffer.getvalue().to_pybytes())
+        return str(path)
+    path = Path(resolve(path)[1])
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
     try:
-        pq.write_table(records_to_table(records), tmp, compression="zstd")
+        pq.write_table(records_to_table(records), tmp, compression="zstd", row_group_size=ROW_GROUP_ROWS)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
@@ -119,11 +127,27 @@ def table_to_records(table: pa.Table) -> Iterator[ScenarioRecord]:
 
 
 def read_shard(path: str | Path) -> Iterator[ScenarioRecord]:
-    yield from table_to_records(pq.read_table(path, schema=SCHEMA))
+    """The records of one shard (a local path or a URI), decoded one row group at a time: only
+    that row group is in memory, never the whole shard (let alone the dataset)."""
+    with open_input(path) as f:
+        shard = pq.ParquetFile(f)
+        for i in range(shard.num_row_groups):
+            yield from table_to_records(shard.read_row_group(i).cast(SCHEMA))
 
 
-def shard_paths(data: str | Path) -> list[Path]:
-    """The Parquet shards of a preprocessed folder (or a single shard), sorted."""
+def num_rows(path: str | Path) -> int:
+    """Scenarios in one shard, from its footer."""
+    with open_input(path) as f:
+        return pq.ParquetFile(f).metadata.num_rows
+
+
+def shard_paths(data: str | Path) -> list[Path] | list[str]:
+    """The Parquet shards of a preprocessed folder (or a single shard), sorted; a local folder or
+    a URI (`file://`, `s3://`, `gs://`: listed through pyarrow.fs, returned as URIs)."""
+    if is_uri(data):
+        if str(data).split("?")[0].endswith(".parquet") and not is_dir(data):
+            return [str(data)]
+        return [join(data, name) for name in list_files(data, ".parquet")]
     data = Path(data)
     if data.is_file():
         return [data]

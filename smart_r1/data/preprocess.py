@@ -1,6 +1,7 @@
 """Batch preprocessing: WOMD Scenario TFRecords -> Parquet shards, in parallel over files with Ray.
 
-One shard per input file, written atomically; a re-run skips finished shards. Bad records are
+One shard per input file, written atomically to a local folder or a URI (`s3://`, `gs://`,
+`file://`, through pyarrow.fs); a re-run skips finished shards. Bad records are
 skipped, listed in `preprocess_report.json` and make the run's exit status non-zero.
 """
 
@@ -11,15 +12,14 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import pyarrow.parquet as pq
 import ray
 
 from smart_r1.data.dataset import expand_inputs
-from smart_r1.data.parquet import write_shard
+from smart_r1.data.parquet import num_rows, write_shard
 from smart_r1.data.tfrecord import RecordError, read_records
 from smart_r1.data.womd import parse_scenario
 from smart_r1.ray_runtime import ensure_ray
-from smart_r1.storage import write_json
+from smart_r1.storage import exists, join, read_bytes, resolve, write_json
 
 REPORT_NAME = "preprocess_report.json"
 
@@ -49,15 +49,16 @@ def shard_name(path: str | Path) -> str:
 
 
 def convert_file(path: str, out_dir: str) -> FileResult:
-    """Convert one TFRecord file into one shard; never raises for bad data."""
-    shard = Path(out_dir) / shard_name(path)
-    bad_list = shard.with_name(shard.name + ".bad.json")  # this file's bad records, for re-runs
-    result = FileResult(file=path, shard=str(shard))
-    if shard.exists():
+    """Convert one TFRecord file into one shard in `out_dir` (a local folder or a URI); never
+    raises for bad data."""
+    shard = join(out_dir, shard_name(path))
+    bad_list = join(out_dir, shard_name(path) + ".bad.json")  # this file's bad records, for re-runs
+    result = FileResult(file=path, shard=shard)
+    if exists(shard):
         result.skipped = True
-        result.scenarios = pq.read_metadata(shard).num_rows
-        if bad_list.exists():
-            result.bad = [BadRecord(**b) for b in json.loads(bad_list.read_text())]
+        result.scenarios = num_rows(shard)
+        if exists(bad_list):
+            result.bad = [BadRecord(**b) for b in json.loads(read_bytes(bad_list))]
         return result
     records = []
     index = -1
@@ -81,10 +82,13 @@ def convert_file(path: str, out_dir: str) -> FileResult:
 
 def preprocess(pattern: str, out_dir: str | Path, num_workers: int | None = None,
                verbose: bool = True) -> dict:
-    """Convert every file matching `pattern`; returns the report (also written to out_dir)."""
+    """Convert every file matching `pattern`; returns the report (also written to out_dir).
+    `out_dir` is a local folder or a URI (`file://`, `s3://bucket/prefix`, `gs://...`): shards go
+    there through pyarrow.fs, each written whole or not at all, so a re-run skips finished ones."""
     paths = expand_inputs(pattern)
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    fs, local = resolve(out_dir)
+    if fs is None:
+        Path(local).mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     ensure_ray(num_workers)
     task = ray.remote(num_cpus=1)(convert_file)
@@ -107,5 +111,5 @@ def preprocess(pattern: str, out_dir: str | Path, num_workers: int | None = None
         "seconds": round(time.perf_counter() - started, 3),
         "shards": [r.shard for r in results],
     }
-    write_json(out_dir / REPORT_NAME, report)
+    write_json(join(out_dir, REPORT_NAME), report)
     return report
