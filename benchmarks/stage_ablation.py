@@ -23,13 +23,13 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from smart_r1.data.dataset import iter_scenarios  # noqa: E402
 from smart_r1.metrics import aggregate_metrics, compute_scenario_metrics  # noqa: E402
+from smart_r1.metrics.intervals import paired_seed_difference, seed_bootstrap, shared_ids  # noqa: E402
 from smart_r1.model.checkpoint import load_checkpoint  # noqa: E402
 from smart_r1.rl.bc import bc_loss  # noqa: E402
 from smart_r1.rl.catk import catk_sft_loss  # noqa: E402
@@ -76,7 +76,7 @@ def score(model, records, args) -> list[dict]:
     for record in records:
         rollout = rollout_records(model, [record], args.rollouts, sampler)[0]
         m = compute_scenario_metrics(record, rollout.states)
-        rows.append({"scenario_id": record.scenario_id, **{k: float(m[k]) for k in FIELDS if k in m}})
+        rows.append({"scenario_id": record.scenario_id, **{k: float(v) for k, v in m.items()}})
     return rows
 
 
@@ -104,40 +104,24 @@ def run(args) -> None:
             break  # the checkpoint itself: one row is enough
 
 
-def field_matrix(lines: list[dict], field: str) -> tuple[np.ndarray, list[str]]:
-    """[num_seeds, num_scenarios] of one field over the scenarios every line scored."""
-    ids = sorted(set.intersection(*[{r["scenario_id"] for r in ln["per_scenario"]} for ln in lines]))
-    table = [{r["scenario_id"]: r[field] for r in ln["per_scenario"]} for ln in lines]
-    return np.array([[t[i] for i in ids] for t in table]), ids
-
-
 def report(args) -> None:
     """Each variant against the baseline: mean over seeds and the paired difference with a 95%
-    interval, resampling seeds, then scenarios (the same scenarios for both sides)."""
+    interval (smart_r1.metrics.intervals: seeds, then the shared scenarios, resampled). A
+    baseline scored once (the checkpoint itself) stands for every seed."""
     lines = [json.loads(x) for x in open(args.report)]
     names = list(dict.fromkeys(ln["name"] for ln in lines))
-    base = [ln for ln in lines if ln["name"] == args.baseline]
-    rng = np.random.default_rng(0)
-    print(f"| variant | seeds | " + " | ".join(f"{f} (diff vs {args.baseline}, 95% CI)" for f in args.fields) + " |")
+    base = [ln["per_scenario"] for ln in lines if ln["name"] == args.baseline]
+    print("| variant | seeds | " + " | ".join(f"{f} (diff vs {args.baseline}, 95% CI)" for f in args.fields) + " |")
     print("|---|---|" + "---|" * len(args.fields))
     for name in names:
-        runs = [ln for ln in lines if ln["name"] == name]
-        cells = []
-        for field in args.fields:
-            mine, ids = field_matrix(runs + base, field)
-            a, b = mine[:len(runs)], mine[len(runs):]  # [S_a, N], [S_b, N]
-            n = a.shape[1]
-            sa = rng.integers(0, a.shape[0], (2000, a.shape[0]))
-            sb = rng.integers(0, b.shape[0], (2000, b.shape[0]))
-            sc = rng.integers(0, n, (2000, n))
-            boot = np.array([a[sa[i]][:, sc[i]].mean() - b[sb[i]][:, sc[i]].mean() for i in range(2000)])
-            lo, hi = np.percentile(boot, [2.5, 97.5])
-            diff = a.mean() - b.mean()
-            mark = "*" if lo > 0 or hi < 0 else ""
-            cells.append(f"{a.mean():.4f} ({diff:+.4f} [{lo:+.4f}, {hi:+.4f}]{mark})")
+        runs = [ln["per_scenario"] for ln in lines if ln["name"] == name]
+        mine = seed_bootstrap(runs, args.fields)
+        diff = paired_seed_difference(base * len(runs) if len(base) == 1 else base, runs, args.fields)
+        cells = [f"{mine[f].mean:.4f} ({diff[f].mean:+.4f} [{diff[f].lo:+.4f}, {diff[f].hi:+.4f}]"
+                 f"{'*' if diff[f].lo > 0 or diff[f].hi < 0 else ''})" for f in args.fields]
         print(f"| {name} | {len(runs)} | " + " | ".join(cells) + " |")
-    print(f"\n{len(ids)} scenarios; * = interval excludes zero. Per-scenario metametric is the mean of the "
-          "scenario's likelihoods, so its mean over scenarios is the reported metametric.")
+    print(f"\n{len(shared_ids([r for ln in lines for r in [ln['per_scenario']]]))} shared scenarios; "
+          "* = the interval excludes zero.")
 
 
 def main() -> None:
