@@ -1,13 +1,16 @@
 """The Ray Train learner: a `TorchTrainer` (Train V2) whose workers run one stage's training loop.
 
 Ray Train checkpoints are reported every epoch / RL step, resumed after a worker failure through
-`FailureConfig`, and copied to the stage folder so that a re-run of the pipeline resumes too. The
+`FailureConfig`, and copied to the stage folder so that a re-run of the pipeline resumes too.
+Weights go in through Ray's object store (the starting and reference checkpoints' bytes) and come
+out through Ray Train's checkpoint, which the driver reads to write the stage's `model.pt`. The
 loops are `supervised_loop` (BC, CAT-K SFT) and `mpo_loop` (RFT); what they share is
 `worker_kit`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import os
 import socket
@@ -24,7 +27,8 @@ from smart_r1.config import RayConfig
 from smart_r1.distributed.mpo_loop import mpo_loop
 from smart_r1.distributed.supervised_loop import supervised_loop
 from smart_r1.distributed.worker_kit import MODEL_NAME, LearnerJob
-from smart_r1.storage import copy_file
+from smart_r1.model.checkpoint import checkpoint_bytes
+from smart_r1.storage import write_bytes
 
 
 _store = None  # worker 0's TCPStore server while its process group lives
@@ -88,10 +92,25 @@ def torch_config() -> TorchConfig:
     return LoopbackTorchConfig() if local else TorchConfig()
 
 
+def weights_ref(checkpoint) -> ray.ObjectRef:
+    """An ObjectRef of a checkpoint's bytes: a path is read here (on the driver), CRC-checked and
+    put into Ray's object store once; an ObjectRef is passed on."""
+    if isinstance(checkpoint, ray.ObjectRef):
+        return checkpoint
+    return ray.put(checkpoint_bytes(checkpoint))
+
+
 def run_learner(job: LearnerJob, ray_cfg: RayConfig, storage_path: str) -> str:
-    """Run the stage's loop on a TorchTrainer; returns the path of the final SMART-tiny checkpoint."""
+    """Run the stage's loop on a TorchTrainer; returns the path of the final SMART-tiny checkpoint,
+    `<stage_dir>/model.pt`, which this process (the driver) writes from the run's last Ray Train
+    checkpoint (read from `storage_path`, a local folder or a URI): no worker writes it.
+
+    The starting and reference weights reach the learners through the object store (a path in
+    `job` is read here and sent as bytes), so no learner reads a path on the driver's disk."""
     loop = mpo_loop if job.stage.kind == "mpo" else supervised_loop
     Path(job.stage_dir).mkdir(parents=True, exist_ok=True)
+    job = dataclasses.replace(job, init_checkpoint=weights_ref(job.init_checkpoint),
+                              ref_checkpoint=weights_ref(job.ref_checkpoint) if job.ref_checkpoint else "")
     trainer = TorchTrainer(
         loop,
         train_loop_config={"job": job},
@@ -108,6 +127,6 @@ def run_learner(job: LearnerJob, ray_cfg: RayConfig, storage_path: str) -> str:
     if result.error is not None:
         raise RuntimeError(f"stage {job.stage.name}: learner failed") from result.error
     out = Path(job.stage_dir) / MODEL_NAME
-    with result.checkpoint.as_directory() as d:
-        copy_file(Path(d) / MODEL_NAME, out)
+    with result.checkpoint.as_directory() as d:  # a download when storage_path is a URI
+        write_bytes(out, checkpoint_bytes(Path(d) / MODEL_NAME))  # CRC-checked, written atomically
     return str(out)

@@ -34,7 +34,8 @@ from smart_r1.distributed import rollout_tasks
 from smart_r1.distributed.rollout_tasks import RolloutQueue
 from smart_r1.distributed.rollout_worker import RolloutSpec
 from smart_r1.distributed.timing import PhaseTimer, format_phases
-from smart_r1.distributed.worker_kit import LearnerJob, Progress, maybe_fail, report, say, start_training
+from smart_r1.distributed.worker_kit import (LearnerJob, Progress, fetch_checkpoint, maybe_fail, report, say,
+                                            start_training)
 from smart_r1.model.checkpoint import load_checkpoint
 from smart_r1.rl.experience import collate_experiences
 from smart_r1.rl.mpo import mpo_step
@@ -97,7 +98,7 @@ def mpo_loop(config: dict) -> None:
     job: LearnerJob = config["job"]
     stage = job.stage
     model, optimizer, device, rank, world_size, start = start_training(job, "step")
-    ref_model = load_checkpoint(job.ref_checkpoint or job.init_checkpoint, map_location=device)
+    ref_model = load_checkpoint(fetch_checkpoint(job.ref_checkpoint or job.init_checkpoint), map_location=device)
     ref_model.requires_grad_(False)
     workers = job.rollout_workers
     num_scenarios = ray.get(workers[0].num_scenarios.remote("train"), timeout=job.task_timeout_s)

@@ -32,7 +32,7 @@ from smart_r1.distributed.worker_kit import MODEL_NAME, LearnerJob
 from smart_r1.metrics import aggregate_metrics, step_events
 from smart_r1.metrics.intervals import headline_intervals, scores_path, stage_differences
 from smart_r1.metrics.tables import metrics_table
-from smart_r1.model.checkpoint import load_weights, save_checkpoint
+from smart_r1.model.checkpoint import checkpoint_bytes, load_weights, save_checkpoint
 from smart_r1.model.config import ModelConfig
 from smart_r1.model.smart_tiny import SmartTiny
 from smart_r1.rollout.policy import load_policy, sample_states
@@ -149,7 +149,16 @@ def run_pipeline(config: PipelineConfig, fail_once_at: dict[str, int] | None = N
         current = prepare_model(config, datasets, out)
     eval_sets = [d for d in ("heldout", "real") if d in datasets]
     r = config.ray
-    workers = start_workers(current, datasets, r.num_rollout_workers, r.cpus_per_rollout_worker,
+    # Weights travel through Ray's object store: the driver reads each checkpoint once (CRC-checked)
+    # and puts its bytes there; learners and rollout actors get the ObjectRef, never a path.
+    refs: dict[str, ray.ObjectRef] = {}
+
+    def weights(path: str) -> ray.ObjectRef:
+        if path not in refs:
+            refs[path] = ray.put(checkpoint_bytes(path))
+        return refs[path]
+
+    workers = start_workers(weights(current), datasets, r.num_rollout_workers, r.cpus_per_rollout_worker,
                             r.gpus_per_rollout_worker, config.seed, r.max_actor_restarts)
     storage = r.storage_path or str(out / "ray")
     rows: dict[str, dict] = {}
@@ -172,8 +181,8 @@ def run_pipeline(config: PipelineConfig, fail_once_at: dict[str, int] | None = N
         stage_tracker.log_params(asdict(stage))
         print(f"[{stage.name}] {stage.kind} from {current}", flush=True)
         t0 = time.perf_counter()
-        job = LearnerJob(stage=stage, stage_dir=str(stage_dir), init_checkpoint=current, datasets=datasets,
-                         seed=config.seed, ref_checkpoint=reference if stage.kind == "mpo" else "",
+        job = LearnerJob(stage=stage, stage_dir=str(stage_dir), init_checkpoint=weights(current), datasets=datasets,
+                         seed=config.seed, ref_checkpoint=weights(reference) if stage.kind == "mpo" else "",
                          rollout_workers=workers if stage.kind == "mpo" else [], tracker=stage_tracker,
                          threads=r.learner_threads or max(1, int(r.cpus_per_learner)),
                          fail_once_at=(fail_once_at or {}).get(stage.name, -1),

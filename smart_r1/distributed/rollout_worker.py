@@ -22,7 +22,7 @@ import torch
 from smart_r1.config import MPOStage, SamplingConfig
 from smart_r1.data.dataset import iter_scenarios
 from smart_r1.metrics import compute_scenario_metrics
-from smart_r1.model.checkpoint import load_checkpoint
+from smart_r1.model.checkpoint import checkpoint_bytes, load_checkpoint
 from smart_r1.rl.experience import make_experience, reference_log_probs
 from smart_r1.rl.rewards import RewardConfig
 from smart_r1.rollout.closed_loop import closed_loop, to_rollouts
@@ -48,10 +48,11 @@ class RolloutSpec:
 
 
 class RolloutWorker:
-    """One policy copy. `datasets` maps a name ("train", "heldout", "real") to a data path that
-    every node can read (a Parquet folder or TFRecord glob); scenarios load on first use."""
+    """One policy copy. `checkpoint` is the starting checkpoint's bytes (through Ray's object
+    store: `start_workers`). `datasets` maps a name ("train", "heldout", "real") to data that
+    every node can read (a Parquet folder or URI, or a TFRecord glob); scenarios load on first use."""
 
-    def __init__(self, checkpoint: str, datasets: dict[str, str], device: str = "cpu",
+    def __init__(self, checkpoint: bytes, datasets: dict[str, str], device: str = "cpu",
                  threads: int = 1, seed: int = 0, worker_index: int = 0):
         torch.set_num_threads(max(1, int(threads)))
         self.device = torch.device(device if device != "cuda" or torch.cuda.is_available() else "cpu")
@@ -155,10 +156,16 @@ class RolloutWorker:
         return len(self.records(dataset))
 
 
-def start_workers(checkpoint: str, datasets: dict[str, str], count: int, cpus: float, gpus: float,
+def start_workers(checkpoint, datasets: dict[str, str], count: int, cpus: float, gpus: float,
                   seed: int = 0, max_restarts: int = 3) -> list:
     """`count` rollout actors; each restarts after a crash (at most `max_restarts` times) and
-    retries its unfinished tasks, so a permanently failing actor ends as a failed task, not a hang."""
+    retries its unfinished tasks, so a permanently failing actor ends as a failed task, not a hang.
+
+    `checkpoint`: an ObjectRef of a checkpoint's bytes, or a path that this process (the driver)
+    reads and puts into the object store once; every actor (and a restarted one) gets the bytes
+    from there, never the path."""
+    if not isinstance(checkpoint, ray.ObjectRef):
+        checkpoint = ray.put(checkpoint_bytes(checkpoint))
     actor = ray.remote(RolloutWorker).options(num_cpus=cpus, num_gpus=gpus, max_restarts=max_restarts,
                                               max_task_retries=max_restarts)
     device = "cuda" if gpus > 0 else "cpu"

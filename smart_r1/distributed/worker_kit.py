@@ -15,6 +15,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import ray
 import ray.train
 import torch
 from ray.train import Checkpoint
@@ -36,10 +37,13 @@ class LearnerJob:
 
     stage: StageConfig
     stage_dir: str
-    init_checkpoint: str  # the model this stage starts from
-    datasets: dict  # name -> data path ("train" at least)
+    # The model this stage starts from: an ObjectRef of the checkpoint's bytes
+    # (`ray.put(checkpoint_bytes(path))`). A path given here is read by the driver in
+    # `learner.run_learner` and sent the same way: a learner never reads a checkpoint path.
+    init_checkpoint: object
+    datasets: dict  # name -> data path or URI ("train" at least) that every node can read
     seed: int = 0
-    ref_checkpoint: str = ""  # MPO: the frozen reference policy
+    ref_checkpoint: object = ""  # MPO: the frozen reference policy, as init_checkpoint ("" = that one)
     rollout_workers: list = field(default_factory=list)  # MPO: RolloutWorker actor handles
     tracker: RunTracker | None = None
     threads: int = 1
@@ -88,6 +92,14 @@ def load_state(job: LearnerJob) -> dict | None:
     return None
 
 
+def fetch_checkpoint(source) -> bytes:
+    """A checkpoint's bytes from Ray's object store (they load with `load_checkpoint`)."""
+    if not isinstance(source, ray.ObjectRef):
+        raise TypeError(f"a learner gets checkpoints as ObjectRefs through Ray's object store, not "
+                        f"{type(source).__name__} {source!r} (learner.run_learner sends a path's bytes)")
+    return ray.get(source)
+
+
 def start_training(job: LearnerJob, unit: str) -> tuple:
     """What every learner loop starts with: torch threads, rank and world size, the device, the
     stage's model and AdamW optimizer, resumed from the newest state when there is one.
@@ -95,7 +107,7 @@ def start_training(job: LearnerJob, unit: str) -> tuple:
     torch.set_num_threads(max(1, job.threads))
     rank, world_size = world()
     device = ray.train.torch.get_device()
-    model = load_checkpoint(job.init_checkpoint, map_location=device)
+    model = load_checkpoint(fetch_checkpoint(job.init_checkpoint), map_location=device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=job.stage.lr, weight_decay=job.stage.weight_decay)
     start = 0
     state = load_state(job)

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import io
 import zipfile
 from pathlib import Path
 
@@ -30,17 +31,31 @@ def _reason(e: BaseException) -> str:
     return f"{type(e).__name__}: {' '.join(lines[:2])[:300]}"
 
 
-def _read(path: str | Path, map_location="cpu") -> dict:
-    """The dict a checkpoint holds; ValueError naming the file when it is damaged or not a
-    SMART-tiny checkpoint (FileNotFoundError when it does not exist).
+Source = str | Path | bytes  # a checkpoint file, or its bytes (as sent through Ray's object store)
+
+
+def checkpoint_bytes(path: str | Path) -> bytes:
+    """The bytes of a checkpoint file, after checking they hold a whole SMART-tiny checkpoint
+    (ValueError as `load_checkpoint`): what the driver `ray.put`s for learners and rollout actors,
+    which load it with `load_checkpoint(bytes)` (checked again there) instead of reading a path."""
+    data = Path(path).read_bytes()
+    _read(data, name=str(path))
+    return data
+
+
+def _read(source: Source, map_location="cpu", name: str | None = None) -> dict:
+    """The dict a checkpoint (a file, or its bytes) holds; ValueError naming it when it is damaged
+    or not a SMART-tiny checkpoint (FileNotFoundError when the file does not exist).
 
     torch.load does not check the CRC32 that torch.save writes for every record of its zip file, so
     a flipped bit in the weights would load unnoticed: zipfile checks them first (a second read of
     the file, cheap next to building the model)."""
+    path = name or ("checkpoint bytes" if isinstance(source, bytes) else source)
     try:
-        with zipfile.ZipFile(path) as archive:
+        with zipfile.ZipFile(io.BytesIO(source) if isinstance(source, bytes) else source) as archive:
             damaged = archive.testzip()
-        blob = None if damaged else torch.load(path, map_location=map_location, weights_only=True)
+        blob = None if damaged else torch.load(io.BytesIO(source) if isinstance(source, bytes) else source,
+                                               map_location=map_location, weights_only=True)
     except FileNotFoundError:
         raise
     except Exception as e:  # zipfile and torch.load raise many types on a damaged or foreign file
@@ -52,12 +67,15 @@ def _read(path: str | Path, map_location="cpu") -> dict:
     return blob
 
 
-def load_checkpoint(path: str | Path, map_location="cpu", expect_config: ModelConfig | None = None,
+def load_checkpoint(path: Source, map_location="cpu", expect_config: ModelConfig | None = None,
                     expect_vocab: MotionVocab | None = None) -> SmartTiny:
-    """The model of a checkpoint, in eval mode. ValueError naming the file and the reason when the
-    file is damaged or not a SMART-tiny checkpoint, its weights do not fit its config, or it differs
-    from what the caller expects (`expect_config`, `expect_vocab`)."""
+    """The model of a checkpoint (a file, or its bytes from `checkpoint_bytes`), in eval mode.
+    ValueError naming the file and the reason when the file is damaged or not a SMART-tiny
+    checkpoint, its weights do not fit its config, or it differs from what the caller expects
+    (`expect_config`, `expect_vocab`)."""
     blob = _read(path, map_location)
+    if isinstance(path, bytes):
+        path = "checkpoint bytes"  # for the messages below
     try:
         cfg = ModelConfig.from_dict(blob["model_config"])
         vocab = MotionVocab.from_dict(blob["vocab"])
@@ -87,7 +105,7 @@ def checkpoint_extra(path: str | Path) -> dict:
     return extra
 
 
-def load_weights(path: str | Path) -> dict[str, torch.Tensor]:
+def load_weights(path: Source) -> dict[str, torch.Tensor]:
     """The state dict of a checkpoint (CPU tensors), e.g. to send to workers that already hold the
     model; ValueError as `load_checkpoint`."""
     weights = _read(path).get("state_dict")
