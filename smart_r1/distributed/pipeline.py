@@ -10,6 +10,7 @@ skips finished stages and continues an unfinished one from its last checkpoint.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import time
 from dataclasses import asdict
@@ -38,7 +39,7 @@ from smart_r1.model.smart_tiny import SmartTiny
 from smart_r1.rollout.policy import load_policy, sample_states
 from smart_r1.storage import write_json, write_text
 from smart_r1.tokens.motion_vocab import build_vocab
-from smart_r1.tracking.mlflow_runs import folder_run
+from smart_r1.tracking.mlflow_runs import cluster_tracking_problem, folder_run, resolve_tracking_uri
 from smart_r1.viz.render import render_scenario
 
 SHARED_SCENARIO = Path(__file__).resolve().parents[2].parent / "shared" / "womd" / "motion_data_one_scenario.tfrecord"
@@ -135,6 +136,10 @@ def run_pipeline(config: PipelineConfig, fail_once_at: dict[str, int] | None = N
     """Run (or resume) every stage; returns {stage: {dataset: metrics}}."""
     started = time.perf_counter()
     check_resources(config.ray)
+    problem = cluster_tracking_problem(ray.nodes(), resolve_tracking_uri(os.environ.get("MLFLOW_TRACKING_URI")),
+                                       ray.get_runtime_context().get_node_id())
+    if problem:  # before any stage: learners on other nodes could not log to a file on this one
+        raise ValueError(problem)
     check_run(config)  # never mixes results of another config (see run_identity)
     out = Path(config.out_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)

@@ -4,7 +4,8 @@ Everything goes through `MlflowClient` with explicit run ids and an absolute tra
 the same `RunTracker` works in the driver, in a Ray Train worker and in a Tune trial (whose
 working directories differ). Only rank 0 of a learner logs: other ranks get `enabled=False`.
 The default store is MLflow's own default (a local `mlflow.db` in the working directory for
-MLflow 3.x); `MLFLOW_TRACKING_URI` is honoured.
+MLflow 3.x); `MLFLOW_TRACKING_URI` is honoured. On a multi-node Ray the learners log from other
+nodes, so a pipeline there needs a tracking server (`cluster_tracking_problem`).
 """
 
 from __future__ import annotations
@@ -43,6 +44,40 @@ def check_tracking_uri(uri: str, timeout_s: float = 10.0) -> None:
     except (urllib.error.URLError, OSError) as e:
         raise ValueError(f"MLflow tracking server {uri} is unreachable ({e}); "
                          "start it or unset MLFLOW_TRACKING_URI to log locally") from None
+
+
+LOCAL_SCHEMES = ("", "file", "sqlite")  # stores that live on the driver's disk
+
+
+def is_local_store(uri: str) -> bool:
+    """Whether a tracking URI names a store on this machine's disk (a folder, `file://`,
+    `sqlite:///...`, MLflow 3's default `./mlflow.db`) rather than a server or database."""
+    if uri.split(":", 1)[0] in ("databricks", "databricks-uc"):  # a profile name: a hosted server
+        return False
+    scheme = uri.split("://", 1)[0].lower() if "://" in uri else ""
+    return scheme.split("+", 1)[0] in LOCAL_SCHEMES
+
+
+def cluster_tracking_problem(nodes: list[dict], tracking_uri: str, driver_node_id: str) -> str | None:
+    """Why a pipeline must not start with this tracking store on this Ray, or None when it may.
+
+    Learners (rank 0) log their metrics to the tracking store themselves, so on a cluster a store
+    on the driver's disk would be written on other nodes (to a file that is not the driver's) or
+    not at all. `nodes` are `ray.nodes()`; the Ray counts as a cluster when an alive node other than
+    the driver's is there, or when the driver's node offers no CPU (an autoscaling head with
+    `CPU: 0`, whose learners will run on worker nodes that join later)."""
+    if not is_local_store(tracking_uri):
+        return None
+    alive = [n for n in nodes if n.get("Alive", n.get("alive", False))]
+    others = [n for n in alive if n.get("NodeID") != driver_node_id]
+    own = [n for n in alive if n.get("NodeID") == driver_node_id]
+    head_without_cpu = bool(own) and not own[0].get("Resources", {}).get("CPU", 0)
+    if not others and not head_without_cpu:
+        return None
+    where = f"{len(alive)} nodes" if others else "a head without CPUs (work runs on other nodes)"
+    return (f"MLflow tracking store {tracking_uri} is a local file but this Ray cluster has {where}, whose "
+            "learners log to it directly: set MLFLOW_TRACKING_URI to a tracking server that every node "
+            "reaches (e.g. http://HEAD_IP:5000, see the README's cluster section)")
 
 
 def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, str]:
