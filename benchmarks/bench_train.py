@@ -3,6 +3,7 @@ process (issue 18).
 
     python benchmarks/bench_train.py [--presets cpu,default] [--scenes 16] [--threads 2]
     python benchmarks/bench_train.py --presets cpu --loss-curve 60     # + a short BC loss curve
+    python benchmarks/bench_train.py --presets cpu --compile 3         # + torch.compile of the BC step
 
 First the machine's dense matmul rates (float32, bfloat16). Then, on generated SUMO scenes, for
 each model preset and each of
@@ -24,6 +25,11 @@ two paths, each once for counting FLOPs (torch.utils.flop_counter, also the warm
 For each: scenes (or agent-steps) per second, counted GFLOP, FLOP utilisation against the
 matching matmul rate, and the speedup. The last line is
 `speedup_bc X speedup_mpo Y speedup_rollout Z` for the `default` preset (else the last preset).
+
+`--compile N` also measures `torch.compile` (default mode, inductor) of the model for the BC step
+at `--compile-preset`, against the same optimised eager model: N epochs of the same batches each,
+the first compiled epoch including the compilation (every batch shape compiles once), the later
+ones without it; printed with the break-even number of BC steps.
 """
 
 from __future__ import annotations
@@ -239,6 +245,46 @@ def loss_curve(records: list, vocab, preset: str, steps: int, paths: dict) -> No
             f"{statistics.mean(curves[label][k:k + 10]):22.4f}" for label in labels))
 
 
+def compile_bc(scenes: list, cfg: ModelConfig, vocab, epochs: int) -> dict:
+    """Seconds per BC epoch (the same batches every epoch) of the optimised eager model and of
+    `torch.compile` of it, from the same weights; the compiled model's first epoch compiles."""
+    import torch._dynamo
+
+    models = fresh_models(cfg, vocab)
+    eager, compiled = models["reference"], models["optimised"]  # two copies of the same weights
+    use_fast_paths(eager, True)
+    use_fast_paths(compiled, True)
+    torch._dynamo.reset()
+    compiled_forward = torch.compile(compiled)
+
+    def epoch(model, forward) -> float:
+        model.train()
+        start = time.perf_counter()
+        for batch in epoch_batches(scenes, "optimised", 0):
+            loss, _ = bc_loss(forward, collate(batch))
+            optimizer_step(model, model._bench_optimizer, loss, 1.0)
+        return time.perf_counter() - start
+
+    times = {"eager": [], "compiled": []}
+    with Switches("optimised"):
+        for _ in range(epochs):  # alternating, as `compare`
+            times["eager"].append(epoch(eager, eager))
+            times["compiled"].append(epoch(compiled, compiled_forward))
+    steps = len(epoch_batches(scenes, "optimised", 0))
+    eager_s = min(times["eager"][1:] or times["eager"])  # the first eager epoch warms up too
+    compiled_s = min(times["compiled"][1:]) if epochs > 1 else float("nan")
+    compile_s = times["compiled"][0] - compiled_s
+    print("  compile  eager epochs    " + " ".join(f"{t:7.2f}" for t in times["eager"]) + f" s ({steps} steps each)")
+    print("  compile  compiled epochs " + " ".join(f"{t:7.2f}" for t in times["compiled"]) + " s (the first compiles)")
+    saved = (eager_s - compiled_s) / steps
+    breakeven = f"{compile_s / saved:.0f} BC steps" if saved > 0 else "never (the compiled step is not faster)"
+    print(f"  compile  per step: eager {eager_s / steps:.3f} s, compiled {compiled_s / steps:.3f} s "
+          f"(speedup {eager_s / compiled_s:.2f} excluding compilation); compilation {compile_s:.1f} s; "
+          f"first compiled epoch / eager epoch {times['compiled'][0] / eager_s:.2f}; pays after {breakeven}",
+          flush=True)
+    return {"eager_s": eager_s, "compiled_s": compiled_s, "compile_s": compile_s}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--presets", default="cpu,default", help="model presets, comma-separated")
@@ -254,6 +300,9 @@ def main() -> None:
     p.add_argument("--loss-curve", type=int, default=0,
                    help="also run this many BC steps per path (first preset, on every scene of the data)")
     p.add_argument("--loss-curve-bf16", action="store_true", help="the loss curve also with bfloat16 forced")
+    p.add_argument("--compile", type=int, default=0,
+                   help="also time N BC epochs of torch.compile(model) against eager (0: skip; N >= 2)")
+    p.add_argument("--compile-preset", default="cpu")
     args = p.parse_args()
 
     from smart_r1.data.dataset import iter_scenarios
@@ -283,7 +332,8 @@ def main() -> None:
           f"{[scene_size(s)[1] for s in bc_scenes]}", flush=True)
 
     results = {}
-    for preset in args.presets.split(","):
+    presets = [name for name in args.presets.split(",") if name]  # "": only --compile / --loss-curve
+    for preset in presets:
         cfg = ModelConfig.preset(preset, vocab_size=args.vocab_size)
         print(f"\n[{preset}] {SmartTiny(cfg, vocab).num_parameters():,} parameters", flush=True)
         res = results[preset] = {}
@@ -308,7 +358,7 @@ def main() -> None:
                                  models, args.repeats, agent_steps, "agent-steps/s", rates)
 
     if args.loss_curve:
-        preset = args.presets.split(",")[0]
+        preset = presets[0] if presets else args.compile_preset
         print(f"\n[{preset}] BC loss curve, {args.loss_curve} steps of 4 scenes, lr 1e-3, same initial weights", flush=True)
         paths = {"reference float32": ("reference", "float32"),
                  f"optimised {precision.get_precision()}": ("optimised", precision.get_precision())}
@@ -316,6 +366,14 @@ def main() -> None:
             paths["optimised bfloat16"] = ("optimised", "bfloat16")
         loss_curve(records, vocab, preset, args.loss_curve, paths)
 
+    if args.compile:
+        print(f"\n[{args.compile_preset}] torch.compile of the BC step (optimised path), {args.compile} epochs of "
+              f"{len(bc_scenes)} scenes", flush=True)
+        compile_bc(bc_scenes, ModelConfig.preset(args.compile_preset, vocab_size=args.vocab_size), vocab,
+                   args.compile)
+
+    if not results:
+        return
     last = "default" if "default" in results else list(results)[-1]
     r = results[last]
     print(f"\nspeedups on the {last} preset")
