@@ -15,12 +15,13 @@
 
    with V the valid (scene, rollout, agent, step) whose logged target exists.
 
-Measured on a weak BC policy (default preset, 120 SUMO scenes, top-1 accuracy ~0.3; BENCHMARKS.md):
-its top-K tokens rarely turn as much as the log, so moving agents drift off the log's heading
-(0.16 rad, 3 m at K = 32) and the targets are strong corrections (heading change 0.19 rad per
-0.5 s against the log's 0.03). SFT on them raises the linear-speed likelihood (the BC policy is
-too slow) but also collisions and off-road, so the metametric drops; the paper starts from a BC
-model whose top K contain the log's move.
+Measured on a weak BC policy (`make run`'s, top-1 accuracy ~0.3; BENCHMARKS.md, "Closed-loop
+SFT ablation"): its top-K tokens rarely turn as much as the log, so moving agents drift off the
+log's heading and fall behind it, and the targets are strong corrections, each towards the
+agent's own logged position while its neighbours have drifted too. SFT on them alone costs 0.11
+of realism (collisions x3); adding the log's own BC loss (`bc_weight`, 3 in `make run`) keeps the
+log's states in the mix and the cost within noise. The paper starts from a BC model whose top K
+contain the log's move, where the targets stay small.
 """
 
 from __future__ import annotations
