@@ -72,9 +72,7 @@ def ray_head(tmp_path_factory):
     log = open(tmp_path_factory.mktemp("ray") / "head.log", "w")
     # Jobs run `python ...` with the head's PATH: put this interpreter's bin folder first, so
     # jobs get the same environment even when the venv is not activated (as under `make test`).
-    # a single-machine head: node IP 127.0.0.1, so every Ray server binds loopback (see ensure_ray)
-    head_env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
-                "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+    head_env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=head_env)
     address = f"http://127.0.0.1:{dash}"
     env = {**os.environ, "RAY_ADDRESS": address, "RAY_AUTH_MODE": "token"}
