@@ -156,6 +156,9 @@ class RolloutWorker:
         return len(self.records(dataset))
 
 
+_KEPT_WEIGHTS: list = []  # ObjectRefs made by start_workers from paths, kept for actor restarts
+
+
 def start_workers(checkpoint, datasets: dict[str, str], count: int, cpus: float, gpus: float,
                   seed: int = 0, max_restarts: int = 3) -> list:
     """`count` rollout actors; each restarts after a crash (at most `max_restarts` times) and
@@ -166,6 +169,9 @@ def start_workers(checkpoint, datasets: dict[str, str], count: int, cpus: float,
     from there, never the path."""
     if not isinstance(checkpoint, ray.ObjectRef):
         checkpoint = ray.put(checkpoint_bytes(checkpoint))
+        # a restarted actor runs __init__ again with this argument: the object must outlive this
+        # call, so this process keeps a reference (one checkpoint per call, a few MB)
+        _KEPT_WEIGHTS.append(checkpoint)
     actor = ray.remote(RolloutWorker).options(num_cpus=cpus, num_gpus=gpus, max_restarts=max_restarts,
                                               max_task_retries=max_restarts)
     device = "cuda" if gpus > 0 else "cpu"
