@@ -15,8 +15,9 @@ def test_default_config_loads():
     config = load_config(DEFAULT)
     assert [s.kind for s in config.stages] == ["bc", "catk_sft", "mpo", "catk_sft"]
     rft = config.stage("rft")
-    # the SUMO preset sets alpha near its SFT policy's reward; the method's defaults are the paper's
-    assert rft.alpha == 0.6 and rft.beta == 0.04
+    # the SUMO preset calibrates alpha on its SFT policy's reward; the method's defaults are the paper's
+    assert rft.alpha == "auto" and rft.beta == 0.04 and rft.per_agent_credit
+    assert config.stage("sft").bc_weight == 3.0 and config.stage("bc").epochs == 6
     assert MPOStage(name="x").alpha == 0.77
     assert rft.sampling == config.eval.sampling  # RFT samples as the evaluation does
     assert config.stage("sft").catk_k == 5 and isinstance(config.stage("sft"), CatKStage)
