@@ -26,7 +26,7 @@ from ray.train.torch import TorchConfig, TorchTrainer
 from smart_r1.config import RayConfig
 from smart_r1.distributed.mpo_loop import mpo_loop
 from smart_r1.distributed.supervised_loop import supervised_loop
-from smart_r1.distributed.worker_kit import MODEL_NAME, LearnerJob
+from smart_r1.distributed.worker_kit import MODEL_NAME, LearnerJob, weights_ref
 from smart_r1.model.checkpoint import checkpoint_bytes
 from smart_r1.storage import write_bytes
 
@@ -90,14 +90,6 @@ def torch_config() -> TorchConfig:
     process group's store listens on 127.0.0.1 as well."""
     local = ipaddress.ip_address(ray.util.get_node_ip_address()).is_loopback
     return LoopbackTorchConfig() if local else TorchConfig()
-
-
-def weights_ref(checkpoint) -> ray.ObjectRef:
-    """An ObjectRef of a checkpoint's bytes: a path is read here (on the driver), CRC-checked and
-    put into Ray's object store once; an ObjectRef is passed on."""
-    if isinstance(checkpoint, ray.ObjectRef):
-        return checkpoint
-    return ray.put(checkpoint_bytes(checkpoint))
 
 
 def run_learner(job: LearnerJob, ray_cfg: RayConfig, storage_path: str) -> str:

@@ -22,7 +22,8 @@ import torch
 from smart_r1.config import MPOStage, SamplingConfig
 from smart_r1.data.dataset import iter_scenarios
 from smart_r1.metrics import compute_scenario_metrics
-from smart_r1.model.checkpoint import checkpoint_bytes, load_checkpoint
+from smart_r1.distributed.worker_kit import weights_ref
+from smart_r1.model.checkpoint import load_checkpoint
 from smart_r1.rl.experience import make_experience, reference_log_probs
 from smart_r1.rl.rewards import RewardConfig
 from smart_r1.rollout.closed_loop import closed_loop, to_rollouts
@@ -156,9 +157,6 @@ class RolloutWorker:
         return len(self.records(dataset))
 
 
-_KEPT_WEIGHTS: list = []  # ObjectRefs made by start_workers from paths, kept for actor restarts
-
-
 def start_workers(checkpoint, datasets: dict[str, str], count: int, cpus: float, gpus: float,
                   seed: int = 0, max_restarts: int = 3) -> list:
     """`count` rollout actors; each restarts after a crash (at most `max_restarts` times) and
@@ -167,11 +165,7 @@ def start_workers(checkpoint, datasets: dict[str, str], count: int, cpus: float,
     `checkpoint`: an ObjectRef of a checkpoint's bytes, or a path that this process (the driver)
     reads and puts into the object store once; every actor (and a restarted one) gets the bytes
     from there, never the path."""
-    if not isinstance(checkpoint, ray.ObjectRef):
-        checkpoint = ray.put(checkpoint_bytes(checkpoint))
-        # a restarted actor runs __init__ again with this argument: the object must outlive this
-        # call, so this process keeps a reference (one checkpoint per call, a few MB)
-        _KEPT_WEIGHTS.append(checkpoint)
+    checkpoint = weights_ref(checkpoint)
     actor = ray.remote(RolloutWorker).options(num_cpus=cpus, num_gpus=gpus, max_restarts=max_restarts,
                                               max_task_retries=max_restarts)
     device = "cuda" if gpus > 0 else "cpu"

@@ -21,7 +21,7 @@ import torch
 from ray.train import Checkpoint
 
 from smart_r1.config import StageConfig
-from smart_r1.model.checkpoint import load_checkpoint, save_checkpoint
+from smart_r1.model.checkpoint import checkpoint_bytes, load_checkpoint, save_checkpoint
 from smart_r1.storage import copy_file, truncate_log, write_log_row
 from smart_r1.tracking.mlflow_runs import RunTracker
 
@@ -90,6 +90,20 @@ def load_state(job: LearnerJob) -> dict | None:
     if last.exists():
         return torch.load(last, map_location="cpu", weights_only=True)
     return None
+
+
+_KEPT_WEIGHTS: list = []  # ObjectRefs weights_ref made from paths: alive as long as this process
+
+
+def weights_ref(checkpoint) -> ray.ObjectRef:
+    """An ObjectRef of a checkpoint's bytes: a path is read here (on the driver), CRC-checked and
+    put into Ray's object store once; an ObjectRef is passed on. A ref made here stays alive for
+    this process's lifetime, since a restarted actor runs `__init__` again with it."""
+    if isinstance(checkpoint, ray.ObjectRef):
+        return checkpoint
+    ref = ray.put(checkpoint_bytes(checkpoint))
+    _KEPT_WEIGHTS.append(ref)
+    return ref
 
 
 def fetch_checkpoint(source) -> bytes:

@@ -10,7 +10,8 @@ import torch
 
 from smart_r1.config import BCStage, RayConfig
 from smart_r1.data.parquet import write_shard
-from smart_r1.distributed.learner import run_learner, weights_ref
+from smart_r1.distributed.learner import run_learner
+from smart_r1.distributed.worker_kit import weights_ref
 from smart_r1.distributed.rollout_worker import start_workers
 from smart_r1.distributed.worker_kit import LearnerJob, fetch_checkpoint
 from smart_r1.model.checkpoint import checkpoint_bytes, checkpoint_extra, load_checkpoint, save_checkpoint
