@@ -17,6 +17,7 @@ variants are compared on the same scenarios and the same random draws where they
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import random
 import sys
@@ -49,6 +50,7 @@ def train(model, records, args, seed: int) -> dict:
     rng = random.Random(seed)
     torch.manual_seed(seed)
     optimizer, _ = make_optimizer(model, args.lr, 0.0, max(args.steps, 1))
+    anchor = copy.deepcopy(model).eval() if args.anchor_weight else None  # the checkpoint as loaded
     last = {}
     for step in range(args.steps):
         picked = rng.sample(range(len(records)), args.batch)
@@ -62,7 +64,8 @@ def train(model, records, args, seed: int) -> dict:
             loss, last = bc_loss(model, batch, args.label_smoothing)
         else:
             loss, last = catk_sft_loss(model, batch, args.k, bc_weight=args.bc_weight,
-                                       label_smoothing=args.label_smoothing)
+                                       label_smoothing=args.label_smoothing, anchor=anchor,
+                                       anchor_weight=args.anchor_weight)
         optimizer_step(model, optimizer, loss, 1.0)
     return last
 
@@ -91,7 +94,7 @@ def run(args) -> None:
         rows = score(model, held, args)
         summary = aggregate_metrics([{k: v for k, v in r.items() if k != "scenario_id"} for r in rows])
         line = {"name": args.name, "seed": seed, "steps": args.steps, "k": args.k, "lr": args.lr,
-                "bc_weight": args.bc_weight, "label_smoothing": args.label_smoothing, "mode": args.mode,
+                "bc_weight": args.bc_weight, "anchor_weight": args.anchor_weight, "label_smoothing": args.label_smoothing, "mode": args.mode,
                 "rollouts": args.rollouts, "eval_seed": args.eval_seed, "last_stats": stats,
                 "summary": {k: summary[k] for k in FIELDS if k in summary}, "per_scenario": rows,
                 "seconds": time.perf_counter() - t0}
@@ -137,6 +140,8 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--bc-weight", type=float, default=0.0)
     p.add_argument("--label-smoothing", type=float, default=0.0)
+    p.add_argument("--anchor-weight", type=float, default=0.0,
+                   help="weight of KL(checkpoint as loaded || policy) on the CAT-K states")
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--eval-scenarios", type=int, default=1000)
     p.add_argument("--rollouts", type=int, default=8)

@@ -62,15 +62,19 @@ def catk_targets(batch: SceneBatch, rollout: RolloutTensors, vocab: MotionVocab)
 
 
 def catk_sft_loss(model, batch: SceneBatch, catk_k: int, num_rollouts: int = 1, bc_weight: float = 0.0,
-                  label_smoothing: float = 0.0) -> tuple[torch.Tensor, dict]:
+                  label_smoothing: float = 0.0, anchor=None, anchor_weight: float = 0.0) -> tuple[torch.Tensor, dict]:
     """L_SFT on one batch: CAT-K rollouts (no gradient), then the teacher-forced cross-entropy,
-    plus `bc_weight` times the log's own next-token loss (L_BC on the same scenes):
+    plus `bc_weight` times the log's own next-token loss (L_BC on the same scenes), plus
+    `anchor_weight` times the KL from a frozen `anchor` policy on the visited states:
 
-        L = L_SFT + bc_weight * L_BC
+        L = L_SFT + bc_weight * L_BC + anchor_weight * mean_{(b, r, a, t) in V} KL(pi_anchor || pi_theta)
 
     The log term keeps the states the log visits in the training distribution, so what CAT-K
     adds (recovery from the policy's own drift) does not replace what BC learnt. Both terms
-    take `label_smoothing` (share of each target's mass spread over the vocabulary).
+    take `label_smoothing` (share of each target's mass spread over the vocabulary). The anchor
+    term (the stage's starting policy, e.g. the RFT policy in the final SFT) keeps the
+    distribution near the anchor's wherever the targets do not pull, so SFT does not undo what
+    an earlier stage learnt that the log cannot teach.
 
     `model` may be wrapped (e.g. DistributedDataParallel); it is left in train mode."""
     core = getattr(model, "module", model)
@@ -91,6 +95,13 @@ def catk_sft_loss(model, batch: SceneBatch, catk_k: int, num_rollouts: int = 1, 
                      executed_is_target=float((rollout.tokens == targets)[valid].float().mean()))
     else:
         loss = logp_all.sum() * 0.0  # keeps the graph intact
+    if anchor_weight and valid.any():
+        with torch.no_grad():
+            anchor.eval()
+            _, anchor_all = token_log_probs(anchor, batch, rollout.tokens, rollout.poses, full=True)  # [B, R, A, 16, V]
+        kl = (anchor_all.exp() * (anchor_all - logp_all)).sum(-1)[valid].mean()
+        loss = loss + anchor_weight * kl
+        stats.update(anchor_kl=float(kl.detach()))
     if bc_weight:
         log_loss, log_stats = bc_loss(model, batch, label_smoothing)
         loss = loss + bc_weight * log_loss
