@@ -138,14 +138,17 @@ class CatKStage(_SupervisedStage):
     catk_k: int = option(5, "CAT-K's K: the executed token is the one closest to the log among the K most likely")
     bc_weight: float = option(0.0, "weight of the log's own next-token loss added to the CAT-K loss "
                                    "(0 = CAT-K alone, as published)")
+    anchor_weight: float = option(0.0, "weight of KL(pi_start || pi) on the CAT-K states, pi_start the "
+                                       "stage's starting checkpoint (keeps what RFT learnt in a final SFT)")
     kind: str = field(default="catk_sft", init=False, metadata={"help": "catk_sft"})
 
     def validate(self) -> None:
         super().validate()
         if self.catk_k < 1:
             raise ValueError(f"stage {self.name!r}: catk_k (CAT-K's K) must be >= 1, got {self.catk_k}")
-        if self.bc_weight < 0:
-            raise ValueError(f"stage {self.name!r}: bc_weight must be >= 0, got {self.bc_weight}")
+        for name in ("bc_weight", "anchor_weight"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"stage {self.name!r}: {name} must be >= 0, got {getattr(self, name)}")
 
 
 @dataclass(frozen=True)

@@ -55,6 +55,7 @@ def test_each_stage_kind_has_its_own_fields(tmp_path):
     ("rft.alpha=high", "or be 'auto'"),
     ("rft.beta=-0.1", "beta must be >= 0"),
     ("sft.catk_k=0", "catk_k"),
+    ("sft_final.anchor_weight=-1", "anchor_weight must be >= 0"),
     ("nosuchstage.alpha=0.5", "unknown stage name 'nosuchstage'"),
     ("rft.nosuchfield=1", "no field 'nosuchfield'"),
     ("data.train=/no/such/path", "data.train: no such path"),

@@ -16,7 +16,10 @@ import torch
 
 from smart_r1.data.dataset import iter_scenarios
 from smart_r1.distributed.timing import PhaseTimer, format_phases
-from smart_r1.distributed.worker_kit import LearnerJob, Progress, maybe_fail, report, say, start_training
+from smart_r1.distributed.worker_kit import (
+    LearnerJob, Progress, fetch_checkpoint, maybe_fail, report, say, start_training,
+)
+from smart_r1.model.checkpoint import load_checkpoint
 from smart_r1.rl.bc import bc_loss
 from smart_r1.rl.catk import catk_sft_loss
 from smart_r1.rl.optim import NonFiniteGuard, optimizer_step, set_learning_rate, warmup_cosine
@@ -63,6 +66,9 @@ def supervised_loop(config: dict) -> None:
             f"{world_size * stage.batch_scenarios}, lr {stage.lr:g}, {steps_per_epoch} steps per epoch")
     progress = Progress(stage.name, stage.epochs * steps_per_epoch, start_epoch * steps_per_epoch, rank == 0)
     torch.manual_seed(job.seed + rank)
+    # the stage's starting policy, frozen: the anchor of the KL term (a resumed run keeps it)
+    anchor = load_checkpoint(fetch_checkpoint(job.init_checkpoint), map_location=device).eval() \
+        if getattr(stage, "anchor_weight", 0.0) else None
     guard = NonFiniteGuard(f"stage {stage.name}", stage.max_nonfinite_updates)
     for epoch in range(start_epoch, stage.epochs):
         maybe_fail(job, epoch)
@@ -86,7 +92,8 @@ def supervised_loop(config: dict) -> None:
                     loss, stats = bc_loss(model, batch, stage.label_smoothing)
                 else:
                     loss, stats = catk_sft_loss(model, batch, stage.catk_k, bc_weight=stage.bc_weight,
-                                                 label_smoothing=stage.label_smoothing)
+                                                 label_smoothing=stage.label_smoothing, anchor=anchor,
+                                                 anchor_weight=stage.anchor_weight)
             with timer.phase("update"):
                 grad_norm = optimizer_step(model, optimizer, loss, stage.grad_clip, world_size)
             if not guard.update(grad_norm, f"epoch {epoch} step {i}"):
