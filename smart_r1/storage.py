@@ -1,10 +1,16 @@
-"""Files a run writes, written atomically: a reader, or a re-run after a crash at any point, sees
-the old content or the new one, never a part.
+"""A run's storage: a local folder or a URI (`s3://bucket/prefix?endpoint_override=...`, `gs://`,
+`file://`), read and written through `pyarrow.fs`. Every file is written atomically: a reader, or
+a re-run after a crash at any point, sees the old content or the new one, never a part.
 
 Local paths: the bytes go to a temporary name in the same folder, are flushed to disk, then
 renamed over the target (`os.replace` is atomic on POSIX); a `file://` URI is a local path.
 Other URIs (`s3://`, `gs://`, ...) go through `pyarrow.fs` in one upload, where an object
-appears only once its upload completes.
+appears only once its upload completes. Folders of an object store are key prefixes: writing a
+file "creates" them, and nothing here needs them made first.
+
+Credentials: an object store's come from the environment (AWS_* variables, an instance role, a
+GCS service account) or from the URI (`s3://KEY:SECRET@bucket/...`); a URI is written into the
+run's records as given (config.json, MLflow params), so keep secrets out of it outside tests.
 """
 
 from __future__ import annotations
@@ -37,13 +43,50 @@ def resolve(path: str | Path) -> tuple[pafs.FileSystem | None, str]:
     return fs, key
 
 
-def join(base: str | Path, name: str) -> str:
-    """`base/name` for a local folder or a URI (keeping a URI's `?query`, e.g. an endpoint)."""
+def is_local(path: str | Path) -> bool:
+    """A local folder or a `file://` URI (as opposed to an object store)."""
+    return resolve(path)[0] is None
+
+
+def root(path: str | Path) -> str:
+    """A run's storage root as one string: a local path (or `file://` URI) made absolute, so that
+    other processes and working directories find the same folder; other URIs as given."""
+    fs, key = resolve(path)
+    return str(Path(key).resolve()) if fs is None else str(path)
+
+
+def display(path: str | Path) -> str:
+    """A path or URI for messages: a URI's `user:secret@` is left out."""
+    text = str(path)
+    if not is_uri(text):
+        return text
+    scheme, _, rest = text.partition("://")
+    authority, slash, tail = rest.partition("/")
+    return f"{scheme}://{authority.rpartition('@')[2]}{slash}{tail}"
+
+
+def base_name(path: str | Path) -> str:
+    """The last component of a path or a URI's key (`s3://b/runs/a?x=1` -> `a`)."""
+    key = resolve(path)[1] if is_uri(path) else str(path)
+    return Path(key.rstrip("/")).name
+
+
+def join(base: str | Path, *names: str) -> str:
+    """`base/name/...` for a local folder or a URI (keeping a URI's `?query`, e.g. an endpoint)."""
     text = str(base)
     if not is_uri(text):
-        return str(Path(text) / name)
+        return str(Path(text).joinpath(*names))
     head, sep, query = text.partition("?")
-    return f"{head.rstrip('/')}/{name}{sep}{query}"
+    return f"{head.rstrip('/')}/{'/'.join(names)}{sep}{query}"
+
+
+def parent(path: str | Path) -> str:
+    """The folder holding `path` (a URI keeps its `?query`)."""
+    text = str(path)
+    if not is_uri(text):
+        return str(Path(text).parent)
+    head, sep, query = text.partition("?")
+    return f"{head.rstrip('/').rsplit('/', 1)[0]}{sep}{query}"
 
 
 def exists(path: str | Path) -> bool:
@@ -86,8 +129,90 @@ def open_input(path: str | Path):
 
 
 def read_bytes(path: str | Path) -> bytes:
-    with open_input(path) as f:
-        return f.read()
+    """A file's bytes (local or URI); FileNotFoundError when it does not exist."""
+    fs, key = resolve(path)
+    if fs is None:
+        return Path(key).read_bytes()
+    try:
+        with fs.open_input_stream(key) as f:
+            return f.read()
+    except FileNotFoundError:
+        raise FileNotFoundError(f"no such file: {display(path)}") from None
+
+
+def read_text(path: str | Path) -> str:
+    return read_bytes(path).decode()
+
+
+_ABSENT = object()
+
+
+def read_json(path: str | Path, default: Any = _ABSENT) -> Any:
+    """A JSON file's value; `default` when the file does not exist (FileNotFoundError without one)."""
+    try:
+        data = read_bytes(path)
+    except FileNotFoundError:
+        if default is _ABSENT:
+            raise
+        return default
+    return json.loads(data)
+
+
+def list_names(folder: str | Path) -> list[str]:
+    """Names of the files and folders directly in `folder`, sorted ([] when it does not exist);
+    hidden names (temporaries, markers) are left out."""
+    fs, key = resolve(folder)
+    if fs is None:
+        names = [p.name for p in Path(key).iterdir()] if Path(key).is_dir() else []
+    else:
+        try:
+            names = [i.base_name for i in fs.get_file_info(pafs.FileSelector(key.rstrip("/"), allow_not_found=True))]
+        except FileNotFoundError:
+            names = []
+    return sorted(n for n in names if not n.startswith("."))
+
+
+def remove(path: str | Path) -> None:
+    """Delete a file; nothing when it does not exist."""
+    fs, key = resolve(path)
+    if fs is None:
+        Path(key).unlink(missing_ok=True)
+    elif fs.get_file_info(key).type == pafs.FileType.File:
+        fs.delete_file(key)
+
+
+def remove_tree(path: str | Path) -> None:
+    """Delete a folder and everything in it; nothing when it does not exist."""
+    fs, key = resolve(path)
+    if fs is None:
+        shutil.rmtree(key, ignore_errors=True)
+    elif fs.get_file_info(key).type == pafs.FileType.Directory:
+        fs.delete_dir(key)
+
+
+def _files_under(folder: str | Path) -> list[str]:
+    """Paths of every file under `folder`, relative to it, with '/' separators."""
+    fs, key = resolve(folder)
+    if fs is None:
+        base = Path(key)
+        return sorted(p.relative_to(base).as_posix() for p in base.rglob("*") if p.is_file())
+    prefix = key.rstrip("/")
+    infos = fs.get_file_info(pafs.FileSelector(prefix, recursive=True, allow_not_found=True))
+    return sorted(i.path[len(prefix) + 1:] for i in infos if i.type == pafs.FileType.File)
+
+
+def copy_tree(source: str | Path, target: str | Path, skip: tuple[str, ...] = ()) -> None:
+    """Copy every file under `source` to the same place under `target` (local folders or URIs,
+    each file atomically), leaving out entries whose first path component is in `skip`."""
+    if is_local(source) and is_local(target):
+        top = Path(resolve(source)[1])
+        shutil.copytree(top, resolve(target)[1], dirs_exist_ok=True,
+                        ignore=lambda folder, names: [n for n in names if Path(folder) == top and n in skip])
+        return
+    for rel in _files_under(source):
+        parts = rel.split("/")
+        if parts[0] not in skip:
+            write_bytes(join(target, *parts), read_bytes(join(source, *parts)))
 
 
 def write_bytes(path: str | Path, data: bytes) -> None:
@@ -126,8 +251,13 @@ def save_torch(value: Any, path: str | Path) -> None:
 
 
 def copy_file(source: str | Path, target: str | Path) -> None:
-    """Copy a local file atomically (to a temporary name beside `target`, then rename)."""
-    target = Path(target)
+    """Copy a local file to `target` (a local path or a URI) atomically: locally to a temporary
+    name beside `target`, then renamed; to an object store in one upload of the whole file."""
+    fs, key = resolve(target)
+    if fs is not None:
+        write_bytes(target, Path(source).read_bytes())  # whole, so a failed read uploads nothing
+        return
+    target = Path(key)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_name(f".{target.name}.copy.tmp")
     shutil.copyfile(source, tmp)
@@ -136,10 +266,11 @@ def copy_file(source: str | Path, target: str | Path) -> None:
 
 def read_jsonl(path: str | Path) -> list[dict]:
     """The rows of a JSON-lines file ([] when absent)."""
-    path = Path(path)
-    if not path.exists():
+    try:
+        text = read_text(path)
+    except FileNotFoundError:
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
 
 
 def write_log_row(path: str | Path, row: dict, key: str = "progress") -> None:

@@ -48,3 +48,50 @@ def test_log_rows_of_redone_steps_replace_the_old_ones(tmp_path):
     write_log_row(log, {"progress": 2, "loss": 20.0})
     write_log_row(log, {"progress": 2, "loss": 21.0})  # logged, crashed before its checkpoint, redone
     assert [(r["progress"], r["loss"]) for r in read_jsonl(log)] == [(0, 0.0), (1, 1.0), (2, 21.0)]
+
+
+def test_paths_and_uris_join_name_and_hide_secrets(tmp_path):
+    from smart_r1.storage import base_name, display, join, parent, root
+
+    uri = "s3://KEY:SECRET@bucket/runs/a?endpoint_override=127.0.0.1:9&scheme=http"
+    assert join(uri, "bc", "done.json") == ("s3://KEY:SECRET@bucket/runs/a/bc/done.json"
+                                            "?endpoint_override=127.0.0.1:9&scheme=http")
+    assert parent(join(uri, "bc")) == uri
+    assert base_name(uri) == "a" and base_name(join(uri, "bc")) == "bc" and base_name(tmp_path / "x") == "x"
+    assert display(uri) == "s3://bucket/runs/a?endpoint_override=127.0.0.1:9&scheme=http"
+    assert display(str(tmp_path)) == str(tmp_path)
+    assert join(tmp_path, "bc", "done.json") == str(tmp_path / "bc" / "done.json")
+    assert root((tmp_path / "r").as_uri()) == str(tmp_path / "r")  # file:// is a local folder
+    assert root(uri) == uri
+
+
+def test_reads_lists_copies_and_removals_through_a_file_uri(tmp_path):
+    """The run-storage helpers on a file:// URI (the local filesystem through pyarrow.fs)."""
+    from smart_r1.storage import (copy_file, copy_tree, exists, join, list_names, read_json, read_text, remove,
+                                  remove_tree)
+
+    base = (tmp_path / "root").as_uri()
+    assert read_json(join(base, "run.json"), None) is None and list_names(base) == []
+    with pytest.raises(FileNotFoundError):
+        read_json(join(base, "run.json"))
+    write_json(join(base, "run.json"), {"stages": {}})
+    write_json(join(base, "bc", "done.json"), {"metrics": 1})
+    write_json(join(base, "ray", "x.json"), {})
+    (tmp_path / "state.pt").write_bytes(b"state")
+    copy_file(tmp_path / "state.pt", join(base, "bc", "last_state.pt"))
+    assert list_names(base) == ["bc", "ray", "run.json"]
+    assert read_text(join(base, "bc", "last_state.pt")) == "state"
+    log = join(base, "bc", "train_log.jsonl")
+    for step in range(3):
+        write_log_row(log, {"progress": step})
+    truncate_log(log, 2)
+    assert [r["progress"] for r in read_jsonl(log)] == [0, 1]
+    copy_tree(base, tmp_path / "copy", skip=("ray",))
+    assert sorted(p.relative_to(tmp_path / "copy").as_posix() for p in (tmp_path / "copy").rglob("*.*")) == [
+        "bc/done.json", "bc/last_state.pt", "bc/train_log.jsonl", "run.json"]
+    remove(join(base, "run.json"))
+    remove(join(base, "run.json"))  # absent: nothing
+    remove_tree(join(base, "bc"))
+    remove_tree(join(base, "bc"))
+    assert not exists(join(base, "bc")) and list_names(base) == ["ray"]
+    assert not list(tmp_path.rglob(".*.tmp")), "no temporaries left"
