@@ -47,8 +47,9 @@ def _loopback_only():
 def ensure_ray(num_cpus: int | None = None, log_to_driver: bool = False, private: bool = False,
                env: dict[str, str] | None = None) -> None:
     """Use the Ray this process already joined; else join the cluster named by RAY_ADDRESS (as
-    under `ray job submit`); else start a local Ray, listening on 127.0.0.1 only, with Ray's
-    token authentication (on by default for a local Ray; RAY_AUTH_MODE=disabled turns it off).
+    under `ray job submit`); else start a local Ray of its own (never another `ray start` cluster
+    found on this machine), listening on 127.0.0.1 only, with Ray's token authentication (on by
+    default for a local Ray; RAY_AUTH_MODE=disabled turns it off).
 
     num_cpus: caps a local Ray only; a cluster's resources are the cluster's.
     log_to_driver: show the workers' output (training progress) in this process.
@@ -64,7 +65,9 @@ def ensure_ray(num_cpus: int | None = None, log_to_driver: bool = False, private
         return
     for key, value in (env or {}).items():
         os.environ.setdefault(key, value)
-    local = dict(address="local", include_dashboard=False) if private else {}
+    # "local": a new Ray of this run's own; without it, ray.init joins the last `ray start` cluster
+    # of this machine's Ray temp folder (someone else's, on a shared machine)
+    local = dict(address="local", include_dashboard=False) if private else dict(address="local")
     # Ray gives a local node a fixed 30 s to start; a busy machine can miss that, so try again.
     # The dashboard stays on otherwise: Ray Train's placement-group cleaner asks its State API
     # once a second whether the train controller lives, and warns every time it cannot.
