@@ -1,7 +1,9 @@
-"""Tiny pipeline configs and a real local Ray cluster (`ray start --head`) for the distributed tests."""
+"""Tiny pipeline configs, a real local Ray cluster (`ray start --head`) for the distributed tests, and
+a watch on the TCP sockets a running Ray listens on (issue 17: local runs stay local)."""
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 import signal
@@ -9,10 +11,13 @@ import socket
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import yaml
+
+from smart_r1.ray_runtime import LOOPBACK_ENV
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -47,6 +52,132 @@ def repo() -> Path:
     return REPO
 
 
+def _descendants(root: int) -> set[int]:
+    """root and every process below it (Ray's daemons are children of the process that starts Ray,
+    its workers children of the raylet)."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        children.setdefault(ppid, []).append(int(entry.name))
+    found, todo = set(), [root]
+    while todo:
+        pid = todo.pop()
+        if pid not in found:
+            found.add(pid)
+            todo.extend(children.get(pid, []))
+    return found
+
+
+def proc_address(hex_addr: str) -> str:
+    """An address as /proc/net/tcp{,6} writes it, e.g. 0100007F -> 127.0.0.1."""
+    raw = bytes.fromhex(hex_addr)
+    if len(raw) == 4:
+        return socket.inet_ntop(socket.AF_INET, raw[::-1])
+    # /proc/net/tcp6: four 32-bit words, each in host (little-endian) order
+    return socket.inet_ntop(socket.AF_INET6, b"".join(raw[i:i + 4][::-1] for i in range(0, 16, 4)))
+
+
+def is_loopback(address: str) -> bool:
+    ip = ipaddress.ip_address(address)
+    if ip.version == 6 and ip.ipv4_mapped is not None:  # ::ffff:127.0.0.1 on a dual-stack socket
+        ip = ip.ipv4_mapped
+    return ip.is_loopback
+
+
+def _listening_inodes() -> dict[str, tuple[str, int]]:
+    """inode -> (address, port) of every listening TCP socket (this network namespace)."""
+    out = {}
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        if not os.path.exists(table):
+            continue
+        for line in Path(table).read_text().splitlines()[1:]:
+            fields = line.split()
+            if fields[3] != "0A":  # TCP_LISTEN
+                continue
+            addr, port = fields[1].split(":")
+            out[fields[9]] = (proc_address(addr), int(port, 16))
+    return out
+
+
+def _name(pid: int) -> str:
+    """The program (its file name, or the title Ray gives a worker) and its first arguments."""
+    try:
+        args = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
+    except OSError:
+        return "?"
+    return " ".join([Path(args[0]).name, *args[1:]]).replace("\n", " ").strip()[:70]
+
+
+def _environ(pid: int) -> dict[str, str]:
+    try:
+        raw = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    except OSError:
+        return {}
+    return dict(item.decode(errors="replace").partition("=")[::2] for item in raw if b"=" in item)
+
+
+class SocketWatch:
+    """Every listening TCP socket seen, from /proc, in the process trees of Ray runs while they
+    work (sample often: workers come and go), and the RAY_AUTH_MODE its GCS and raylets run with."""
+
+    def __init__(self, every_s: float = 1.0):
+        self.every_s = every_s  # a sample reads all of /proc: at most one this often
+        self.seen: dict[tuple[int, str, int], str] = {}  # (pid, address, port) -> process name
+        self.auth: dict[str, set[str]] = {}  # gcs_server / raylet -> the RAY_AUTH_MODE values seen
+        self._last = 0.0
+
+    def sample(self, root: int, force: bool = False) -> None:
+        if not force and time.monotonic() - self._last < self.every_s:
+            return
+        self._last = time.monotonic()
+        listening = _listening_inodes()
+        for pid in _descendants(root):
+            name = _name(pid)
+            if name.split(" ")[0] in ("gcs_server", "raylet"):
+                self.auth.setdefault(name.split(" ")[0], set()).add(_environ(pid).get("RAY_AUTH_MODE", "unset"))
+            try:
+                fds = os.listdir(f"/proc/{pid}/fd")
+            except OSError:
+                continue
+            for fd in fds:
+                try:
+                    target = os.readlink(f"/proc/{pid}/fd/{fd}")
+                except OSError:
+                    continue
+                if target.startswith("socket:[") and target[8:-1] in listening:
+                    address, port = listening[target[8:-1]]
+                    self.seen[(pid, address, port)] = name
+
+    address = staticmethod(proc_address)
+    is_loopback = staticmethod(is_loopback)
+
+    def table(self) -> str:
+        return "\n".join(f"{addr}:{port}  pid={pid} {name}" for (pid, addr, port), name in sorted(self.seen.items()))
+
+    def assert_local(self, programs: tuple[str, ...], learner: str = "") -> None:
+        """Every socket seen listens on loopback, Ray's token authentication is on, and the watch
+        saw the run: a socket of each program named (a prefix of its process title) and, for
+        `learner`, a process with two or more (its core worker's and its process group's store)."""
+        table = self.table()
+        assert self.seen, "no listening socket seen"
+        names = [name.split(" ")[0] for name in self.seen.values()]
+        for expected in programs:
+            assert any(n.startswith(expected) for n in names), f"no socket of {expected} seen:\n{table}"
+        if learner:
+            pids = [pid for (pid, _, _), name in self.seen.items() if name.startswith(learner)]
+            assert pids and max(map(pids.count, pids)) >= 2, f"no process group of {learner} seen:\n{table}"
+        exposed = [f"{addr}:{port}  pid={pid} {name}" for (pid, addr, port), name in sorted(self.seen.items())
+                   if not is_loopback(addr)]
+        assert not exposed, "listening beyond loopback:\n" + "\n".join(exposed)
+        assert self.auth == {"gcs_server": {"token"}, "raylet": {"token"}}, self.auth
+
+
 def _free_ports(n: int) -> list[int]:
     socks = [socket.socket() for _ in range(n)]
     for s in socks:
@@ -57,41 +188,10 @@ def _free_ports(n: int) -> list[int]:
     return ports
 
 
-@pytest.fixture(scope="session")
-def ray_head(tmp_path_factory):
-    """A real single-node Ray cluster started with `ray start --head --block`, stopped by killing
-    its process group (so other Ray instances on the machine are left alone). Yields the
-    dashboard (job submission) address."""
-    temp = Path("/tmp") / f"smr1-{os.getpid()}"  # Ray's socket paths must stay short
-    gcs, dash, agent_http, agent_grpc, metrics, client = _free_ports(6)
-    cmd = [str(Path(sys.executable).parent / "ray"), "start", "--head", "--block",
-           f"--port={gcs}", f"--dashboard-port={dash}", "--include-dashboard=true",
-           f"--dashboard-agent-listen-port={agent_http}", f"--dashboard-agent-grpc-port={agent_grpc}",
-           f"--metrics-export-port={metrics}", f"--ray-client-server-port={client}",
-           "--num-cpus=2", f"--temp-dir={temp}"]
-    log = open(tmp_path_factory.mktemp("ray") / "head.log", "w")
-    # Jobs run `python ...` with the head's PATH: put this interpreter's bin folder first, so
-    # jobs get the same environment even when the venv is not activated (as under `make test`).
-    head_env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=head_env)
-    address = f"http://127.0.0.1:{dash}"
-    env = {**os.environ, "RAY_ADDRESS": address, "RAY_AUTH_MODE": "token"}
-    deadline = time.time() + 180
-    while time.time() < deadline:
-        probe = subprocess.run([str(Path(sys.executable).parent / "ray"), "job", "list"], env=env,
-                               capture_output=True, text=True)
-        if probe.returncode == 0:
-            break
-        time.sleep(2)
-    else:
-        os.killpg(proc.pid, signal.SIGKILL)
-        raise RuntimeError("the local Ray head did not come up within 180 s")
-    yield address
-    os.killpg(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(timeout=10)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
+@pytest.fixture
+def socket_watch() -> SocketWatch:
+    """A new SocketWatch: `.sample(pid)` while a run works, `.assert_local(...)` after."""
+    return SocketWatch()
 
 
 def _job_env(address: str) -> dict:
@@ -100,19 +200,92 @@ def _job_env(address: str) -> dict:
     return {**os.environ, "RAY_ADDRESS": address, "RAY_AUTH_MODE": "token"}
 
 
+@dataclass(frozen=True)
+class RayHead:
+    address: str  # the dashboard's: where `ray job submit` goes
+    pid: int  # `ray start --block`: every process of the cluster is below it
+    log: Path  # its output
+
+    def state(self) -> str:
+        """Whether it still runs, and the end of its log (for a failed job's message)."""
+        try:
+            alive = Path(f"/proc/{self.pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+        except OSError:
+            alive = False
+        return f"the tests' Ray head (pid {self.pid}) {'runs' if alive else 'has exited'}; its log ends:\n" \
+               + self.log.read_text()[-3000:]
+
+
 @pytest.fixture(scope="session")
-def submitted(ray_head, mlflow_server, tmp_path_factory, tiny_config):
+def ray_head(tmp_path_factory) -> RayHead:
+    """A real single-node Ray cluster started with `ray start --head --block`, stopped by killing
+    its process group (so other Ray instances on the machine are left alone). Single-machine, as
+    ensure_ray's local runs: node IP 127.0.0.1 (ray_runtime.LOOPBACK_ENV), so every Ray server,
+    job and worker of it listens on loopback only, and no other node can join."""
+    temp = Path("/tmp") / f"smr1-{os.getpid()}"  # Ray's socket paths must stay short
+    gcs, dash, agent_http, agent_grpc, metrics, client = _free_ports(6)
+    cmd = [str(Path(sys.executable).parent / "ray"), "start", "--head", "--block",
+           f"--port={gcs}", f"--dashboard-port={dash}", "--include-dashboard=true",
+           f"--dashboard-agent-listen-port={agent_http}", f"--dashboard-agent-grpc-port={agent_grpc}",
+           f"--metrics-export-port={metrics}", f"--ray-client-server-port={client}",
+           "--num-cpus=2", f"--temp-dir={temp}"]
+    log = tmp_path_factory.mktemp("ray") / "head.log"
+    # Jobs run `python ...` with the head's PATH: put this interpreter's bin folder first, so
+    # jobs get the same environment even when the venv is not activated (as under `make test`).
+    head_env = {**os.environ, **LOOPBACK_ENV,
+                "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    with open(log, "w") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True, env=head_env)
+    head = RayHead(f"http://127.0.0.1:{dash}", proc.pid, log)
+    deadline = time.time() + 180
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"`ray start --head` exited with {proc.returncode}: {head.state()}")
+        probe = subprocess.run([str(Path(sys.executable).parent / "ray"), "job", "list"],
+                               env=_job_env(head.address), capture_output=True, text=True)
+        if probe.returncode == 0:
+            break
+        time.sleep(2)
+    else:
+        os.killpg(proc.pid, signal.SIGKILL)
+        raise RuntimeError(f"the local Ray head did not answer within 180 s: {head.state()}")
+    yield head
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+
+
+@pytest.fixture(scope="session")
+def head_sockets() -> SocketWatch:
+    """The sockets the tests' Ray head (all its processes) listened on while `submitted` ran."""
+    return SocketWatch()
+
+
+@pytest.fixture(scope="session")
+def submitted(ray_head, head_sockets, mlflow_server, tmp_path_factory, tiny_config):
     """The tiny pipeline run once through `ray job submit` (with a learner failure drill in sft):
     (out_dir, completed process). It logs to the real MLflow server of `mlflow_server`."""
     tmp = tmp_path_factory.mktemp("pipeline")
     out = tmp / "run"
     tracking = json.dumps({"env_vars": {"MLFLOW_TRACKING_URI": mlflow_server}})
     config = tiny_config(REPO / "pipelines" / f".test_tiny_{os.getpid()}.yaml", out)
+    cmd = [sys.executable, "-m", "ray.scripts.scripts", "job", "submit", "--working-dir", str(REPO),
+           "--runtime-env-json", tracking, "--", "python", "pipelines/sft_rft_sft.py", "--config", f"pipelines/{config.name}",
+           "--inject-learner-failure", "sft:1"]
+    stdout, stderr = tmp / "submit.out", tmp / "submit.err"
     try:
-        cmd = [sys.executable, "-m", "ray.scripts.scripts", "job", "submit", "--working-dir", str(REPO),
-               "--runtime-env-json", tracking, "--", "python", "pipelines/sft_rft_sft.py", "--config", f"pipelines/{config.name}",
-               "--inject-learner-failure", "sft:1"]
-        proc = subprocess.run(cmd, env=_job_env(ray_head), capture_output=True, text=True, timeout=1500)
+        with open(stdout, "w") as o, open(stderr, "w") as e:
+            proc = subprocess.Popen(cmd, env=_job_env(ray_head.address), stdout=o, stderr=e, text=True)
+            deadline = time.time() + 1500
+            while proc.poll() is None:  # the head's sockets, while the job's processes come and go
+                head_sockets.sample(ray_head.pid)
+                if time.time() > deadline:
+                    proc.kill()
+                    raise subprocess.TimeoutExpired(cmd, 1500)
+                time.sleep(0.2)
     finally:
         config.unlink()
-    return out, proc
+    errors = stderr.read_text() + (f"\n{ray_head.state()}" if proc.returncode else "")
+    return out, subprocess.CompletedProcess(cmd, proc.returncode, stdout.read_text(), errors)

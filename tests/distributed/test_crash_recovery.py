@@ -1,7 +1,8 @@
 """Crashes at any point, for real: the driver's whole process group is SIGKILLed during BC, during
 CAT-K SFT and during RFT, and during the generation and the preprocessing of the data. Each re-run
 resumes: no epoch or RL step is logged twice or skipped, every stage ends with its checkpoint,
-and the generated data is the full, valid set."""
+and the generated data is the full, valid set. While these local runs work (each driver starts its
+own Ray, as `make run` does), every socket their processes listen on is watched: loopback only."""
 
 from __future__ import annotations
 
@@ -31,9 +32,10 @@ def _start(argv: list[str], env: dict, log: Path) -> subprocess.Popen:
                             env=env, start_new_session=True)
 
 
-def _kill_when(proc: subprocess.Popen, ready, timeout_s: float = 600) -> None:
+def _kill_when(proc: subprocess.Popen, ready, watch, timeout_s: float = 600) -> None:
     deadline = time.time() + timeout_s
     while not ready():
+        watch.sample(proc.pid)
         if proc.poll() is not None:
             raise AssertionError(f"the run ended (rc {proc.returncode}) before the kill point")
         if time.time() > deadline:
@@ -44,34 +46,54 @@ def _kill_when(proc: subprocess.Popen, ready, timeout_s: float = 600) -> None:
     proc.wait()
 
 
+def _finish(proc: subprocess.Popen, watch, timeout_s: float) -> int:
+    deadline = time.time() + timeout_s
+    while proc.poll() is None:
+        watch.sample(proc.pid)
+        if time.time() > deadline:
+            os.killpg(proc.pid, signal.SIGKILL)
+            raise AssertionError(f"the run did not finish within {timeout_s:.0f} s")
+        time.sleep(0.2)
+    return proc.returncode
+
+
+def _local_env() -> dict:
+    """As `make run` starts a driver: no cluster to join, Ray's own default for token auth."""
+    return {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_AUTH_MODE")}
+
+
 def _rows(out: Path, stage: str) -> list[dict]:
     return read_jsonl(out / stage / "train_log.jsonl")
 
 
-def test_pipeline_killed_in_every_kind_of_stage_resumes_without_redoing(submitted, tiny_config, tmp_path):
+def test_pipeline_killed_in_every_kind_of_stage_resumes_without_redoing(submitted, tiny_config, socket_watch,
+                                                                          tmp_path):
     done_run, _ = submitted  # its generated data is reused: this test is about the stages
     out = tmp_path / "run"
+    # two units a stage: killed after the first, the re-run must do the second only; evaluation
+    # (one scenario) is not what this test is about
     config = tiny_config(tmp_path / "crash.yaml", out,
                          data={"train": str(done_run / "data" / "train"),
                                "heldout": str(done_run / "data" / "heldout"), "real_scenario": ""},
-                         stages=[{"name": "bc", "kind": "bc", "epochs": 3, "batch_scenarios": 4},
-                                 {"name": "sft", "kind": "catk_sft", "epochs": 3, "batch_scenarios": 4, "catk_k": 3},
-                                 {"name": "rft", "kind": "mpo", "steps": 4, "num_rollouts": 2,
+                         eval={"num_rollouts": 2, "max_scenarios": 1},
+                         stages=[{"name": "bc", "kind": "bc", "epochs": 2, "batch_scenarios": 4},
+                                 {"name": "sft", "kind": "catk_sft", "epochs": 2, "batch_scenarios": 4, "catk_k": 3},
+                                 {"name": "rft", "kind": "mpo", "steps": 2, "num_rollouts": 2,
                                   "scenarios_per_step": 2, "lr": 1e-3}])
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env = _local_env()
     env["MLFLOW_TRACKING_URI"] = f"sqlite:///{tmp_path / 'mlflow.db'}"
     log = tmp_path / "driver.log"
     argv = [str(SCRIPT), "--config", str(config)]
     for stage in ("bc", "sft", "rft"):  # mid-stage: after its first checkpoint, before it is done
         proc = _start(argv, env, log)
         _kill_when(proc, lambda: len(_rows(out, stage)) >= 1 and not (out / stage / "done.json").exists()
-                   and (out / stage / "last_state.pt").exists())
+                   and (out / stage / "last_state.pt").exists(), socket_watch)
         assert not (out / stage / "done.json").exists()
     finished = {s: (out / s / "model.pt").stat().st_mtime for s in ("bc", "sft")}
     proc = _start(argv, env, log)
-    assert proc.wait(timeout=900) == 0, log.read_text()[-4000:]
+    assert _finish(proc, socket_watch, timeout_s=900) == 0, log.read_text()[-4000:]
     text = log.read_text()
-    for stage, units in (("bc", 3), ("sft", 3), ("rft", 4)):
+    for stage, units in (("bc", 2), ("sft", 2), ("rft", 2)):
         assert [r["progress"] for r in _rows(out, stage)] == list(range(units)), stage  # once each, none skipped
         assert (out / stage / "done.json").exists() and (out / stage / "model.pt").exists()
         assert f"[{stage}] resuming after" in text, stage
@@ -79,31 +101,38 @@ def test_pipeline_killed_in_every_kind_of_stage_resumes_without_redoing(submitte
         assert f"[{stage}] already finished" in text
         assert (out / stage / "model.pt").stat().st_mtime == finished[stage], "a finished stage was redone"
     assert list(json.loads((out / "results.json").read_text())) == ["bc", "sft", "rft"]
+    # the four runs, as they worked: Ray's daemons, the rollout actors, the learners with their
+    # process group (torch.distributed's store) listened on loopback only, with token auth on
+    print("listening sockets of the runs:\n" + socket_watch.table())
+    socket_watch.assert_local(("gcs_server", "raylet", "ray::RolloutWorker"), learner="ray::RayTrainWorker")
 
 
-def test_killed_data_generation_and_preprocessing_are_redone_whole(tmp_path):
+def test_killed_data_generation_and_preprocessing_are_redone_whole(tmp_path, socket_watch):
     from smart_r1.data.sumo import make_dataset
 
     out = tmp_path / "run"
+    heldout = tmp_path / "heldout"  # given, so only the train set is generated (never read here)
+    heldout.mkdir()
+    (heldout / "unused.tfrecord").touch()
     config = tmp_path / "data.yaml"
     config.write_text(yaml.safe_dump({"out_dir": str(out), "data": {
-        "embedded_train_scenarios": 6, "embedded_heldout_scenarios": 2, "real_scenario": ""},
+        "embedded_train_scenarios": 6, "heldout": str(heldout), "real_scenario": ""},
         "model": {"preset": "test", "vocab_size": 64}, "stages": [{"name": "bc", "kind": "bc"}]}))
     code = ("import sys; sys.path.insert(0, sys.argv[2]); from pathlib import Path; "
             "from smart_r1.config import load_config; from smart_r1.distributed.pipeline import prepare_data; "
             "c = load_config(sys.argv[1]); print(prepare_data(c, Path(c.out_dir)), flush=True)")
     argv = ["-c", code, str(config), str(REPO)]
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env = _local_env()
     log = tmp_path / "prepare.log"
     raw, parquet = out / "data" / "train_raw", out / "data" / "train"
     # during generation (TFRecords being written), then during preprocessing (shards being written)
-    _kill_when(_start(argv, env, log), lambda: raw.exists())
+    _kill_when(_start(argv, env, log), lambda: raw.exists(), socket_watch)
     assert not (raw / "dataset.json").exists()
-    _kill_when(_start(argv, env, log), lambda: parquet.exists())
-    proc = _start(argv, env, log)
-    assert proc.wait(timeout=600) == 0, log.read_text()[-3000:]
-    make_dataset(tmp_path / "reference", num_scenarios=6, seed=0)
+    _kill_when(_start(argv, env, log), lambda: parquet.exists(), socket_watch)
+    assert _finish(_start(argv, env, log), socket_watch, timeout_s=600) == 0, log.read_text()[-3000:]
+    make_dataset(tmp_path / "reference", num_scenarios=6, seed=0)  # as an uninterrupted run makes it
     expected = [r.scenario_id for r in iter_scenarios(tmp_path / "reference")]
     assert [r.scenario_id for r in iter_scenarios(parquet)] == expected
-    assert len(list(iter_scenarios(out / "data" / "heldout"))) == 2
     assert not list(out.rglob("*.tmp")), "no temporary file is left behind"
+    # preprocessing's own local Ray (its tasks come and go too fast to be sure to be seen)
+    socket_watch.assert_local(("gcs_server", "raylet"))
