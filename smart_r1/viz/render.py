@@ -253,13 +253,14 @@ def render_scenario(record: ScenarioRecord, states: np.ndarray | None = None,
     title = f"{record.scenario_id}" + (f" rollout {rollout_index}" if rollout is not None else " log")
     scene = _Scene(record, rollout, events, title, figsize, dpi)
     out_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_path.with_name(f".{out_path.stem}.partial{suffix}")  # renamed into place once whole
     try:
         if suffix == ".png":
             if rollout is not None:
                 scene.draw_simulated_lines()
                 scene.draw_event_marks()
             scene.show_step(record.current_time_index)
-            scene.fig.savefig(out_path, bbox_inches="tight")
+            scene.fig.savefig(tmp, bbox_inches="tight")
         else:
             lines = scene.draw_simulated_lines(upto=record.current_time_index) if rollout is not None else None
             steps = list(range(0, record.num_steps, frame_stride))
@@ -274,7 +275,9 @@ def render_scenario(record: ScenarioRecord, states: np.ndarray | None = None,
                 return []
 
             anim = animation.FuncAnimation(scene.fig, frame, frames=steps, blit=False)
-            anim.save(out_path, writer=animation.PillowWriter(fps=fps))
+            anim.save(tmp, writer=animation.PillowWriter(fps=fps))
+        tmp.replace(out_path)
     finally:
         plt.close(scene.fig)
+        tmp.unlink(missing_ok=True)
     return out_path
