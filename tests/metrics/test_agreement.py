@@ -222,26 +222,24 @@ def sumo_record(tmp_path_factory):
 def cases(womd_record, sumo_record):
     """{case: (record, states, official metrics)}.
 
-    The small cases (2-4 rollouts) run in parallel Ray tasks (`official_metrics_parallel`), then
-    the 32-rollout submission in this process (`official_scenario_metrics`).
+    Every case is one Ray task of `official_metrics_parallel` on 2 workers: the 32-rollout
+    submission first (the longest), the small cases (2-4 rollouts) beside it.
     """
-    from smart_r1.metrics.official import official_metrics_parallel, official_scenario_metrics
+    from smart_r1.metrics.official import official_metrics_parallel
 
     rng = np.random.default_rng(0)
     submission = official_submission_states(womd_record)
     sumo_states = log_replay_states(sumo_record, NUM_PERTURBED_ROLLOUTS)
     sumo_states[..., :2] += np.cumsum(rng.normal(0, 0.2, sumo_states[..., :2].shape), axis=2)
-    small = {
+    cases = {
+        "official_submission": (womd_record, submission),
         "perturbed": (womd_record, perturbed(womd_record, submission, rng)),
         "sumo": (sumo_record, sumo_states),
         "edited": edited_case(womd_record),
     }
-    pairs = [(rec, states_to_scenario_rollouts(rec, st)) for rec, st in small.values()]
-    out = {name: (*small[name], result)
-           for name, result in zip(small, official_metrics_parallel(pairs, num_workers=2))}
-    official = official_scenario_metrics(womd_record, states_to_scenario_rollouts(womd_record, submission))
-    out["official_submission"] = (womd_record, submission, official)
-    return out
+    pairs = [(rec, states_to_scenario_rollouts(rec, st)) for rec, st in cases.values()]
+    return {name: (*cases[name], result)
+            for name, result in zip(cases, official_metrics_parallel(pairs, num_workers=2))}
 
 
 def _assert_agree(ours: dict, official: dict) -> None:
