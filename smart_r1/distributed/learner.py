@@ -2,6 +2,9 @@
 
 Ray Train checkpoints are reported every epoch / RL step, resumed after a worker failure through
 `FailureConfig`, and copied to the stage folder so that a re-run of the pipeline resumes too.
+Ray Train's storage is a local folder or a URI (the run's storage root by default); an object
+store's URI is handed to Ray Train as its `pyarrow.fs` filesystem and the path inside it, so its
+options (`endpoint_override`, `region`, ...) reach every worker.
 Weights go in through Ray's object store (the starting and reference checkpoints' bytes) and come
 out through Ray Train's checkpoint, which the driver reads to write the stage's `model.pt`. The
 loops are `supervised_loop` (BC, CAT-K SFT) and `mpo_loop` (RFT); what they share is
@@ -28,7 +31,7 @@ from smart_r1.distributed.mpo_loop import mpo_loop
 from smart_r1.distributed.supervised_loop import supervised_loop
 from smart_r1.distributed.worker_kit import MODEL_NAME, LearnerJob, weights_ref
 from smart_r1.model.checkpoint import checkpoint_bytes
-from smart_r1.storage import write_bytes
+from smart_r1.storage import base_name, join, parent, resolve, write_bytes
 
 
 _store = None  # worker 0's TCPStore server while its process group lives
@@ -92,15 +95,24 @@ def torch_config() -> TorchConfig:
     return LoopbackTorchConfig() if local else TorchConfig()
 
 
+def ray_storage(storage_path: str) -> dict:
+    """RunConfig's storage arguments for a local folder or a URI: an object store's filesystem (with
+    the URI's options: endpoint, region, scheme, keys) and the path inside it."""
+    fs, key = resolve(storage_path)
+    if fs is None:
+        return {"storage_path": str(Path(key).resolve())}
+    return {"storage_path": key, "storage_filesystem": fs}
+
+
 def run_learner(job: LearnerJob, ray_cfg: RayConfig, storage_path: str) -> str:
     """Run the stage's loop on a TorchTrainer; returns the path of the final SMART-tiny checkpoint,
-    `<stage_dir>/model.pt`, which this process (the driver) writes from the run's last Ray Train
-    checkpoint (read from `storage_path`, a local folder or a URI): no worker writes it.
+    `<stage_dir>/model.pt` (a local path or a URI, as `job.stage_dir`), which this process (the
+    driver) writes from the run's last Ray Train checkpoint (read from `storage_path`, a local
+    folder or a URI): no worker writes it.
 
     The starting and reference weights reach the learners through the object store (a path in
     `job` is read here and sent as bytes), so no learner reads a path on the driver's disk."""
     loop = mpo_loop if job.stage.kind == "mpo" else supervised_loop
-    Path(job.stage_dir).mkdir(parents=True, exist_ok=True)
     job = dataclasses.replace(job, init_checkpoint=weights_ref(job.init_checkpoint),
                               ref_checkpoint=weights_ref(job.ref_checkpoint) if job.ref_checkpoint else "")
     trainer = TorchTrainer(
@@ -110,15 +122,15 @@ def run_learner(job: LearnerJob, ray_cfg: RayConfig, storage_path: str) -> str:
         scaling_config=ScalingConfig(num_workers=ray_cfg.num_learners, use_gpu=ray_cfg.use_gpu,
                                      resources_per_worker={"CPU": ray_cfg.cpus_per_learner,
                                                            **({"GPU": 1} if ray_cfg.use_gpu else {})}),
-        run_config=RunConfig(name=job.run_name or f"{Path(job.stage_dir).parent.name}-{job.stage.name}",
-                             storage_path=storage_path,
+        run_config=RunConfig(name=job.run_name or f"{base_name(parent(job.stage_dir))}-{job.stage.name}",
+                             **ray_storage(storage_path),
                              failure_config=FailureConfig(max_failures=ray_cfg.max_learner_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=ray_cfg.keep_checkpoints)),
     )
     result = trainer.fit()
     if result.error is not None:
         raise RuntimeError(f"stage {job.stage.name}: learner failed") from result.error
-    out = Path(job.stage_dir) / MODEL_NAME
+    out = join(job.stage_dir, MODEL_NAME)
     with result.checkpoint.as_directory() as d:  # a download when storage_path is a URI
         write_bytes(out, checkpoint_bytes(Path(d) / MODEL_NAME))  # CRC-checked, written atomically
-    return str(out)
+    return out

@@ -21,10 +21,8 @@ clipped ratio surrogate, which corrects for the one-version lag.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
-from pathlib import Path
 
 import numpy as np
 import ray
@@ -40,7 +38,7 @@ from smart_r1.model.checkpoint import load_checkpoint
 from smart_r1.rl.experience import collate_experiences
 from smart_r1.rl.mpo import mpo_step
 from smart_r1.rl.optim import NonFiniteGuard
-from smart_r1.storage import write_json
+from smart_r1.storage import join, read_json, write_json
 from smart_r1.types import Experience
 
 ALPHA_FILE = "alpha.json"  # alpha: auto, as calibrated
@@ -69,11 +67,12 @@ def calibrated_alpha(job: LearnerJob, experiences: list[Experience], rank: int, 
     """`alpha: auto`: the mean reward of the starting policy's first batch (rank 0 has it all),
     fixed for the rest of the stage and recorded in `<stage_dir>/alpha.json`, which a resumed
     stage reads back."""
-    path = Path(job.stage_dir) / ALPHA_FILE
+    path = join(job.stage_dir, ALPHA_FILE)  # the stage's folder in the run's storage (local or URI)
     box = [0.0]
     if rank == 0:  # decides, and tells the other ranks
-        if path.exists():
-            box[0] = float(json.loads(path.read_text())["alpha"])
+        recorded = read_json(path, None)
+        if recorded is not None:
+            box[0] = float(recorded["alpha"])
         else:
             box[0] = float(np.mean([e.rewards.mean() for e in experiences]))
             write_json(path, {"alpha": box[0], "from_scenarios": len(experiences), "auto": True})

@@ -5,13 +5,18 @@ and an initial model, starts the rollout workers once, then runs each stage on a
 learner and scores its checkpoint on held-out scenarios with the rollout workers. Everything a
 stage produces lives in `<out_dir>/<stage>/`; `done.json` marks a finished stage, so a re-run
 skips finished stages and continues an unfinished one from its last checkpoint.
+
+`out_dir` is the run's storage root: a local folder or a URI (`s3://bucket/prefix?...`, `gs://`,
+`file://`). Every artefact of the run (data, `init.pt`, stage folders, Ray Train's checkpoints
+under `<out_dir>/ray`, tables, run records) is read and written there through `smart_r1.storage`,
+so a new driver, from any machine and working directory, resumes from what the root holds.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
+import tempfile
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -21,7 +26,7 @@ import torch
 
 from smart_r1.config import EvalConfig, PipelineConfig
 from smart_r1.data.dataset import iter_scenarios
-from smart_r1.data.preprocess import REPORT_NAME, preprocess
+from smart_r1.data.preprocess import REPORT_NAME, convert_file, preprocess
 from smart_r1.data.sumo import complete_dataset, make_dataset
 from smart_r1.distributed.learner import run_learner
 from smart_r1.distributed.resources import check_resources
@@ -31,13 +36,14 @@ from smart_r1.distributed.timing import PhaseTimer
 from smart_r1.distributed.run_identity import INIT, check_run, record_stage
 from smart_r1.distributed.worker_kit import MODEL_NAME, LearnerJob
 from smart_r1.metrics import aggregate_metrics, step_events
-from smart_r1.metrics.intervals import headline_intervals, scores_path, stage_differences
+from smart_r1.metrics.intervals import SCORES_FILE, headline_intervals, stage_differences
 from smart_r1.metrics.tables import metrics_table
-from smart_r1.model.checkpoint import checkpoint_bytes, load_weights, save_checkpoint
+from smart_r1.model.checkpoint import checkpoint_bytes, load_checkpoint, load_weights, save_checkpoint
 from smart_r1.model.config import ModelConfig
 from smart_r1.model.smart_tiny import SmartTiny
-from smart_r1.rollout.policy import load_policy, sample_states
-from smart_r1.storage import write_json, write_text
+from smart_r1.rollout.policy import sample_states
+from smart_r1.storage import (base_name, copy_file, display, exists, is_local, join, read_bytes, read_json,
+                              remove_tree, resolve, root, write_bytes, write_json, write_text)
 from smart_r1.tokens.motion_vocab import build_vocab
 from smart_r1.tracking.mlflow_runs import cluster_tracking_problem, folder_run, resolve_tracking_uri
 from smart_r1.viz.render import render_scenario
@@ -45,15 +51,23 @@ from smart_r1.viz.render import render_scenario
 SHARED_SCENARIO = Path(__file__).resolve().parents[2].parent / "shared" / "womd" / "motion_data_one_scenario.tfrecord"
 
 
-def prepare_data(config: PipelineConfig, out: Path) -> dict[str, str]:
-    """Data paths by name: train, heldout and (when available) the real WOMD scenario."""
+GENERATED = "generated.json"  # beside generated shards in an object store: their size and seed
+
+
+def prepare_data(config: PipelineConfig, out: str | Path) -> dict[str, str]:
+    """Data paths by name: train, heldout and (when available) the real WOMD scenario. Generated
+    sets go to `<out>/data/<name>` (a local folder, or a URI under an object-store root)."""
     data = config.data
     paths = {"train": data.train, "heldout": data.heldout}
     for name, count, seed in (("train", data.embedded_train_scenarios, data.seed),
                               ("heldout", data.embedded_heldout_scenarios, data.seed + 100_000)):
         if paths[name]:
             continue
-        raw, parquet = out / "data" / f"{name}_raw", out / "data" / name
+        if not is_local(out):
+            paths[name] = generate_into_store(join(out, "data", name), name, count, seed)
+            continue
+        data_dir = Path(resolve(out)[1]) / "data"
+        raw, parquet = data_dir / f"{name}_raw", data_dir / name
         if not complete_dataset(raw, count, seed):  # absent, interrupted, or of another size / seed
             print(f"[data] generating {count} SUMO scenarios ({name}, seed {seed}) ...", flush=True)
             for folder in (raw, parquet):
@@ -72,13 +86,40 @@ def prepare_data(config: PipelineConfig, out: Path) -> dict[str, str]:
     return paths
 
 
-def prepare_model(config: PipelineConfig, datasets: dict[str, str], out: Path) -> str:
+def generate_into_store(parquet: str, name: str, count: int, seed: int) -> str:
+    """The embedded SUMO set for a run whose root is an object store: generated in a local
+    temporary folder (deterministic: the same seed gives the same files) and converted here, on
+    the driver, file by file into shards at `parquet` (no Ray task on another node could read the
+    temporary folder). `generated.json` (size and seed) goes first and the preprocessing report
+    last, so an interrupted run resumes per shard and a set of another size or seed is remade.
+    Returns `parquet`."""
+    wanted = {"scenarios": count, "seed": seed}
+    made = read_json(join(parquet, GENERATED), None)
+    if made == wanted and exists(join(parquet, REPORT_NAME)):
+        return parquet
+    if made != wanted:  # absent, or shards of another size / seed
+        remove_tree(parquet)
+        write_json(join(parquet, GENERATED), wanted)
+    print(f"[data] generating {count} SUMO scenarios ({name}, seed {seed}) into {display(parquet)} ...", flush=True)
+    with tempfile.TemporaryDirectory(prefix="smart_r1_sumo_") as tmp:
+        make_dataset(tmp, num_scenarios=count, seed=seed)
+        results = [convert_file(str(path), parquet) for path in sorted(Path(tmp).glob("*.tfrecord"))]
+    bad = [asdict(b) for r in results for b in r.bad]
+    if bad:
+        raise RuntimeError(f"generated data has bad records: {bad[:3]}")
+    write_json(join(parquet, REPORT_NAME), {"files": len(results), "files_skipped": sum(r.skipped for r in results),
+                                            "scenarios": sum(r.scenarios for r in results), "bad_records": [],
+                                            "shards": [display(r.shard) for r in results]})
+    return parquet
+
+
+def prepare_model(config: PipelineConfig, datasets: dict[str, str], out: str | Path) -> str:
     """The checkpoint the first stage starts from: the given one, or a fresh model with a
-    motion vocabulary built from the training data."""
+    motion vocabulary built from the training data, saved as `<out>/init.pt`."""
     if config.init_checkpoint:
         return config.init_checkpoint
-    init = out / "init.pt"
-    if not init.exists():
+    init = join(out, "init.pt")
+    if not exists(init):
         t0 = time.perf_counter()
         m = config.model
         vocab = build_vocab(iter_scenarios(datasets["train"], m.vocab_scenarios), size=m.vocab_size, seed=config.seed,
@@ -86,20 +127,21 @@ def prepare_model(config: PipelineConfig, datasets: dict[str, str], out: Path) -
         torch.manual_seed(config.seed)
         cfg = ModelConfig.preset(config.model.preset, vocab_size=config.model.vocab_size)
         model = SmartTiny(cfg, vocab)
-        save_checkpoint(init, model, {"stage": "init"})
+        save_checkpoint(init, model, {"stage": "init"})  # atomically, local or in a bucket
         print(f"[init] vocabulary of {vocab.size} tokens per type and a {model.num_parameters():,}-parameter "
               f"model ({config.model.preset}) in {time.perf_counter() - t0:.0f}s", flush=True)
-    return str(init)
+    return init
 
 
 def score_checkpoint(workers: list, checkpoint: str, version: int, dataset: str, cfg: EvalConfig,
-                     timeout_s: float = 1800.0, stage_dir: Path | None = None) -> dict:
+                     timeout_s: float = 1800.0, stage_dir: str | Path | None = None) -> dict:
     """Fast WOSAC metrics of a checkpoint on (the first `cfg.max_scenarios` scenarios of) a
     dataset, sampled as `cfg` says, scored by the rollout workers, aggregated as the official
     code does, with a 95% bootstrap interval over scenarios beside each headline figure
     (`<field>_ci95`). The per-scenario metrics go to `<stage_dir>/scores_<dataset>.json`, which
-    the paired stage differences and `smart-r1 compare-runs` read."""
-    ref = ray.put(load_weights(checkpoint))
+    the paired stage differences and `smart-r1 compare-runs` read. `checkpoint` and `stage_dir`
+    are local paths or URIs."""
+    ref = ray.put(load_weights(read_bytes(checkpoint)))
     count = min(cfg.max_scenarios, ray.get(workers[0].num_scenarios.remote(dataset), timeout=timeout_s))
     spec = RolloutSpec(num_rollouts=cfg.num_rollouts, sampling=cfg.sampling)
     queue = dispatch(workers, "score_scenarios", list(range(count)), version, [ref], dataset, spec)
@@ -110,18 +152,36 @@ def score_checkpoint(workers: list, checkpoint: str, version: int, dataset: str,
         raise RuntimeError(f"evaluation on {dataset}: every scenario failed")
     summary = aggregate_metrics([{k: v for k, v in r.items() if k != "scenario_id"} for r in scored])
     if stage_dir is not None:
-        write_json(scores_path(stage_dir, dataset), {"dataset": dataset, "checkpoint": checkpoint,
-                                                     "num_rollouts": cfg.num_rollouts, "failed": failed,
-                                                     "records": scored})
+        write_json(join(stage_dir, SCORES_FILE.format(dataset=dataset)),
+                   {"dataset": dataset, "checkpoint": display(checkpoint), "num_rollouts": cfg.num_rollouts,
+                    "failed": failed, "records": scored})
     return {**summary, **headline_intervals(scored), "scenarios": len(scored), "failed": len(failed),
             "num_rollouts": cfg.num_rollouts}
 
 
-def render_stage(checkpoint: str, data: str, out_path: Path, cfg: EvalConfig, seed: int = 0) -> Path:
-    """One sampled rollout of the first held-out scenario, drawn for the stage's MLflow run."""
+def render_stage(checkpoint: str, data: str, out_path: str | Path, cfg: EvalConfig, seed: int = 0) -> str:
+    """One sampled rollout of the first held-out scenario, drawn for the stage's MLflow run:
+    rendered to a local temporary file, then stored at `out_path` (a local path or a URI)."""
     record = next(iter_scenarios(data, 1))
-    states = sample_states(load_policy(checkpoint), record, 1, seed, cfg.sampling)
-    return render_scenario(record, states, out_path, events=step_events(record, states[0]))
+    model = load_checkpoint(read_bytes(checkpoint), "cuda" if torch.cuda.is_available() else "cpu")
+    states = sample_states(model, record, 1, seed, cfg.sampling)
+    with tempfile.TemporaryDirectory() as tmp:
+        image = render_scenario(record, states, Path(tmp) / base_name(out_path), events=step_events(record, states[0]))
+        copy_file(image, out_path)
+    return str(out_path)
+
+
+def paired_differences(out: str, stages: list[str], datasets: list[str]) -> str:
+    """`stage_differences` of the stages' score files in the run's storage (for a bucket, read
+    into a local temporary copy first)."""
+    if is_local(out):
+        return stage_differences({s: Path(resolve(join(out, s))[1]) for s in stages}, datasets)
+    with tempfile.TemporaryDirectory() as tmp:
+        for stage in stages:
+            for name in (SCORES_FILE.format(dataset=d) for d in datasets):
+                if exists(join(out, stage, name)):
+                    write_bytes(Path(tmp) / stage / name, read_bytes(join(out, stage, name)))
+        return stage_differences({s: Path(tmp) / s for s in stages}, datasets)
 
 
 def stage_table(rows: dict[str, dict[str, dict]]) -> str:
@@ -141,10 +201,11 @@ def run_pipeline(config: PipelineConfig, fail_once_at: dict[str, int] | None = N
     if problem:  # before any stage: learners on other nodes could not log to a file on this one
         raise ValueError(problem)
     check_run(config)  # never mixes results of another config (see run_identity)
-    out = Path(config.out_dir).resolve()
-    out.mkdir(parents=True, exist_ok=True)
-    write_json(out / "config.json", config.to_dict())
-    tracker, new = folder_run(out, out.name)  # a re-run resumes the same MLflow run
+    out = root(config.out_dir)  # the run's storage root: an absolute local folder, or a URI
+    if is_local(out):
+        Path(out).mkdir(parents=True, exist_ok=True)
+    write_json(join(out, "config.json"), config.to_dict())
+    tracker, new = folder_run(out, base_name(out))  # a re-run resumes the same MLflow run
     if new:
         tracker.log_params(config.to_dict())
     timer = PhaseTimer()
@@ -165,33 +226,34 @@ def run_pipeline(config: PipelineConfig, fail_once_at: dict[str, int] | None = N
 
     workers = start_workers(weights(current), datasets, r.num_rollout_workers, r.cpus_per_rollout_worker,
                             r.gpus_per_rollout_worker, config.seed, r.max_actor_restarts)
-    storage = r.storage_path or str(out / "ray")
+    storage = r.storage_path or join(out, "ray")  # Ray Train's checkpoints: in the same root by default
     rows: dict[str, dict] = {}
     reference = current
     for i, stage in enumerate(config.stages):
-        stage_dir = out / stage.name
-        done = stage_dir / "done.json"
+        stage_dir = join(out, stage.name)
+        done = join(stage_dir, "done.json")
         if stage.kind == "bc" and config.init_checkpoint:
             print(f"[{stage.name}] skipped: starting from {config.init_checkpoint}", flush=True)
             continue
-        if done.exists():
-            current, rows[stage.name] = str(stage_dir / MODEL_NAME), json.loads(done.read_text())["metrics"]
-            print(f"[{stage.name}] already finished: {current}", flush=True)
+        if exists(done):
+            current, rows[stage.name] = join(stage_dir, MODEL_NAME), read_json(done)["metrics"]
+            print(f"[{stage.name}] already finished: {display(current)}", flush=True)
             if stage.kind != "mpo":
                 reference = current
             continue
-        stage_dir.mkdir(parents=True, exist_ok=True)
+        if is_local(stage_dir):
+            Path(stage_dir).mkdir(parents=True, exist_ok=True)
         fingerprint = record_stage(config, stage.name)
         stage_tracker = tracker.child(stage.name)
         stage_tracker.log_params(asdict(stage))
-        print(f"[{stage.name}] {stage.kind} from {current}", flush=True)
+        print(f"[{stage.name}] {stage.kind} from {display(current)}", flush=True)
         t0 = time.perf_counter()
-        job = LearnerJob(stage=stage, stage_dir=str(stage_dir), init_checkpoint=weights(current), datasets=datasets,
+        job = LearnerJob(stage=stage, stage_dir=stage_dir, init_checkpoint=weights(current), datasets=datasets,
                          seed=config.seed, ref_checkpoint=weights(reference) if stage.kind == "mpo" else "",
                          rollout_workers=workers if stage.kind == "mpo" else [], tracker=stage_tracker,
                          threads=r.learner_threads or max(1, int(r.cpus_per_learner)),
                          fail_once_at=(fail_once_at or {}).get(stage.name, -1),
-                         run_name=f"{out.name}-{stage.name}-{fingerprint}", task_timeout_s=r.task_timeout_s)
+                         run_name=f"{base_name(out)}-{stage.name}-{fingerprint}", task_timeout_s=r.task_timeout_s)
         with timer.phase(f"stage_{stage.name}"):
             current = run_learner(job, r, storage)
         with timer.phase("eval"):
@@ -200,11 +262,11 @@ def run_pipeline(config: PipelineConfig, fail_once_at: dict[str, int] | None = N
         seconds = time.perf_counter() - t0
         for d, m in rows[stage.name].items():
             stage_tracker.log_metrics({f"{d}/{k}": v for k, v in m.items()})
-        write_json(stage_dir / "metrics.json", rows[stage.name])
-        stage_tracker.log_artifact(stage_dir / "metrics.json")
+        write_json(join(stage_dir, "metrics.json"), rows[stage.name])
+        stage_tracker.log_artifact(join(stage_dir, "metrics.json"))
         stage_tracker.log_artifact(current, "checkpoints")
         with timer.phase("render"):
-            stage_tracker.log_artifact(render_stage(current, datasets["heldout"], stage_dir / "rollout.png",
+            stage_tracker.log_artifact(render_stage(current, datasets["heldout"], join(stage_dir, "rollout.png"),
                                                     config.eval, config.seed), "plots")
         stage_tracker.finish()
         write_json(done, {"checkpoint": MODEL_NAME, "fingerprint": fingerprint, "metrics": rows[stage.name],
@@ -214,15 +276,16 @@ def run_pipeline(config: PipelineConfig, fail_once_at: dict[str, int] | None = N
         print(f"[{stage.name}] finished in {seconds:.0f}s\n{stage_table({stage.name: rows[stage.name]})}",
               flush=True)
     # Paired differences from the stages' score files (a resumed run reads those of earlier runs).
-    differences = stage_differences({s: out / s for s in rows}, eval_sets)
+    differences = paired_differences(out, list(rows), eval_sets)
     table = (f"{stage_table(rows)}\n\nPaired differences between consecutive stages (later - earlier), "
              f"95% bootstrap over the scenarios both scored; * the interval excludes 0:\n\n{differences}")
-    write_text(out / "results.md", table + "\n")
-    write_json(out / "results.json", rows)
-    tracker.log_artifact(out / "results.md")
+    write_text(join(out, "results.md"), table + "\n")
+    write_json(join(out, "results.json"), rows)
+    tracker.log_artifact(join(out, "results.md"))
     tracker.log_metrics({k: v for k, v in timer.lap().items()})
     tracker.finish()
     for w in workers:
         ray.kill(w)
-    print(f"\nSFT-RFT-SFT finished in {time.perf_counter() - started:.0f}s; results in {out}\n{table}", flush=True)
+    print(f"\nSFT-RFT-SFT finished in {time.perf_counter() - started:.0f}s; results in {display(out)}\n{table}",
+          flush=True)
     return rows

@@ -1,4 +1,5 @@
-"""A run folder's identity: which config made what it holds.
+"""A run folder's identity: which config made what it holds (the folder is the run's storage root,
+a local folder or a URI, read and written through `smart_r1.storage`).
 
 What a stage produces depends on the data, the model, the seed, the starting checkpoint, the
 number of rollout workers and learners (they seed and split the sampling), the evaluation (its
@@ -15,11 +16,9 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import shutil
-from pathlib import Path
 
+from smart_r1 import storage
 from smart_r1.config import PipelineConfig
-from smart_r1.storage import write_json
 
 RUN_FILE = "run.json"
 INIT = "init"
@@ -58,9 +57,8 @@ def stage_fingerprint(config: PipelineConfig, name: str) -> str:
     return fingerprint(stage_inputs(config, index))
 
 
-def _recorded(out: Path) -> dict:
-    path = out / RUN_FILE
-    return json.loads(path.read_text())["stages"] if path.exists() else {}
+def _recorded(out: str) -> dict:
+    return storage.read_json(storage.join(out, RUN_FILE), {"stages": {}})["stages"]
 
 
 def _differences(recorded: dict, current: dict) -> list[str]:
@@ -75,7 +73,7 @@ def _order(config: PipelineConfig) -> list[tuple[str, int]]:
 def check_run(config: PipelineConfig, restart: bool = False) -> None:
     """Refuse (ValueError) a re-run of `config.out_dir` whose recorded stages were made with other
     inputs; with `restart`, remove the first differing stage and everything after it instead."""
-    out = Path(config.out_dir)
+    out = config.out_dir
     recorded = _recorded(out)
     for name, index in _order(config):
         if name not in recorded:
@@ -86,7 +84,7 @@ def check_run(config: PipelineConfig, restart: bool = False) -> None:
         keys = _differences(recorded[name]["inputs"], current)
         if not restart:
             raise ValueError(
-                f"{out} holds results of another config: stage {name!r} was made with different "
+                f"{storage.display(out)} holds results of another config: stage {name!r} was made with different "
                 f"{', '.join(keys[:8])}{' ...' if len(keys) > 8 else ''}. Re-run with --restart to redo it and "
                 f"the stages after it there, --branch NEW_DIR to keep this run and redo them in a new "
                 f"folder, or pick another --out-dir")
@@ -96,7 +94,7 @@ def check_run(config: PipelineConfig, restart: bool = False) -> None:
         return
 
 
-def _forget_from(config: PipelineConfig, out: Path, first: str) -> None:
+def _forget_from(config: PipelineConfig, out: str, first: str) -> None:
     """Remove stage `first` and every later stage's results from the run folder and its record
     (generated data is checked on its own: `prepare_data` remakes a set of another size or seed)."""
     names = [n for n, _ in _order(config)]
@@ -105,33 +103,33 @@ def _forget_from(config: PipelineConfig, out: Path, first: str) -> None:
     for name in later:
         recorded.pop(name, None)
         if name == INIT:
-            (out / "init.pt").unlink(missing_ok=True)
+            storage.remove(storage.join(out, "init.pt"))
         else:
-            shutil.rmtree(out / name, ignore_errors=True)
-    write_json(out / RUN_FILE, {"stages": recorded})
+            storage.remove_tree(storage.join(out, name))
+    storage.write_json(storage.join(out, RUN_FILE), {"stages": recorded})
 
 
 def record_stage(config: PipelineConfig, name: str) -> str:
     """Record that stage `name` of `config.out_dir` is (being) made with this config's inputs;
     returns its fingerprint."""
-    out = Path(config.out_dir)
+    out = config.out_dir
     index = -1 if name == INIT else [s.name for s in config.stages].index(name)
     inputs = stage_inputs(config, index)
     recorded = _recorded(out)
     recorded[name] = {"fingerprint": fingerprint(inputs), "inputs": inputs}
-    write_json(out / RUN_FILE, {"stages": recorded})
+    storage.write_json(storage.join(out, RUN_FILE), {"stages": recorded})
     return recorded[name]["fingerprint"]
 
 
 def branch(config: PipelineConfig, new_dir: str) -> PipelineConfig:
-    """Copy the run folder to `new_dir` (which must not exist), then forget there what `config`
-    would redo; returns the config pointed at the new folder. The MLflow run is not copied: the
-    branch is a new run."""
-    old, new = Path(config.out_dir), Path(new_dir)
-    if new.exists():
-        raise ValueError(f"--branch: {new} already exists; give a new folder")
-    if old.exists():
-        shutil.copytree(old, new, ignore=shutil.ignore_patterns("mlflow_run_id", "ray"))
+    """Copy the run folder to `new_dir` (which must not exist; either may be a local folder or a
+    URI), then forget there what `config` would redo; returns the config pointed at the new folder.
+    The MLflow run and Ray Train's state are not copied: the branch is a new run."""
+    old, new = config.out_dir, new_dir
+    if storage.exists(new):
+        raise ValueError(f"--branch: {storage.display(new)} already exists; give a new folder")
+    if storage.exists(old):
+        storage.copy_tree(old, new, skip=("mlflow_run_id", "ray"))
     config = dataclasses.replace(config, out_dir=str(new))
     check_run(config, restart=True)
     return config

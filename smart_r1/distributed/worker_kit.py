@@ -9,6 +9,7 @@ step) lives in `smart_r1.rl` and runs without Ray.
 
 from __future__ import annotations
 
+import io
 import sys
 import tempfile
 import time
@@ -22,13 +23,14 @@ from ray.train import Checkpoint
 
 from smart_r1.config import StageConfig
 from smart_r1.model.checkpoint import checkpoint_bytes, load_checkpoint, save_checkpoint
-from smart_r1.storage import copy_file, truncate_log, write_log_row
+from smart_r1.storage import copy_file, exists, join, read_bytes, truncate_log, write_bytes, write_log_row
 from smart_r1.tracking.mlflow_runs import RunTracker
 
 STATE_NAME = "state.pt"  # inside a Ray Train checkpoint: model, optimizer, progress
 MODEL_NAME = "model.pt"  # a plain SMART-tiny checkpoint (smart_r1.model.checkpoint)
 LAST_NAME = "last_state.pt"  # in the stage folder: the newest state, for re-runs of the pipeline
 TRAIN_LOG = "train_log.jsonl"  # in the stage folder: metrics of every epoch / RL step
+FAILURE_MARKER = ".injected_failure"  # in the stage folder: the fault drill has fired
 
 
 @dataclass(frozen=True)
@@ -36,6 +38,9 @@ class LearnerJob:
     """Everything a learner worker needs for one stage (plain values and actor handles)."""
 
     stage: StageConfig
+    # The stage's folder in the run's storage root: a local path or a URI (`s3://...`), which rank 0
+    # writes its log and state to through `smart_r1.storage` (every node reaches a bucket; a local
+    # path only works where the learner shares the driver's disk).
     stage_dir: str
     # The model this stage starts from: an ObjectRef of the checkpoint's bytes
     # (`ray.put(checkpoint_bytes(path))`). A path given here is read by the driver in
@@ -86,9 +91,9 @@ def load_state(job: LearnerJob) -> dict | None:
     if checkpoint is not None:
         with checkpoint.as_directory() as d:
             return torch.load(Path(d) / STATE_NAME, map_location="cpu", weights_only=True)
-    last = Path(job.stage_dir) / LAST_NAME
-    if last.exists():
-        return torch.load(last, map_location="cpu", weights_only=True)
+    last = join(job.stage_dir, LAST_NAME)
+    if exists(last):
+        return torch.load(io.BytesIO(read_bytes(last)), map_location="cpu", weights_only=True)
     return None
 
 
@@ -132,7 +137,7 @@ def start_training(job: LearnerJob, unit: str) -> tuple:
         if rank == 0:
             say(f"[{job.stage.name}] resuming after {unit} {start - 1}")
     if rank == 0:  # rows of work after the newest checkpoint are redone, so logged again
-        truncate_log(Path(job.stage_dir) / TRAIN_LOG, start)
+        truncate_log(join(job.stage_dir, TRAIN_LOG), start)
     return model, optimizer, device, rank, world_size, start
 
 
@@ -153,19 +158,19 @@ def report(job: LearnerJob, model, optimizer, progress: int, metrics: dict, rank
     if rank != 0:
         ray.train.report(metrics, checkpoint=None)
         return
-    write_log_row(Path(job.stage_dir) / TRAIN_LOG, {"progress": progress, **metrics})
+    write_log_row(join(job.stage_dir, TRAIN_LOG), {"progress": progress, **metrics})
     with tempfile.TemporaryDirectory() as d:
         state = {"model": {k: v.detach().cpu() for k, v in core.state_dict().items()},
                  "optimizer": optimizer.state_dict(), "progress": progress}
         torch.save(state, Path(d) / STATE_NAME)
         save_checkpoint(Path(d) / MODEL_NAME, core, {"stage": job.stage.name, "progress": progress})
-        copy_file(Path(d) / STATE_NAME, Path(job.stage_dir) / LAST_NAME)
+        copy_file(Path(d) / STATE_NAME, join(job.stage_dir, LAST_NAME))
         ray.train.report(metrics, checkpoint=Checkpoint.from_directory(d))
 
 
 def maybe_fail(job: LearnerJob, progress: int) -> None:
     """Fault injection for the failure test: fail once, the first time `progress` is reached."""
-    marker = Path(job.stage_dir) / ".injected_failure"
-    if progress == job.fail_once_at and not marker.exists():
-        marker.touch()
+    marker = join(job.stage_dir, FAILURE_MARKER)
+    if progress == job.fail_once_at and not exists(marker):
+        write_bytes(marker, b"")
         raise RuntimeError(f"injected learner failure at {progress}")

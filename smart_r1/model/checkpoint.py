@@ -11,7 +11,7 @@ import torch
 
 from smart_r1.model.config import ModelConfig
 from smart_r1.model.smart_tiny import SmartTiny
-from smart_r1.storage import save_torch
+from smart_r1.storage import read_bytes, save_torch
 from smart_r1.tokens.motion_vocab import MotionVocab
 
 FORMAT = "smart-r1/smart-tiny/v1"
@@ -35,10 +35,11 @@ Source = str | Path | bytes  # a checkpoint file, or its bytes (as sent through 
 
 
 def checkpoint_bytes(path: str | Path) -> bytes:
-    """The bytes of a checkpoint file, after checking they hold a whole SMART-tiny checkpoint
-    (ValueError as `load_checkpoint`): what the driver `ray.put`s for learners and rollout actors,
-    which load it with `load_checkpoint(bytes)` (checked again there) instead of reading a path."""
-    data = Path(path).read_bytes()
+    """The bytes of a checkpoint file (a local path or a storage URI, e.g. in a run's bucket),
+    after checking they hold a whole SMART-tiny checkpoint (ValueError as `load_checkpoint`): what
+    the driver `ray.put`s for learners and rollout actors, which load it with
+    `load_checkpoint(bytes)` (checked again there) instead of reading a path."""
+    data = read_bytes(path)
     _read(data, name=str(path))
     return data
 

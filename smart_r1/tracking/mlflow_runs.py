@@ -11,6 +11,7 @@ nodes, so a pipeline there needs a tracking server (`cluster_tracking_problem`).
 from __future__ import annotations
 
 import os
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -21,6 +22,8 @@ from typing import Any
 import mlflow
 from mlflow.entities import Metric, Param
 from mlflow.tracking import MlflowClient
+
+from smart_r1 import storage
 
 EXPERIMENT = "smart-r1"
 _MAX_PARAM_CHARS = 6000  # MLflow's limit for one param value
@@ -122,8 +125,17 @@ class RunTracker:
             self.client.log_batch(self.run_id, metrics=items[i : i + 1000])
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
-        if self.enabled and Path(path).exists():
-            self.client.log_artifact(self.run_id, str(path), artifact_path)
+        """Log a file (a local path, or a URI: downloaded to a temporary file of the same name
+        first); nothing when it does not exist."""
+        if not self.enabled or not storage.exists(path):
+            return
+        if storage.is_local(path):
+            self.client.log_artifact(self.run_id, storage.resolve(path)[1], artifact_path)
+            return
+        with tempfile.TemporaryDirectory() as d:
+            local = Path(d) / storage.base_name(path)
+            local.write_bytes(storage.read_bytes(path))
+            self.client.log_artifact(self.run_id, str(local), artifact_path)
 
     def set_tags(self, tags: dict[str, str]) -> None:
         if self.enabled:
@@ -166,20 +178,18 @@ RUN_ID_FILE = "mlflow_run_id"
 
 def folder_run(folder: str | Path, name: str, parent: RunTracker | None = None,
                tracking_uri: str | None = None) -> tuple[RunTracker, bool]:
-    """The MLflow run of a run folder: the one whose id `<folder>/mlflow_run_id` records (resumed),
-    else a new one (top-level, or nested under `parent`), whose id is then written there
-    atomically. Returns (tracker, True if new). A pipeline, a sweep and each sweep trial keep
-    their run across restarts this way."""
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    id_file = folder / RUN_ID_FILE
-    if id_file.exists():
-        run_id = id_file.read_text().strip()
+    """The MLflow run of a run folder (a local folder or a storage URI): the one whose id
+    `<folder>/mlflow_run_id` records (resumed), else a new one (top-level, or nested under
+    `parent`), whose id is then written there atomically. Returns (tracker, True if new). A
+    pipeline, a sweep and each sweep trial keep their run across restarts (and drivers) this way."""
+    if storage.is_local(folder):
+        Path(storage.resolve(folder)[1]).mkdir(parents=True, exist_ok=True)
+    id_file = storage.join(folder, RUN_ID_FILE)
+    if storage.exists(id_file):
+        run_id = storage.read_text(id_file).strip()
         if parent is not None:
             return RunTracker(parent.tracking_uri, run_id), False
         return start_run(name, tracking_uri, run_id=run_id), False
     tracker = parent.child(name) if parent is not None else start_run(name, tracking_uri)
-    tmp = id_file.with_name(f".{RUN_ID_FILE}.tmp")
-    tmp.write_text(tracker.run_id)
-    os.replace(tmp, id_file)
+    storage.write_text(id_file, tracker.run_id)
     return tracker, True
