@@ -118,7 +118,7 @@ def test_best_config_objective_and_tie_break():
         best_row([rows[-1]])
 
 
-# -- a tiny 2 x 1 sweep, interrupted and resumed ---------------------------------------------
+# -- a tiny 3 x 1 sweep, interrupted and resumed ---------------------------------------------
 
 def _trial_states(out: Path) -> dict[str, str]:
     states = {}
@@ -148,9 +148,10 @@ def test_tiny_sweep_interrupted_then_resumed(submitted, mlflow_server, tmp_path,
     pipeline.write_text(yaml.safe_dump(raw))
     out = tmp_path / "sweep"
     config = tmp_path / "sweep.yaml"
-    # two trials, side by side: the first run is killed when one finishes, the other mid-way
+    # two trials side by side, then the third: the first run is killed when one finishes, so the
+    # third (at least) is left for the second run (two trials alone can finish within one poll)
     config.write_text(yaml.safe_dump({"pipeline": str(pipeline), "out_dir": str(out),
-                                      "alpha": [0.5, 0.9], "beta": [0.1]}))
+                                      "alpha": [0.5, 0.7, 0.9], "beta": [0.1]}))
     cmd = [sys.executable, str(SCRIPT), "--config", str(config), "--sft-checkpoint", str(shared_run)]
     env = {**os.environ, "MLFLOW_TRACKING_URI": mlflow_server}
     env.pop("RAY_ADDRESS", None)  # its own local Ray, which dies with its process group
@@ -179,7 +180,7 @@ def test_tiny_sweep_interrupted_then_resumed(submitted, mlflow_server, tmp_path,
     assert {p: p.stat().st_mtime_ns for p in done_dir.glob("*/model.pt")} == stamps
 
     rows = json.loads((out / "results.json").read_text())
-    assert sorted((r["alpha"], r["beta"]) for r in rows) == [(0.5, 0.1), (0.9, 0.1)]
+    assert sorted((r["alpha"], r["beta"]) for r in rows) == [(0.5, 0.1), (0.7, 0.1), (0.9, 0.1)]
     assert all(r["status"] == "complete" for r in rows), rows
     for r in rows:
         m = r["metrics"]
@@ -200,7 +201,7 @@ def test_tiny_sweep_interrupted_then_resumed(submitted, mlflow_server, tmp_path,
                                   filter_string=f"tags.mlflow.parentRunId = '{sweep_id}'")
     trials = [c for c in children if c.info.run_name.startswith("trial ")]
     assert "shared stages" not in {c.info.run_name for c in children}  # given, not made
-    assert len(trials) == 2  # the resumed trial kept its run
+    assert len(trials) == 3  # the resumed trials kept their runs
     for t in trials:
         assert {"alpha", "beta", "config.stages.rft.alpha"} <= set(t.data.params)
         assert t.data.params["config.stages.rft.alpha"] == t.data.params["alpha"]
