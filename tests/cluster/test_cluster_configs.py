@@ -55,7 +55,9 @@ def _pipeline_from_entrypoint(entrypoint: str):
 
 
 def _check_bucket_paths(pipeline, scheme: str) -> None:
-    """The storage root and the data are object-store URIs: nodes share no filesystem."""
+    """The run's storage root, Ray Train's storage and the data are object-store URIs of the
+    provider's kind: nodes share no filesystem."""
+    assert pipeline.out_dir.startswith(scheme), pipeline.out_dir
     assert pipeline.ray.storage_path.startswith(scheme), pipeline.ray.storage_path
     for name in ("train", "heldout"):
         path = getattr(pipeline.data, name)
