@@ -79,3 +79,34 @@ def mlflow_server(tmp_path_factory):
         proc.wait(timeout=20)
     except subprocess.TimeoutExpired:
         proc.kill()
+
+
+@pytest.fixture(scope="session")
+def moto_s3() -> str:
+    """moto's S3 server (a subprocess on 127.0.0.1) holding a bucket `smart-r1`; yields the URI
+    query that reaches it (endpoint, scheme, region), e.g. f"s3://smart-r1/key?{moto_s3}"."""
+    import pyarrow.fs as pafs
+
+    server = Path(sys.executable).with_name("moto_server")
+    if not server.exists():
+        pytest.skip("moto[server] is not installed (pip install -e .[test])")
+    port = _free_port()
+    proc = subprocess.Popen([str(server), "-H", "127.0.0.1", "-p", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 60
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                if time.time() > deadline or proc.poll() is not None:
+                    pytest.fail("moto_server did not start")
+                time.sleep(0.2)
+        query = f"endpoint_override=127.0.0.1:{port}&scheme=http&region=us-east-1"
+        fs, _ = pafs.FileSystem.from_uri(f"s3://testing:testing@smart-r1?{query}&allow_bucket_creation=true")
+        fs.create_dir("smart-r1")
+        yield query
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)

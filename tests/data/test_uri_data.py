@@ -5,10 +5,6 @@ resume, and read one row group at a time."""
 from __future__ import annotations
 
 import json
-import socket
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -49,40 +45,12 @@ def _same(a, b) -> None:
                 np.testing.assert_array_equal(value, getattr(y, name))
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
-def s3_root():
-    """A bucket on moto's S3 server (a subprocess on 127.0.0.1): a URI that pyarrow's
+def s3_root(moto_s3):
+    """A prefix in the bucket on moto's S3 server (tests/conftest.py): a URI that pyarrow's
     `FileSystem.from_uri` resolves with the endpoint and the (fake) credentials in it, so Ray's
     worker processes need no environment of their own."""
-    server = Path(sys.executable).with_name("moto_server")
-    if not server.exists():
-        pytest.skip("moto[server] is not installed (pip install -e .[test])")
-    port = _free_port()
-    proc = subprocess.Popen([str(server), "-H", "127.0.0.1", "-p", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.time() + 60
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
-            except OSError:
-                if time.time() > deadline or proc.poll() is not None:
-                    pytest.fail("moto_server did not start")
-                time.sleep(0.2)
-        query = f"endpoint_override=127.0.0.1:{port}&scheme=http&region=us-east-1&allow_bucket_creation=true"
-        fs, _ = pafs.FileSystem.from_uri(f"s3://testing:testing@smart-r1?{query}")
-        fs.create_dir("smart-r1")
-        yield f"s3://testing:testing@smart-r1/data?{query}"
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
+    return f"s3://testing:testing@smart-r1/data?{moto_s3}&allow_bucket_creation=true"
 
 
 def test_file_uri_preprocess_reads_back_as_the_local_folder(raw, local, tmp_path):

@@ -9,13 +9,11 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-import pyarrow.fs as pafs
 import pytest
 import yaml
 
@@ -29,42 +27,16 @@ TINY = REPO / "pipelines" / "tiny.yaml"
 KEYS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_EC2_METADATA_DISABLED": "true"}
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
-def bucket():
-    """A bucket on moto's S3 server (a subprocess on 127.0.0.1); yields a function that gives the
-    URI of a fresh prefix in it. Credentials come from the environment, as on a cluster with an
-    instance role (drivers and the Ray workers they start inherit it)."""
-    server = Path(sys.executable).with_name("moto_server")
-    if not server.exists():
-        pytest.skip("moto[server] is not installed (pip install -e .[test])")
+def bucket(moto_s3):
+    """A function giving the URI of a fresh prefix in the bucket on moto's S3 server
+    (tests/conftest.py). Credentials come from the environment, as on a cluster with an instance
+    role (drivers and the Ray workers they start inherit it)."""
     saved = {k: os.environ.get(k) for k in KEYS}
     os.environ.update(KEYS)
-    port = _free_port()
-    proc = subprocess.Popen([str(server), "-H", "127.0.0.1", "-p", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        deadline = time.time() + 60
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
-            except OSError:
-                if time.time() > deadline or proc.poll() is not None:
-                    pytest.fail("moto_server did not start")
-                time.sleep(0.2)
-        query = f"endpoint_override=127.0.0.1:{port}&scheme=http&region=us-east-1"
-        fs, _ = pafs.FileSystem.from_uri(f"s3://smart-r1?{query}&allow_bucket_creation=true")
-        fs.create_dir("smart-r1")
-        yield lambda prefix: f"s3://smart-r1/{prefix}?{query}"
+        yield lambda prefix: f"s3://smart-r1/{prefix}?{moto_s3}"
     finally:
-        proc.terminate()
-        proc.wait(timeout=30)
         for k, v in saved.items():
             if v is None:
                 os.environ.pop(k, None)
