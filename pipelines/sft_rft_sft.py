@@ -25,7 +25,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--config", default=str(HERE / "sft_rft_sft.yaml"), help="pipeline YAML")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE",
                    help="override a config value (repeatable)")
-    p.add_argument("--out-dir", default=None, help="where stages write checkpoints and tables")
+    p.add_argument("--out-dir", default=None,
+                   help="the run's storage root, a local folder or a bucket URI (s3://..., gs://...): every "
+                        "stage keeps its checkpoint, logs and tables there, and a re-run resumes from it")
     p.add_argument("--init-checkpoint", default=None, help="start from this checkpoint (skips BC)")
     p.add_argument("--restart", action="store_true",
                    help="out_dir holds stages made with another config: redo them (and the stages after them)")
