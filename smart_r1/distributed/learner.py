@@ -14,7 +14,6 @@ loops are `supervised_loop` (BC, CAT-K SFT) and `mpo_loop` (RFT); what they shar
 from __future__ import annotations
 
 import dataclasses
-import io
 import ipaddress
 import os
 import socket
@@ -23,7 +22,6 @@ from datetime import timedelta
 from pathlib import Path
 
 import ray
-import torch
 import torch.distributed as dist
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.backend import Backend
@@ -32,9 +30,9 @@ from ray.train.torch import TorchConfig, TorchTrainer
 from smart_r1.config import RayConfig
 from smart_r1.distributed.mpo_loop import mpo_loop
 from smart_r1.distributed.supervised_loop import supervised_loop
-from smart_r1.distributed.worker_kit import LAST_NAME, MODEL_NAME, LearnerJob, weights_ref
+from smart_r1.distributed.worker_kit import LAST_NAME, MODEL_NAME, LearnerJob, read_last_state, weights_ref
 from smart_r1.model.checkpoint import checkpoint_bytes, load_checkpoint, save_checkpoint
-from smart_r1.storage import base_name, exists, join, parent, read_bytes, resolve, write_bytes
+from smart_r1.storage import base_name, join, parent, resolve, write_bytes
 
 
 _store = None  # worker 0's TCPStore server while its process group lives
@@ -147,10 +145,10 @@ def run_learner(job: LearnerJob, ray_cfg: RayConfig, storage_path: str) -> str:
 def _model_from_last_state(job: LearnerJob, out: str) -> None:
     """Write the stage's checkpoint `out` from its last training state (`last_state.pt`, written
     by rank 0 with every report) on the stage's starting model (its config and vocabulary)."""
-    last = join(job.stage_dir, LAST_NAME)
-    if not exists(last):
-        raise RuntimeError(f"stage {job.stage.name}: the learner reported no checkpoint and {last} is missing")
-    state = torch.load(io.BytesIO(read_bytes(last)), map_location="cpu", weights_only=True)
+    state = read_last_state(job.stage_dir)
+    if state is None:
+        raise RuntimeError(f"stage {job.stage.name}: the learner reported no checkpoint and "
+                           f"{join(job.stage_dir, LAST_NAME)} is missing")
     model = load_checkpoint(ray.get(job.init_checkpoint))
     model.load_state_dict(state["model"])
     with tempfile.TemporaryDirectory() as d:

@@ -91,7 +91,13 @@ def load_state(job: LearnerJob) -> dict | None:
     if checkpoint is not None:
         with checkpoint.as_directory() as d:
             return torch.load(Path(d) / STATE_NAME, map_location="cpu", weights_only=True)
-    last = join(job.stage_dir, LAST_NAME)
+    return read_last_state(job.stage_dir)
+
+
+def read_last_state(stage_dir: str) -> dict | None:
+    """The stage folder's newest training state (`last_state.pt`, rank 0 writes it with every
+    report), or None."""
+    last = join(stage_dir, LAST_NAME)
     if exists(last):
         return torch.load(io.BytesIO(read_bytes(last)), map_location="cpu", weights_only=True)
     return None
