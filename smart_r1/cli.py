@@ -279,7 +279,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("compare-runs", help="stage table over pipeline runs that differ by seed, "
                                             "with seed-and-scenario bootstrap intervals")
-    p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="pipeline out_dir of each seed's run")
+    p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="pipeline out_dir of each seed's run: a folder or a bucket URI")
     p.add_argument("--data", default="heldout", help="evaluation set: heldout or real")
     p.add_argument("--n-boot", type=int, default=2000, help="bootstrap resamples")
     p.add_argument("--out", default=None, help="also write the report to this markdown file")

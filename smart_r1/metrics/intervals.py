@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from smart_r1.metrics.tables import HEADLINE, difference_table, markdown_table, metrics_table
+from smart_r1.storage import display, exists, join, read_json, read_text
 
 Records = Sequence[Mapping[str, object]]  # per-scenario metric dicts, each with a scenario_id
 HEADLINE_FIELDS = tuple(name for _, name, _ in HEADLINE)
@@ -164,34 +165,34 @@ def headline_intervals(per_scenario: Records, n_boot: int = 2000, seed: int = 0)
 
 # -- the pipeline's score files and the reports built from them ----------------------------------
 
-def scores_path(stage_dir: str | Path, dataset: str) -> Path:
-    return Path(stage_dir) / SCORES_FILE.format(dataset=dataset)
+def scores_path(stage_dir: str | Path, dataset: str) -> str:
+    """A stage's score file: a local path, or a URI under a bucket run root."""
+    return join(stage_dir, SCORES_FILE.format(dataset=dataset))
 
 
 def read_scores(path: str | Path) -> dict:
-    """A stage's score file: {'dataset', 'checkpoint', 'num_rollouts', 'failed': [messages],
-    'records': [{'scenario_id', SimAgentMetrics fields}]}."""
-    path = Path(path)
+    """A stage's score file (a local path or a URI): {'dataset', 'checkpoint', 'num_rollouts',
+    'failed': [messages], 'records': [{'scenario_id', SimAgentMetrics fields}]}."""
     try:
-        scores = json.loads(path.read_text())
+        scores = json.loads(read_text(path))
     except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not JSON ({e})") from None
+        raise ValueError(f"{display(path)}: not JSON ({e})") from None
     if not isinstance(scores, dict) or not isinstance(scores.get("records"), list):
-        raise ValueError(f"{path}: not a score file (no 'records' list)")
+        raise ValueError(f"{display(path)}: not a score file (no 'records' list)")
     return scores
 
 
-def stage_differences(stage_dirs: Mapping[str, Path], datasets: Sequence[str], n_boot: int = 2000) -> str:
+def stage_differences(stage_dirs: Mapping[str, str | Path], datasets: Sequence[str], n_boot: int = 2000) -> str:
     """Markdown table of the paired differences between consecutive stages (later - earlier) on
-    each dataset, from the stages' score files; '-' where a file is missing or fewer than 2
-    scenarios are shared."""
+    each dataset, from the stages' score files (local folders or URIs); '-' where a file is
+    missing or fewer than 2 scenarios are shared."""
     stages = list(stage_dirs)
     rows = []
     for dataset in datasets:
         for before, after in zip(stages, stages[1:]):
             paths = [scores_path(stage_dirs[s], dataset) for s in (before, after)]
             diff, count = None, 0
-            if all(p.exists() for p in paths):
+            if all(exists(p) for p in paths):
                 a, b = (read_scores(p)["records"] for p in paths)
                 count = len(shared_ids([a, b]))
                 if count >= 2:
@@ -200,25 +201,32 @@ def stage_differences(stage_dirs: Mapping[str, Path], datasets: Sequence[str], n
     return difference_table(("stages", "data"), rows, trailing=("scenarios",))
 
 
-def _run_stages(run: Path, dataset: str) -> dict[str, dict]:
-    """{stage: score file} of one run, in the order of its config's stages (those scored)."""
-    config_path = run / "config.json"
-    if not config_path.exists():
-        raise FileNotFoundError(f"{run} is not a pipeline run folder (no config.json)")
-    stages = [s["name"] for s in json.loads(config_path.read_text()).get("stages", [])]
-    out = {s: read_scores(scores_path(run / s, dataset)) for s in stages if scores_path(run / s, dataset).exists()}
+def _run_config(run: str) -> dict:
+    config_path = join(run, "config.json")
+    if not exists(config_path):
+        raise FileNotFoundError(f"{display(run)} is not a pipeline run folder (no config.json)")
+    return read_json(config_path)
+
+
+def _run_stages(run: str, dataset: str) -> dict[str, dict]:
+    """{stage: score file} of one run (a local folder or a bucket URI), in the order of its
+    config's stages (those scored)."""
+    stages = [s["name"] for s in _run_config(run).get("stages", [])]
+    paths = {s: scores_path(join(run, s), dataset) for s in stages}
+    out = {s: read_scores(p) for s, p in paths.items() if exists(p)}
     if not out:
-        raise FileNotFoundError(f"{run}: no stage has a score file {SCORES_FILE.format(dataset=dataset)}")
+        raise FileNotFoundError(f"{display(run)}: no stage has a score file {SCORES_FILE.format(dataset=dataset)}")
     return out
 
 
 def compare_runs(runs: Sequence[str | Path], dataset: str = "heldout", n_boot: int = 2000) -> str:
     """The multi-seed report of pipeline runs that differ only by their seed: per stage the mean
     over seeds of the headline figures with the seed-and-scenario interval, then the paired
-    differences between consecutive stages, '*' where the interval excludes 0."""
-    runs = [Path(r) for r in runs]
+    differences between consecutive stages, '*' where the interval excludes 0. A run is a local
+    folder or a storage URI (`s3://...`, the run's `out_dir`)."""
+    runs = [str(r) for r in runs]
     per_run = [_run_stages(r, dataset) for r in runs]
-    configs = [json.loads((r / "config.json").read_text()) for r in runs]
+    configs = [_run_config(r) for r in runs]
     seeds = [c.get("seed") for c in configs]
     # Named, not refused: a run may differ harmlessly (Ray resources, paths).
     differ = sorted({k for c in configs for k in c if k not in ("seed", "out_dir") and c.get(k) != configs[0].get(k)})

@@ -189,3 +189,24 @@ def test_compare_runs_cli(records, tmp_path, capsys):
     assert main(["compare-runs", runs[0], str(tmp_path / "nothing")]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "no config.json" in err
+
+
+def test_compare_runs_reads_runs_in_a_bucket(records, tmp_path, moto_s3, monkeypatch):
+    """Runs whose out_dir is a bucket (a cluster run's storage root) give the same report as the
+    same runs in local folders."""
+    from smart_r1.metrics.intervals import compare_runs
+    from smart_r1.storage import copy_tree
+
+    for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+        monkeypatch.setenv(k, "testing")
+    local, remote = [], []
+    for seed in range(2):
+        bc = [{**records[(j + seed) % NUM_SCENARIOS], "scenario_id": f"s{j}"} for j in range(NUM_SCENARIOS)]
+        rft = [{**r, "metametric": r["metametric"] + 0.02 * (j % 3)} for j, r in enumerate(bc)]
+        _write_run(tmp_path / f"run{seed}", seed, {"bc": bc, "rft": rft})
+        local.append(str(tmp_path / f"run{seed}"))
+        remote.append(f"s3://smart-r1/compare-{tmp_path.name}/run{seed}?{moto_s3}")
+        copy_tree(local[-1], remote[-1])
+    assert compare_runs(remote, n_boot=200) == compare_runs(local, n_boot=200)
+    with pytest.raises(FileNotFoundError, match="no config.json"):
+        compare_runs([remote[0], f"s3://smart-r1/compare-{tmp_path.name}/none?{moto_s3}"])
