@@ -43,6 +43,28 @@ def womd_record(womd_path):
     return next(read_scenarios(womd_path))
 
 
+@pytest.fixture(scope="session")
+def sumo_tfrecords(tmp_path_factory) -> Path:
+    """Six generated SUMO scenarios (seed 11, short windows) in two TFRecord files of three,
+    made once per session (~20 s)."""
+    from smart_r1.data.sumo import SumoConfig, make_dataset
+
+    out = tmp_path_factory.mktemp("sumo_small")
+    make_dataset(out, 6, seed=11, scenarios_per_file=3, config=SumoConfig(warmup_seconds=30.0, record_seconds=20.0))
+    return out
+
+
+@pytest.fixture(scope="session")
+def sumo_shards(sumo_tfrecords, tmp_path_factory) -> Path:
+    """`sumo_tfrecords` as two Parquet shards (converted in this process, without Ray)."""
+    from smart_r1.data.preprocess import convert_file
+
+    out = tmp_path_factory.mktemp("sumo_small_parquet")
+    for path in sorted(sumo_tfrecords.glob("*.tfrecord")):
+        assert not convert_file(str(path), str(out)).bad
+    return out
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
