@@ -83,23 +83,29 @@ def records_to_table(records: Sequence[ScenarioRecord]) -> pa.Table:
     return pa.table(columns, schema=SCHEMA)
 
 
-def write_shard(path: str | Path, records: Sequence[ScenarioRecord]) -> Path | str:
-    """Write records to `path` atomically: a temporary file in the same folder, then a rename; to
-    a URI (`s3://`, `gs://`) as one upload (the object appears whole or not at all)."""
+def write_table(path: str | Path, table: pa.Table) -> Path | str:
+    """Write a table to `path` as Parquet (zstd, row groups of ROW_GROUP_ROWS) atomically: a
+    temporary file in the same folder, then a rename; to a URI (`s3://`, `gs://`) as one upload
+    (the object appears whole or not at all)."""
     if is_uri(path) and resolve(path)[0] is not None:
         buffer = pa.BufferOutputStream()
-        pq.write_table(records_to_table(records), buffer, compression="zstd", row_group_size=ROW_GROUP_ROWS)
+        pq.write_table(table, buffer, compression="zstd", row_group_size=ROW_GROUP_ROWS)
         write_bytes(path, buffer.getvalue().to_pybytes())
         return str(path)
     path = Path(resolve(path)[1])
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
     try:
-        pq.write_table(records_to_table(records), tmp, compression="zstd", row_group_size=ROW_GROUP_ROWS)
+        pq.write_table(table, tmp, compression="zstd", row_group_size=ROW_GROUP_ROWS)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
     return path
+
+
+def write_shard(path: str | Path, records: Sequence[ScenarioRecord]) -> Path | str:
+    """Write records to `path` atomically (`write_table`)."""
+    return write_table(path, records_to_table(records))
 
 
 def table_to_records(table: pa.Table) -> Iterator[ScenarioRecord]:
