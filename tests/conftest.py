@@ -54,6 +54,26 @@ def sumo_tfrecords(tmp_path_factory) -> Path:
     return out
 
 
+def _assert_same_scene(a, b) -> None:
+    import dataclasses
+
+    import torch
+    from smart_r1.tokens.scene import SceneBatch
+
+    for f in dataclasses.fields(SceneBatch):
+        x, y = getattr(a, f.name), getattr(b, f.name)
+        if f.name == "scenario_id":
+            assert x == y
+        else:
+            assert x.dtype == y.dtype and x.shape == y.shape and torch.equal(x, y), f.name
+
+
+@pytest.fixture(scope="session")
+def assert_same_scene():
+    """assert_same_scene(a, b): two SceneBatches equal field for field (dtype, shape, values)."""
+    return _assert_same_scene
+
+
 @pytest.fixture(scope="session")
 def sumo_shards(sumo_tfrecords, tmp_path_factory) -> Path:
     """`sumo_tfrecords` as two Parquet shards (converted in this process, without Ray)."""

@@ -84,6 +84,13 @@ def _tokenize_task(source: str, targets: list[str], vocab: dict, options: list[S
     return [tokenize_shard(source, t, vocab_, o) for t, o in zip(targets, options)]
 
 
+def mark_done(folder: str, data: str, vocab: MotionVocab, options: SceneOptions, sources: list[str],
+              seconds: float = 0.0) -> None:
+    """Write the folder's done.json (after all its token shards): what it was made from."""
+    write_json(join(folder, DONE_NAME), {"source": display(data), "vocab": vocab_hash(vocab), "options": asdict(options),
+                                         "shards": [base_name(s) for s in sources], "seconds": round(seconds, 3)})
+
+
 def tokenize_dataset(data: str, root: str, vocab: MotionVocab, options: list[SceneOptions],
                      verbose: bool = True) -> dict[SceneOptions, str]:
     """Token shards of the Parquet data `data` for each of `options`, under `root` (the run's
@@ -97,7 +104,9 @@ def tokenize_dataset(data: str, root: str, vocab: MotionVocab, options: list[Sce
     if not sources:
         raise FileNotFoundError(f"{display(data)} holds no .parquet shards to tokenise")
     started = time.perf_counter()
-    task = ray.remote(num_cpus=1)(_tokenize_task)
+    # max_calls=1: each task's process exits after its shard, so no tokenising worker's memory
+    # lingers in (or is reused for) a learner or a rollout actor
+    task = ray.remote(num_cpus=1, max_calls=1)(_tokenize_task)
     vocab_ref = ray.put(vocab.to_dict())
     pending = {task.remote(s, [join(folders[o], base_name(s)) for o in todo], vocab_ref, todo): s for s in sources}
     names = ", ".join(o.name for o in todo)
@@ -113,12 +122,6 @@ def tokenize_dataset(data: str, root: str, vocab: MotionVocab, options: list[Sce
             print(f"[tokens] {len(sources) - len(pending)}/{len(sources)} {base_name(source)} ({names}): {state} "
                   f"| elapsed {elapsed:.0f}s eta {left:.0f}s", flush=True)
     for o in todo:  # done.json last: the folder is complete
-        write_json(join(folders[o], DONE_NAME), {"source": display(data), "vocab": vocab_hash(vocab),
-                                                 "options": asdict(o), "shards": [base_name(s) for s in sources],
-                                                 "seconds": round(time.perf_counter() - started, 3)})
+        mark_done(folders[o], data, vocab, o, sources, time.perf_counter() - started)
     return folders
 
-
-def scene_options(stage_kind: str) -> SceneOptions | None:
-    """The scenes a stage of this kind trains on (None: the stage reads no token shards)."""
-    return STAGE_OPTIONS.get(stage_kind)

@@ -6,14 +6,13 @@ from __future__ import annotations
 import dataclasses
 
 import pytest
-import torch
 
 from smart_r1.data.dataset import iter_scenarios
 from smart_r1.data.index import ShardIndex
 from smart_r1.data.parquet import write_shard
 from smart_r1.tokens.cache import STAGE_OPTIONS, token_folder, tokenize_shard, vocab_hash
 from smart_r1.tokens.motion_vocab import MotionVocab, build_vocab
-from smart_r1.tokens.scene import SceneBatch, build_scene
+from smart_r1.tokens.scene import build_scene
 from smart_r1.tokens.shards import scene_bytes, scene_from_bytes, table_to_scenes, write_token_shard
 
 
@@ -27,17 +26,8 @@ def vocab(records) -> MotionVocab:
     return build_vocab(records, size=16, iters=3)
 
 
-def assert_same_scene(a: SceneBatch, b: SceneBatch) -> None:
-    for f in dataclasses.fields(SceneBatch):
-        x, y = getattr(a, f.name), getattr(b, f.name)
-        if f.name == "scenario_id":
-            assert x == y
-        else:
-            assert x.dtype == y.dtype and x.shape == y.shape and torch.equal(x, y), f.name
-
-
 @pytest.mark.parametrize("kind", ["bc", "catk_sft"])
-def test_scenes_from_a_token_shard_equal_build_scene(kind, records, vocab, tmp_path):
+def test_scenes_from_a_token_shard_equal_build_scene(kind, records, vocab, tmp_path, assert_same_scene):
     options = STAGE_OPTIONS[kind]
     source = write_shard(tmp_path / "data.parquet", records)
     result = tokenize_shard(str(source), str(tmp_path / "tokens.parquet"), vocab, options)
@@ -62,7 +52,7 @@ def test_sim_scenes_leave_out_records_without_sim_agents(records, vocab, tmp_pat
     assert scene.scenario_id == [records[1].scenario_id]
 
 
-def test_a_batch_is_not_a_row_and_an_empty_shard_is_written(records, vocab, tmp_path):
+def test_a_batch_is_not_a_row_and_an_empty_shard_is_written(records, vocab, tmp_path, assert_same_scene):
     one = build_scene(records[1], vocab)
     assert_same_scene(scene_from_bytes(scene_bytes(one), one.scenario_id[0]), one)
     with pytest.raises(ValueError, match="one scene"):
