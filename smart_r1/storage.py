@@ -15,6 +15,8 @@ run's records as given (config.json, MLflow params), so keep secrets out of it o
 
 from __future__ import annotations
 
+import fnmatch
+import glob
 import io
 import json
 import os
@@ -120,12 +122,44 @@ def list_files(folder: str | Path, suffix: str) -> list[str]:
     return sorted(n for n in names if n.endswith(suffix) and not n.startswith("."))
 
 
+def glob_files(pattern: str) -> list[str]:
+    """The files a path or URI names, sorted (a URI's as URIs): a glob on the base name
+    (`s3://bucket/womd/training.tfrecord-*?endpoint_override=...`), every file of a folder, or the
+    one file. Hidden names (temporaries) are left out; [] when nothing matches. In a URI `?`
+    starts the query (the endpoint), so the glob's wildcards are `*` and `[...]`."""
+    if is_local(pattern):  # a local path, or a file:// URI: the local glob (paths returned)
+        key = resolve(pattern)[1]
+        if Path(key).is_dir():
+            return sorted(str(p) for p in Path(key).iterdir() if p.is_file() and not p.name.startswith("."))
+        return sorted(p for p in glob.glob(key) if Path(p).is_file())
+    head, sep, query = str(pattern).partition("?")
+    folder_uri, _, name = head.rstrip("/").rpartition("/")
+    if not any(c in name for c in "*["):
+        if is_dir(pattern):
+            return [join(pattern, n) for n in list_files(pattern, "")]
+        return [str(pattern)] if exists(pattern) else []
+    folder = f"{folder_uri}{sep}{query}"
+    try:
+        names = list_files(folder, "")
+    except FileNotFoundError:
+        return []
+    return [join(folder, n) for n in names if fnmatch.fnmatchcase(n, name)]
+
+
 def open_input(path: str | Path):
     """A random-access binary file for reading (local or URI), e.g. for `pyarrow.parquet`."""
     fs, key = resolve(path)
     if fs is None:
         return open(key, "rb")
     return fs.open_input_file(key)
+
+
+def open_stream(path: str | Path):
+    """A sequential binary stream for reading (local or URI), e.g. a TFRecord file in a bucket."""
+    fs, key = resolve(path)
+    if fs is None:
+        return open(key, "rb")
+    return fs.open_input_stream(key)
 
 
 def read_bytes(path: str | Path) -> bytes:

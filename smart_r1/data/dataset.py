@@ -12,7 +12,7 @@ import torch
 from smart_r1.data.parquet import num_rows, read_shard, shard_paths
 from smart_r1.data.tfrecord import read_records
 from smart_r1.data.womd import read_scenarios
-from smart_r1.storage import is_uri
+from smart_r1.storage import base_name, display, glob_files, is_dir, is_uri
 from smart_r1.types import ScenarioRecord
 
 
@@ -38,7 +38,16 @@ class ScenarioDataset(torch.utils.data.Dataset):
 
 
 def expand_inputs(pattern: str) -> list[str]:
-    """The files a TFRecord path or glob names, sorted; FileNotFoundError when none."""
+    """The files a TFRecord path or glob names, sorted; FileNotFoundError when none. A URI
+    (`s3://bucket/womd/training.tfrecord-*`, `gs://...`) is listed through pyarrow.fs: a glob on
+    the base name, a folder (its `*.tfrecord*` files) or one file."""
+    if is_uri(pattern):
+        paths = glob_files(pattern)
+        if is_dir(pattern):
+            paths = [p for p in paths if ".tfrecord" in base_name(p)]
+        if not paths:
+            raise FileNotFoundError(f"no TFRecord files match {display(pattern)!r}")
+        return paths
     paths = sorted(glob.glob(pattern)) if any(c in pattern for c in "*?[") else [pattern]
     paths = [p for p in paths if Path(p).is_file()]
     if not paths:
@@ -46,9 +55,15 @@ def expand_inputs(pattern: str) -> list[str]:
     return paths
 
 
+def is_tfrecord(text: str) -> bool:
+    """Whether a data path, glob or URI names TFRecord files (else: Parquet shards)."""
+    return ".tfrecord" in (base_name(text) if is_uri(text) else text)
+
+
 def data_source(path: str | Path) -> str:
     """A folder of Parquet shards as is; a folder of TFRecords as a glob over them. A URI
-    (`file://`, `s3://`, `gs://`) names Parquet shards (a folder or one shard)."""
+    (`file://`, `s3://`, `gs://`) names Parquet shards (a folder or one shard), or TFRecords
+    when its base name has `.tfrecord` in it (one file or a glob)."""
     if is_uri(path):
         return str(path)
     p = Path(path)
@@ -60,7 +75,7 @@ def data_source(path: str | Path) -> str:
 def count_scenarios(data: str | Path) -> int:
     """How many scenarios `data` holds, without parsing them (for a progress bar's ETA)."""
     text = data_source(data)
-    if ".tfrecord" in text and not is_uri(text):
+    if is_tfrecord(text):
         return sum(1 for path in expand_inputs(text) for _ in read_records(path))
     return sum(num_rows(path) for path in shard_paths(text))
 
@@ -71,7 +86,7 @@ def iter_scenarios(data: str | Path, limit: int | None = None) -> Iterator[Scena
     URI (`file://`, `s3://bucket/prefix`, `gs://...`, read through pyarrow.fs); they are read one
     row group at a time, so memory holds what the caller keeps, not the dataset."""
     text = data_source(data)
-    if ".tfrecord" in text and not is_uri(text):
+    if is_tfrecord(text):
         sources = (rec for path in expand_inputs(text) for rec in read_scenarios(path))
     else:
         paths = shard_paths(data)

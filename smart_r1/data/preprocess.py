@@ -19,7 +19,7 @@ from smart_r1.data.parquet import num_rows, write_shard
 from smart_r1.data.tfrecord import RecordError, read_records
 from smart_r1.data.womd import parse_scenario
 from smart_r1.ray_runtime import ensure_ray
-from smart_r1.storage import exists, join, read_bytes, resolve, write_json
+from smart_r1.storage import base_name, exists, join, read_bytes, resolve, write_json
 
 REPORT_NAME = "preprocess_report.json"
 
@@ -41,7 +41,7 @@ class FileResult:
 
 
 def shard_name(path: str | Path) -> str:
-    name = Path(path).name
+    name = base_name(path)  # a URI's key, without its ?query
     for suffix in (".tfrecord", ".tfrecords"):
         if suffix in name:
             name = name.replace(suffix, "")

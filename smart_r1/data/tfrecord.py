@@ -14,7 +14,7 @@ from pathlib import Path
 
 import google_crc32c
 
-from smart_r1.storage import write_bytes
+from smart_r1.storage import open_stream, write_bytes
 
 _MASK_DELTA = 0xA282EAD8
 
@@ -53,7 +53,7 @@ def read_records(path: str | Path) -> Iterator[bytes]:
     Data is read in chunks of at most `_CHUNK` bytes, so a corrupt length field (one that passes
     its CRC by chance, or a crafted one) never makes the reader allocate more than the file holds.
     """
-    with open(path, "rb") as f:
+    with open_stream(path) as f:  # a local file or a URI (s3://, gs://)
         index = 0
         while True:
             header = f.read(12)

@@ -122,3 +122,32 @@ def test_loader_matches_tfrecord(womd_path, womd_record, tmp_path):
     np.testing.assert_array_equal(loaded.xyz, womd_record.xyz)
     (direct,) = ScenarioDataset(str(womd_path)).records
     assert direct.scenario_id == loaded.scenario_id
+
+
+def test_preprocess_reads_tfrecords_from_a_bucket(womd_path, tmp_path, moto_s3, capsys):
+    """`preprocess --input s3://.../*.tfrecord*` (WOMD as a cloud copy keeps it): the files are
+    listed and read through pyarrow.fs, the shards equal those of the local file, and a TFRecord
+    URI is read by the scenario reader directly too."""
+    from smart_r1.data.dataset import count_scenarios, iter_scenarios
+    from smart_r1.storage import copy_file, glob_files, join, list_files
+
+    # credentials in the URI: Ray's worker processes, started by earlier tests, lack the env's
+    raw = f"s3://testing:testing@smart-r1/womd-{tmp_path.name}?{moto_s3}"
+    for name in ("training.tfrecord-00000-of-00002", "training.tfrecord-00001-of-00002", "notes.txt"):
+        copy_file(womd_path, join(raw, name))
+    pattern = join(raw, "training.tfrecord-*")
+    assert [f.split("?")[0].rsplit("/", 1)[1] for f in glob_files(pattern)] == [
+        "training.tfrecord-00000-of-00002", "training.tfrecord-00001-of-00002"]
+    assert glob_files(join(raw, "validation.tfrecord-*")) == []
+
+    out = join(raw, "parquet")
+    assert main(["preprocess", "--input", pattern, "--out", out, "--workers", "1"]) == 0
+    assert list_files(out, ".parquet") == ["training-00000-of-00002.parquet", "training-00001-of-00002.parquet"]
+    local = ScenarioDataset(str(womd_path)).records
+    for read in (list(iter_scenarios(out)), list(iter_scenarios(join(raw, "training.tfrecord-00001-of-00002")))):
+        assert [r.scenario_id for r in read] == [r.scenario_id for r in local] * (len(read) // len(local))
+        np.testing.assert_array_equal(read[-1].xyz, local[-1].xyz)
+    assert count_scenarios(pattern) == 2 * len(local)
+    # a glob that matches nothing is the same clear error as for a local one
+    assert main(["preprocess", "--input", join(raw, "nothing-*"), "--out", out]) == 2
+    assert "no TFRecord files match" in capsys.readouterr().err
