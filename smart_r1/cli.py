@@ -203,7 +203,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_make_dataset)
 
     p = sub.add_parser("preprocess", help="WOMD Scenario TFRecords -> Parquet shards (Ray)")
-    p.add_argument("--input", required=True, help="TFRecord file or glob, e.g. 'DIR/*.tfrecord*'")
+    p.add_argument("--input", required=True, help="TFRecord file, folder or glob, local or a bucket URI, e.g. 'DIR/*.tfrecord*' or 's3://bucket/womd/training.tfrecord-*'")
     p.add_argument("--out", required=True, help="output folder for Parquet shards: a local folder or a URI "
                    "(file:///abs/dir, s3://bucket/prefix, gs://bucket/prefix; written through pyarrow.fs)")
     p.add_argument("--workers", type=int, default=None, help="Ray CPUs to use (default: all)")
