@@ -2,15 +2,18 @@
 
 On a fixed-size (local) Ray they must fit at once, else a learner waits forever for CPUs that the
 actors hold; an autoscaling cluster grows instead. A sweep runs as many whole trials at a time as
-the cluster holds.
+the cluster holds at its autoscaling maximum (a cluster that starts from zero workers still runs
+its trials side by side once it has grown).
 """
 
 from __future__ import annotations
 
 import math
 import os
+from pathlib import Path
 
 import ray
+import yaml
 from ray import tune
 
 from smart_r1.config import RayConfig
@@ -33,6 +36,29 @@ def check_resources(r: RayConfig) -> None:
             raise ValueError(f"the pipeline needs {amount:g} {key} at once (rollout workers + learners) but "
                              f"this Ray has {have.get(key, 0.0):g}; lower ray.num_rollout_workers, "
                              f"ray.cpus_per_rollout_worker or ray.cpus_per_learner")
+
+
+# Where the cluster launcher (`ray up`) leaves the autoscaling config on the head node.
+BOOTSTRAP_CONFIG = Path.home() / "ray_bootstrap_config.yaml"
+
+
+def autoscaling_max(path: str | Path = BOOTSTRAP_CONFIG) -> dict[str, float] | None:
+    """The cluster's resources once the autoscaler has started every node it may: from the cluster
+    launcher's config (each node type's `resources` times its `max_workers`, the head's once), or
+    None where there is no such config (a local Ray, KubeRay: give `--max-concurrent-trials`).
+    The global `max_workers` cap is not applied: the figure is an upper bound."""
+    path = Path(path)
+    if not path.is_file():
+        return None
+    config = yaml.safe_load(path.read_text()) or {}
+    types = config.get("available_node_types") or {}
+    head = config.get("head_node_type")
+    total: dict[str, float] = {}
+    for name, node in types.items():
+        count = int(node.get("max_workers", 0)) + (1 if name == head else 0)
+        for key, amount in (node.get("resources") or {}).items():
+            total[key] = total.get(key, 0.0) + float(amount) * count
+    return total or None
 
 
 def whole_trials(r: RayConfig, cluster: dict[str, float]) -> int:

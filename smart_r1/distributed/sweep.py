@@ -30,7 +30,6 @@ import dataclasses
 import json
 import os
 from dataclasses import dataclass
-from pathlib import Path
 
 import ray
 from ray import tune
@@ -38,34 +37,37 @@ from ray.tune.schedulers import ASHAScheduler
 
 from smart_r1.config import PipelineConfig
 from smart_r1.distributed.pipeline import prepare_data, run_pipeline
-from smart_r1.distributed.resources import resources_needed, trial_resources, whole_trials
+from smart_r1.distributed.resources import autoscaling_max, resources_needed, trial_resources, whole_trials
 from smart_r1.distributed.run_identity import fingerprint
 from smart_r1.distributed.sweep_config import SweepConfig, check_space, split_stages, trial_config
 from smart_r1.distributed.sweep_results import METRICS, best_row, format_sweep_table, trial_row
 from smart_r1.distributed.worker_kit import MODEL_NAME
-from smart_r1.storage import write_json, write_text
+from smart_r1.distributed.learner import ray_storage
+from smart_r1.storage import (base_name, copy_file, display, exists, is_dir, is_local, join, read_json, root,
+                              write_json, write_text)
 from smart_r1.tracking.mlflow_runs import RunTracker, check_tracking_uri, folder_run, resolve_tracking_uri
 
 
 def resolve_shared(checkpoint: str, base: PipelineConfig, rft_stage: str) -> tuple[str, dict[str, str]]:
     """The given shared SFT checkpoint and data paths it comes with: a checkpoint file, or a
-    pipeline run folder (its last finished stage before RFT and its generated data)."""
-    path = Path(checkpoint).resolve()
-    if not path.exists():
-        raise ValueError(f"shared SFT checkpoint: no such file or run folder {checkpoint!r}")
-    if path.is_file():
-        return str(path), {}
+    pipeline run folder (its last finished stage before RFT and its generated data); either a
+    local path or a storage URI (`s3://...`), so trials on other nodes can read it."""
+    path = root(checkpoint)
+    if not exists(path):
+        raise ValueError(f"shared SFT checkpoint: no such file or run folder {display(checkpoint)!r}")
+    if not is_dir(path):
+        return path, {}
     before, _ = split_stages(base, rft_stage)
     name = before[-1].name if before else "sft"
-    done = path / name / "done.json"
-    if not done.exists():
-        raise ValueError(f"shared SFT checkpoint: {path} is not a pipeline run folder with a finished "
-                         f"{name!r} stage ({done} is missing)")
-    ckpt = path / name / MODEL_NAME  # where the pipeline puts it
-    if not ckpt.exists():
-        raise ValueError(f"shared SFT checkpoint: {ckpt} is missing")
-    data = {d: str(path / "data" / d) for d in ("train", "heldout") if (path / "data" / d).exists()}
-    return str(ckpt), data
+    done = join(path, name, "done.json")
+    if not exists(done):
+        raise ValueError(f"shared SFT checkpoint: {display(path)} is not a pipeline run folder with a finished "
+                         f"{name!r} stage ({display(done)} is missing)")
+    ckpt = join(path, name, MODEL_NAME)  # where the pipeline puts it
+    if not exists(ckpt):
+        raise ValueError(f"shared SFT checkpoint: {display(ckpt)} is missing")
+    data = {d: join(path, "data", d) for d in ("train", "heldout") if exists(join(path, "data", d))}
+    return ckpt, data
 
 
 def _identity(sweep: SweepConfig, base: PipelineConfig) -> dict:
@@ -80,10 +82,10 @@ def preflight(sweep: SweepConfig, base: PipelineConfig, checkpoint: str = "") ->
     check_space(sweep, base, checkpoint)
     if checkpoint:
         resolve_shared(checkpoint, base, sweep.rft_stage)
-    saved = Path(sweep.out_dir) / "sweep.json"
-    if saved.exists() and json.loads(saved.read_text()) != _identity(sweep, base):
-        raise ValueError(f"{sweep.out_dir} holds a sweep with a different search space or pipeline config "
-                         f"({saved}); resume it with the same config or pick a new --out-dir")
+    saved = read_json(join(root(sweep.out_dir), "sweep.json"), None)
+    if saved is not None and saved != _identity(sweep, base):
+        raise ValueError(f"{display(sweep.out_dir)} holds a sweep with a different search space or pipeline "
+                         "config (sweep.json); resume it with the same config or pick a new --out-dir")
     check_tracking_uri(resolve_tracking_uri(os.environ.get("MLFLOW_TRACKING_URI")))
 
 
@@ -103,8 +105,8 @@ def run_trial(params: dict, setup: TrialSetup) -> None:
     `tune.report` of held-out metrics per stage."""
     alpha, beta = float(params["alpha"]), float(params["beta"])
     trial_id = tune.get_context().get_trial_id()  # kept by Tuner.restore: a restarted trial finds its folder
-    out = Path(setup.trials_dir) / f"{trial_id}_alpha={alpha:.4g}_beta={beta:.4g}"
-    config = trial_config(setup.base, setup.rft_stage, alpha, beta, str(out))
+    out = join(setup.trials_dir, f"{trial_id}_alpha={alpha:.4g}_beta={beta:.4g}")
+    config = trial_config(setup.base, setup.rft_stage, alpha, beta, out)
     # run_pipeline reads the tracking URI from the environment, and a trial's process on a
     # cluster node does not inherit the driver's
     os.environ["MLFLOW_TRACKING_URI"] = setup.tracking_uri
@@ -112,7 +114,7 @@ def run_trial(params: dict, setup: TrialSetup) -> None:
     tracker, new = folder_run(out, f"trial {trial_id}", parent=RunTracker(setup.tracking_uri, setup.sweep_run_id))
     if new:
         tracker.log_params({"alpha": alpha, "beta": beta, "trial_id": trial_id, "config": config.to_dict()})
-    print(f"[sweep] trial {trial_id} starts: alpha={alpha:.4g} beta={beta:.4g} in {out}", flush=True)
+    print(f"[sweep] trial {trial_id} starts: alpha={alpha:.4g} beta={beta:.4g} in {display(out)}", flush=True)
     for k, stage in enumerate(config.stages):
         rows = run_pipeline(dataclasses.replace(config, stages=config.stages[: k + 1]))
         metrics = {key: float(rows[stage.name]["heldout"][key]) for key in METRICS}
@@ -120,23 +122,31 @@ def run_trial(params: dict, setup: TrialSetup) -> None:
         tune.report({**metrics, "stage": stage.name, "complete": k + 1 == len(config.stages)})
 
 
-def shared_base(sweep: SweepConfig, base: PipelineConfig, out: Path, checkpoint: str, tracker) -> PipelineConfig:
+def shared_base(sweep: SweepConfig, base: PipelineConfig, out: str, checkpoint: str, tracker) -> PipelineConfig:
     """The pipeline config trials start from: the shared SFT checkpoint (given, or made here once
-    by the stages before RFT) and absolute data paths, so that no trial prepares data again."""
+    by the stages before RFT) and absolute data paths or URIs, so that no trial prepares data again."""
     before, _ = split_stages(base, sweep.rft_stage)
-    base_dir = out / "base"
-    data = dataclasses.replace(base.data, **{k: str(Path(v).resolve()) for k, v in
+    base_dir = join(out, "base")
+    data = dataclasses.replace(base.data, **{k: root(v) for k, v in
                                              (("train", base.data.train), ("heldout", base.data.heldout)) if v})
     if checkpoint:
         ckpt, found = resolve_shared(checkpoint, base, sweep.rft_stage)
+        if not is_local(out) and is_local(ckpt):
+            # a trial may run on any node: its learners get the weights from the trial's process,
+            # which reads them from the sweep's root, not from this machine's disk
+            stored = join(base_dir, "shared_sft.pt")
+            print(f"[sweep] copying the shared SFT checkpoint {ckpt} to {display(stored)}", flush=True)
+            copy_file(ckpt, stored)
+            ckpt = stored
         data = dataclasses.replace(data, **{k: v for k, v in found.items() if not getattr(base.data, k)})
         datasets = prepare_data(dataclasses.replace(base, data=data), base_dir)
     else:
-        config = dataclasses.replace(base, data=data, out_dir=str(base_dir), stages=before)
+        config = dataclasses.replace(base, data=data, out_dir=base_dir, stages=before)
         folder_run(base_dir, "shared stages", parent=tracker)
-        print(f"[sweep] shared stages {[s.name for s in before]} in {base_dir} (skipped where finished)", flush=True)
+        print(f"[sweep] shared stages {[s.name for s in before]} in {display(base_dir)} (skipped where finished)",
+              flush=True)
         run_pipeline(config)
-        ckpt = str(base_dir / before[-1].name / MODEL_NAME)
+        ckpt = join(base_dir, before[-1].name, MODEL_NAME)
         datasets = prepare_data(config, base_dir)
     data = dataclasses.replace(data, train=datasets["train"], heldout=datasets["heldout"])
     return dataclasses.replace(base, data=data, init_checkpoint=ckpt).validate()
@@ -146,60 +156,66 @@ def run_sweep(sweep: SweepConfig, base: PipelineConfig, checkpoint: str = "") ->
     """Run (or resume) the sweep; returns its rows and writes results.{md,json} and best.json
     to the sweep folder. Ray must be initialised."""
     preflight(sweep, base, checkpoint)
-    out = Path(sweep.out_dir).resolve()
-    out.mkdir(parents=True, exist_ok=True)
-    write_json(out / "sweep.json", _identity(sweep, base))
-    tracker, new = folder_run(out, out.name)  # a resumed sweep keeps its MLflow run
+    out = root(sweep.out_dir)  # a local folder (made absolute) or a bucket URI: the sweep's storage root
+    write_json(join(out, "sweep.json"), _identity(sweep, base))
+    tracker, new = folder_run(out, base_name(out))  # a resumed sweep keeps its MLflow run
     if new:
         tracker.log_params({"sweep": dataclasses.asdict(sweep), "pipeline": base.to_dict()})
     trial_base = shared_base(sweep, base, out, checkpoint, tracker)
-    setup = TrialSetup(trial_base, sweep.rft_stage, str(out / "trials"), tracker.tracking_uri, tracker.run_id)
+    setup = TrialSetup(trial_base, sweep.rft_stage, join(out, "trials"), tracker.tracking_uri, tracker.run_id)
     trainable = tune.with_resources(tune.with_parameters(run_trial, setup=setup), trial_resources(base.ray))
     name = f"sweep-{fingerprint(_identity(sweep, base))}"  # a sweep of another space never resumes this one
-    path = out / "tune" / name
-    if tune.Tuner.can_restore(path):
-        print(f"[sweep] resuming {path}: finished trials are kept", flush=True)
+    # Tune's state lives in the same root: a local folder, or the bucket through its filesystem
+    storage = ray_storage(join(out, "tune"))
+    path = join(storage["storage_path"], name)
+    filesystem = storage.get("storage_filesystem")
+    if tune.Tuner.can_restore(path, storage_filesystem=filesystem):
+        print(f"[sweep] resuming {display(join(out, 'tune', name))}: finished trials are kept", flush=True)
         # Errored trials (already retried by FailureConfig) stay errored: Tune starts every
         # restored unfinished trial at once, and the search algorithm's concurrency cap only
         # bounds those (it limits trials alive at a time), not extra errored ones on top.
-        tuner = tune.Tuner.restore(str(path), trainable, resume_unfinished=True, resume_errored=False)
+        tuner = tune.Tuner.restore(path, trainable, resume_unfinished=True, resume_errored=False,
+                                   storage_filesystem=filesystem)
     else:
-        cluster = ray.cluster_resources()
+        present = ray.cluster_resources()
+        cluster = autoscaling_max() or present  # a cluster that starts small grows to its maximum
         concurrent = sweep.max_concurrent_trials or whole_trials(base.ray, cluster)
         if resources_needed(base.ray)["CPU"] > cluster.get("CPU", 0):
-            print(f"[sweep] warning: one trial needs more CPUs than the cluster has now ({cluster.get('CPU', 0):g}); "
+            print(f"[sweep] warning: one trial needs more CPUs than the cluster has ({cluster.get('CPU', 0):g}); "
                   "it waits for the autoscaler (or forever on a fixed machine: lower ray.cpus_* in the config)",
                   flush=True)
         _, stages = split_stages(base, sweep.rft_stage)
         scheduler = (ASHAScheduler(time_attr="training_iteration", max_t=len(stages),
                                    grace_period=sweep.asha_grace_period, reduction_factor=2)
                      if sweep.asha else None)
-        print(f"[sweep] {sweep.search} search, up to {concurrent} trial(s) at a time", flush=True)
+        source = ("given" if sweep.max_concurrent_trials else
+                  "the cluster at its autoscaling maximum" if cluster is not present else "the cluster now")
+        print(f"[sweep] {sweep.search} search, up to {concurrent} trial(s) at a time ({source})", flush=True)
         tuner = tune.Tuner(
             trainable, param_space=sweep.space(),
             tune_config=tune.TuneConfig(metric="metametric", mode="max", num_samples=sweep.num_samples,
                                         max_concurrent_trials=concurrent, scheduler=scheduler),
             # a retried trial continues from its last finished stage (and the learner from its last
             # checkpoint), so a trial killed by a node failure or the OOM killer costs little
-            run_config=tune.RunConfig(name=name, storage_path=str(out / "tune"), verbose=1,
+            run_config=tune.RunConfig(name=name, **storage, verbose=1,
                                       failure_config=tune.FailureConfig(max_failures=2)))
     rows = [trial_row(r) for r in tuner.fit()]
     table = format_sweep_table(rows)
-    write_text(out / "results.md", table + "\n")
-    write_json(out / "results.json", rows)
-    tracker.log_artifact(out / "results.md")
+    write_text(join(out, "results.md"), table + "\n")
+    write_json(join(out, "results.json"), rows)
+    tracker.log_artifact(join(out, "results.md"))
     failed = [r for r in rows if r["status"] == "error"]
     best = best_row(rows)
     record = {**best, "objective": "held-out realism meta metric after the last stage (max); ties at 4 "
                                    "decimals go to lower collision + off-road rate, then lower minADE",
               "overrides": [f"{sweep.rft_stage}.alpha={best['alpha']}", f"{sweep.rft_stage}.beta={best['beta']}"],
               "config": trial_config(trial_base, sweep.rft_stage, best["alpha"], best["beta"], "").to_dict()}
-    write_json(out / "best.json", record)
-    tracker.log_artifact(out / "best.json")
+    write_json(join(out, "best.json"), record)
+    tracker.log_artifact(join(out, "best.json"))
     tracker.log_metrics({"best_alpha": best["alpha"], "best_beta": best["beta"],
                          **{f"best_{k}": v for k, v in best["metrics"].items()}})
     tracker.finish("FAILED" if failed else "FINISHED")
-    print(f"\n[sweep] {len(rows)} trials ({len(failed)} failed); results in {out}\n{table}\n"
+    print(f"\n[sweep] {len(rows)} trials ({len(failed)} failed); results in {display(out)}\n{table}\n"
           f"[sweep] best: alpha={best['alpha']:.4g} beta={best['beta']:.4g} "
-          f"meta={best['metrics']['metametric']:.4f} -> {out / 'best.json'}", flush=True)
+          f"meta={best['metrics']['metametric']:.4f} -> {display(join(out, 'best.json'))}", flush=True)
     return rows

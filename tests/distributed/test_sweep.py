@@ -1,10 +1,10 @@
-"""The alpha/beta Tune sweep: bad input fails before any trial; a tiny 2 x 2 grid from one shared
-SFT checkpoint (the pipeline test's run folder), interrupted (SIGKILL) after its first finished
+"""The alpha/beta Tune sweep: bad input fails before any trial; a tiny 3 x 1 grid from one shared
+SFT checkpoint (the pipeline test's run folder), with the sweep's storage root (trials, Tune's
+state, results) in a bucket on moto's S3 server, interrupted (SIGKILL) after its first finished
 trial and resumed with Tuner.restore without redoing that trial; best config and MLflow runs."""
 
 from __future__ import annotations
 
-import glob
 import json
 import os
 import signal
@@ -18,9 +18,10 @@ import pytest
 import yaml
 
 from smart_r1.config import RayConfig, load_config
-from smart_r1.distributed.resources import whole_trials
+from smart_r1.distributed.resources import autoscaling_max, whole_trials
 from smart_r1.distributed.sweep_config import load_sweep_config, trial_config
 from smart_r1.distributed.sweep_results import best_row, format_sweep_table
+from smart_r1.storage import exists, join, list_names, read_bytes, read_json, read_text, resolve
 
 REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "pipelines" / "sweep_alpha_beta.py"
@@ -103,6 +104,17 @@ def test_concurrency_counts_rollout_actors_and_learners():
     assert whole_trials(gpu, {"CPU": 2.0}) == 1  # an autoscaling cluster's idle head: one at a time
 
 
+def test_concurrency_of_a_cluster_that_starts_empty_comes_from_its_autoscaling_maximum(tmp_path):
+    """On a launcher-made cluster (`ray up cluster/aws.yaml`) the head holds the config as
+    ~/ray_bootstrap_config.yaml: the sweep sizes its concurrency from every node type at its
+    max_workers, not from the CPU-less head that is all there is when the sweep starts."""
+    aws = autoscaling_max(REPO / "cluster" / "aws.yaml")
+    assert aws == {"CPU": 0 + 2 * 48 + 16 * 64, "GPU": 2 * 4}  # head, gpu_learner, cpu_rollout
+    womd = load_config(REPO / "pipelines" / "womd_gpu.yaml").ray
+    assert whole_trials(womd, aws) > 1 == whole_trials(womd, {"CPU": 0.0})
+    assert autoscaling_max(tmp_path / "absent.yaml") is None  # a local Ray or KubeRay: the flag
+
+
 def test_best_config_objective_and_tie_break():
     def row(trial, meta, collision, status="complete"):
         return {"trial_id": trial, "alpha": 0.5, "beta": 0.0, "status": status,
@@ -120,24 +132,27 @@ def test_best_config_objective_and_tie_break():
 
 # -- a tiny 3 x 1 sweep, interrupted and resumed ---------------------------------------------
 
-def _trial_states(out: Path) -> dict[str, str]:
-    states = {}
-    for path in glob.glob(str(out / "tune" / "sweep-*" / "experiment_state-*.json")):
-        try:
-            data = json.loads(Path(path).read_text())
-        except (json.JSONDecodeError, OSError):  # being rewritten
-            continue
-        for item in data["trial_data"]:
-            trial = json.loads(item[0])
-            states[trial["trial_id"]] = trial["status"]
-    return states
+def _finished_trials(out: str) -> list[str]:
+    """Trial folders in the bucket whose last stage is done."""
+    trials = join(out, "trials")
+    if not exists(trials):
+        return []
+    return [name for name in list_names(trials) if exists(join(trials, name, "sft_final", "done.json"))]
+
+
+def _mtime(uri: str):
+    fs, key = resolve(uri)
+    return fs.get_file_info(key).mtime
 
 
 @pytest.mark.slow
-def test_tiny_sweep_interrupted_then_resumed(submitted, mlflow_server, tmp_path, tiny_config):
+def test_tiny_sweep_interrupted_then_resumed(submitted, mlflow_server, moto_s3, tmp_path, tiny_config, monkeypatch):
     from mlflow.tracking import MlflowClient
 
     shared_run, _ = submitted  # its finished sft is every trial's start (made once, not per trial)
+    keys = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_EC2_METADATA_DISABLED": "true"}
+    for k, v in keys.items():  # credentials from the environment, as with a cluster's instance role
+        monkeypatch.setenv(k, v)
 
     # fractional CPUs: a trial (rollout actor + learner) needs 1 CPU, so two run side by side here
     ray = {"num_rollout_workers": 1, "cpus_per_rollout_worker": 0.5, "num_learners": 1, "cpus_per_learner": 0.5}
@@ -146,11 +161,11 @@ def test_tiny_sweep_interrupted_then_resumed(submitted, mlflow_server, tmp_path,
     raw = yaml.safe_load(pipeline.read_text())
     raw["stages"][2]["steps"] = 1  # rft
     pipeline.write_text(yaml.safe_dump(raw))
-    out = tmp_path / "sweep"
+    out = f"s3://smart-r1/sweep-{tmp_path.name}?{moto_s3}"
     config = tmp_path / "sweep.yaml"
     # two trials side by side, then the third: the first run is killed when one finishes, so the
     # third (at least) is left for the second run (two trials alone can finish within one poll)
-    config.write_text(yaml.safe_dump({"pipeline": str(pipeline), "out_dir": str(out),
+    config.write_text(yaml.safe_dump({"pipeline": str(pipeline), "out_dir": out,
                                       "alpha": [0.5, 0.7, 0.9], "beta": [0.1]}))
     cmd = [sys.executable, str(SCRIPT), "--config", str(config), "--sft-checkpoint", str(shared_run)]
     env = {**os.environ, "MLFLOW_TRACKING_URI": mlflow_server}
@@ -162,47 +177,54 @@ def test_tiny_sweep_interrupted_then_resumed(submitted, mlflow_server, tmp_path,
     finished = []
     while time.time() < deadline and not finished and first.poll() is None:
         time.sleep(2)
-        finished = [t for t, s in _trial_states(out).items() if s == "TERMINATED"]
+        finished = _finished_trials(out)
     os.killpg(first.pid, signal.SIGKILL)  # the driver, its Ray and every trial, mid-sweep
     first.wait()
     log1.close()
     assert finished, (tmp_path / "first.log").read_text()[-4000:]
-    done = finished[0]
-    (done_dir,) = list((out / "trials").glob(f"{done}_*"))
-    stamps = {p: p.stat().st_mtime_ns for p in done_dir.glob("*/model.pt")}
-    assert len(stamps) == 2  # rft and sft_final
+    done_dir = join(out, "trials", finished[0])
+    done = finished[0].split("_alpha=")[0]  # the trial id
+    stamps = {stage: _mtime(join(done_dir, stage, "model.pt")) for stage in ("rft", "sft_final")}
+    assert not [p for p in tmp_path.rglob("*") if "tune" in p.parts or "trials" in p.parts], \
+        "the sweep wrote trial or Tune state outside its storage root"
 
     second = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1500)
     assert second.returncode == 0, second.stdout[-4000:] + second.stderr[-4000:]
     output = second.stdout + second.stderr
     assert "resuming" in output
     assert f"trial {done} starts" not in output, "a finished trial was run again"
-    assert {p: p.stat().st_mtime_ns for p in done_dir.glob("*/model.pt")} == stamps
+    assert {stage: _mtime(join(done_dir, stage, "model.pt")) for stage in stamps} == stamps
 
-    rows = json.loads((out / "results.json").read_text())
+    rows = read_json(join(out, "results.json"))
     assert sorted((r["alpha"], r["beta"]) for r in rows) == [(0.5, 0.1), (0.7, 0.1), (0.9, 0.1)]
     assert all(r["status"] == "complete" for r in rows), rows
     for r in rows:
         m = r["metrics"]
         assert 0.0 < m["metametric"] < 1.0 and m["min_average_displacement_error"] > 0
         assert 0.0 <= m["simulated_collision_rate"] <= 1.0 and 0.0 <= m["simulated_offroad_rate"] <= 1.0
-    # every trial started from the one shared SFT checkpoint; none re-ran the earlier stages
-    assert f"[rft] mpo from {shared_run / 'sft' / 'model.pt'}" in output
-    assert not any((out / "trials").glob("*/bc")) and not any((out / "trials").glob("*/sft"))
-    best = json.loads((out / "best.json").read_text())
+    # every trial started from the one shared SFT checkpoint, copied into the bucket (a trial on
+    # another node could not read this machine's file); none re-ran the earlier stages
+    shared = join(out, "base", "shared_sft.pt")
+    assert read_bytes(shared) == (shared_run / "sft" / "model.pt").read_bytes()
+    assert f"[rft] mpo from {shared}" in output
+    trials = list_names(join(out, "trials"))
+    assert len(trials) == 3 and all(set(list_names(join(out, "trials", t))) >= {"rft", "sft_final"} and
+                                    not {"bc", "sft"} & set(list_names(join(out, "trials", t))) for t in trials)
+    assert list_names(join(out, "tune")), "Tune's state is kept in the sweep's storage root"
+    best = read_json(join(out, "best.json"))
     assert best["metrics"]["metametric"] == pytest.approx(max(r["metrics"]["metametric"] for r in rows), abs=1e-4)
     assert best["config"]["stages"][0]["alpha"] == best["alpha"]
     assert f"alpha={best['alpha']:.4g}" in second.stdout
 
     client = MlflowClient(mlflow_server)
-    sweep_id = (out / "mlflow_run_id").read_text().strip()
+    sweep_id = read_text(join(out, "mlflow_run_id")).strip()
     assert client.get_run(sweep_id).info.status == "FINISHED"
     children = client.search_runs([client.get_run(sweep_id).info.experiment_id],
                                   filter_string=f"tags.mlflow.parentRunId = '{sweep_id}'")
-    trials = [c for c in children if c.info.run_name.startswith("trial ")]
+    trial_runs = [c for c in children if c.info.run_name.startswith("trial ")]
     assert "shared stages" not in {c.info.run_name for c in children}  # given, not made
-    assert len(trials) == 3  # the resumed trials kept their runs
-    for t in trials:
+    assert len(trial_runs) == 3  # the resumed trials kept their runs
+    for t in trial_runs:
         assert {"alpha", "beta", "config.stages.rft.alpha"} <= set(t.data.params)
         assert t.data.params["config.stages.rft.alpha"] == t.data.params["alpha"]
         assert "heldout_metametric" in t.data.metrics
