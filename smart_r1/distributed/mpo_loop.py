@@ -32,8 +32,8 @@ from smart_r1.distributed import rollout_tasks
 from smart_r1.distributed.rollout_tasks import RolloutQueue
 from smart_r1.distributed.rollout_worker import RolloutSpec
 from smart_r1.distributed.timing import PhaseTimer, format_phases
-from smart_r1.distributed.worker_kit import (LearnerJob, Progress, fetch_checkpoint, maybe_fail, report, say,
-                                            start_training)
+from smart_r1.distributed.worker_kit import (LearnerJob, Progress, fetch_checkpoint, maybe_fail, peak_rss_mb, report,
+                                            say, start_training)
 from smart_r1.model.checkpoint import load_checkpoint
 from smart_r1.rl.experience import collate_experiences
 from smart_r1.rl.mpo import mpo_step
@@ -177,7 +177,7 @@ def mpo_loop(config: dict) -> None:
             "collision_rate": float(np.mean([e.collision.mean() for e in experiences])),
             "offroad_rate": float(np.mean([e.offroad.mean() for e in experiences])),
             "rollouts_failed": failed, "rollouts_stale": stale, "scenarios": len(experiences),
-            "nonfinite_skipped": guard.skipped,
+            "nonfinite_skipped": guard.skipped, "peak_rss_mb": peak_rss_mb(),
         }
         progress.line(step + 1, f"reward {metrics['reward']:.3f} realism {metrics['realism']:.3f} "
                                 f"coll {metrics['collision_rate']:.3f} off {metrics['offroad_rate']:.3f} "

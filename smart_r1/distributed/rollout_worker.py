@@ -14,21 +14,22 @@ import dataclasses
 import os
 import time
 import traceback
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import ray
 import torch
 
 from smart_r1.config import MPOStage, SamplingConfig
-from smart_r1.data.dataset import iter_scenarios
+from smart_r1.data.index import scenario_index
 from smart_r1.metrics import compute_scenario_metrics
-from smart_r1.distributed.worker_kit import weights_ref
+from smart_r1.distributed.worker_kit import peak_rss_mb, weights_ref
 from smart_r1.model.checkpoint import load_checkpoint
 from smart_r1.rl.experience import make_experience, reference_log_probs
 from smart_r1.rl.rewards import RewardConfig
 from smart_r1.rollout.closed_loop import closed_loop, to_rollouts
 from smart_r1.rollout.sampling import Sampler
-from smart_r1.tokens.scene import build_scene
+from smart_r1.tokens.scene import SceneBatch, build_scene
 from smart_r1.types import Experience, RolloutFailure, ScenarioRecord
 
 
@@ -48,10 +49,18 @@ class RolloutSpec:
         return cls(stage.num_rollouts, stage.sampling, RewardConfig.of_stage(stage))
 
 
+SCENE_CACHE = 64  # tokenised scenes an actor keeps (~270 KB each on WOMD): evaluation re-scores the same few
+
+
 class RolloutWorker:
     """One policy copy. `checkpoint` is the starting checkpoint's bytes (through Ray's object
     store: `start_workers`). `datasets` maps a name ("train", "heldout", "real") to data that
-    every node can read (a Parquet folder or URI, or a TFRecord glob); scenarios load on first use."""
+    every node can read (a Parquet folder or URI, or a TFRecord glob).
+
+    An actor reads only the scenarios it is handed: each dataset is opened as an index over its
+    shards' footers (`smart_r1.data.index`), which decodes the row groups of the scenarios asked
+    for and keeps the last two; the last SCENE_CACHE tokenised scenes are kept too. Its memory
+    does not grow with the dataset."""
 
     def __init__(self, checkpoint: bytes, datasets: dict[str, str], device: str = "cpu",
                  threads: int = 1, seed: int = 0, worker_index: int = 0):
@@ -61,8 +70,8 @@ class RolloutWorker:
         self.version = -1  # the checkpoint's own weights
         self.reference, self._reference_ref = None, None  # MPO's frozen reference, when asked for
         self.datasets = dict(datasets)
-        self._records: dict[str, list[ScenarioRecord]] = {}
-        self._scenes: dict[tuple[str, int], object] = {}
+        self._indexes: dict[str, object] = {}  # dataset name -> ShardIndex (or MemoryIndex for a TFRecord)
+        self._scenes: OrderedDict[tuple[str, int], SceneBatch] = OrderedDict()  # least recently used first
         self.generator = torch.Generator(device=self.device).manual_seed(seed * 1000 + worker_index)
         self.worker_index = worker_index
 
@@ -73,21 +82,30 @@ class RolloutWorker:
         self.version = version
 
     def info(self) -> dict:
-        return {"pid": os.getpid(), "version": self.version, "worker_index": self.worker_index}
+        return {"pid": os.getpid(), "version": self.version, "worker_index": self.worker_index,
+                "peak_rss_mb": peak_rss_mb()}
 
     def _sync(self, version: int, weights: list) -> None:
         if weights and version != self.version:
             self.update_weights(version, ray.get(weights[0]))
 
-    def records(self, dataset: str) -> list[ScenarioRecord]:
-        if dataset not in self._records:
-            self._records[dataset] = list(iter_scenarios(self.datasets[dataset]))
-        return self._records[dataset]
+    def _index(self, dataset: str):
+        if dataset not in self._indexes:
+            self._indexes[dataset] = scenario_index(self.datasets[dataset])
+        return self._indexes[dataset]
 
-    def _scene(self, dataset: str, index: int):
+    def record(self, dataset: str, index: int) -> ScenarioRecord:
+        """Scenario `index` of a dataset (decoding its row group unless it is still cached)."""
+        return self._index(dataset).read([index])[0]
+
+    def _scene(self, dataset: str, index: int, record: ScenarioRecord) -> SceneBatch:
         key = (dataset, index)
-        if key not in self._scenes:
-            self._scenes[key] = build_scene(self.records(dataset)[index], self.model.vocab, agents="sim")
+        if key in self._scenes:
+            self._scenes.move_to_end(key)
+        else:
+            self._scenes[key] = build_scene(record, self.model.vocab, agents="sim")
+            if len(self._scenes) > SCENE_CACHE:
+                self._scenes.popitem(last=False)
         return self._scenes[key]
 
     def _reference(self, spec: RolloutSpec):
@@ -115,10 +133,10 @@ class RolloutWorker:
         for index in indices:
             scenario_id = "?"
             try:
-                record = self.records(dataset)[index]
+                record = self.record(dataset, index)
                 scenario_id = record.scenario_id
                 t0 = time.perf_counter()
-                scene = self._scene(dataset, index)
+                scene = self._scene(dataset, index, record)
                 tensors = closed_loop(self.model, scene, spec.num_rollouts, sampler)
                 t1 = time.perf_counter()
                 ref_log_probs = None if reference is None else reference_log_probs(reference, scene, tensors,
@@ -140,11 +158,11 @@ class RolloutWorker:
         for index in indices:
             scenario_id = "?"
             try:
-                record = self.records(dataset)[index]
+                record = self.record(dataset, index)
                 scenario_id = record.scenario_id
                 if not record.sim_agent_mask.any():
                     raise ValueError("no valid sim agents")
-                scene = self._scene(dataset, index)
+                scene = self._scene(dataset, index, record)
                 tensors = closed_loop(self.model, scene, spec.num_rollouts, sampler)
                 (rollout,) = to_rollouts(scene, tensors)
                 metrics = compute_scenario_metrics(record, torch.as_tensor(rollout.states))
@@ -154,7 +172,8 @@ class RolloutWorker:
         return out
 
     def num_scenarios(self, dataset: str) -> int:
-        return len(self.records(dataset))
+        """Scenarios in a dataset, from its shards' footers."""
+        return len(self._index(dataset))
 
 
 def start_workers(checkpoint, datasets: dict[str, str], count: int, cpus: float, gpus: float,

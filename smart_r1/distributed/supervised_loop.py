@@ -4,49 +4,85 @@
               warm-up and cosine decay of the learning rate (the SFT stages keep theirs constant)
     catk_sft  closed-loop SFT on CAT-K rollouts (smart_r1.rl.catk)
 
-Each worker takes every world_size-th scenario; one report (metrics + checkpoint) per epoch.
+Each rank streams its own part of the training scenes (`smart_r1.data.stream`): per epoch the
+row groups of the token shards are shuffled (the same seeded order on every rank) and dealt to the
+ranks; a rank reads its row groups in turn through a shuffle buffer of `SHUFFLE_SCENES` scenes and
+batches them by size window by window (`size_bucketed`). Its memory holds the buffer, one window
+and one decoded row group, never the dataset. Every rank takes the same number of steps per epoch
+(their gradients are all-reduced): ceil(scenes / world_size / batch_scenarios), or the stage's
+`steps_per_epoch`; a rank whose row groups hold fewer scenes goes round them again.
+
+The scenes come tokenised (`job.scenes`: the token shards the pipeline wrote once, before the first
+stage, `smart_r1.tokens.cache`); a caller that did not tokenise (a test, a benchmark) gets the
+training records tokenised as they are read. One report (metrics + checkpoint) per epoch.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 import random
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 
 import torch
 
-from smart_r1.data.dataset import iter_scenarios
+from smart_r1.data.index import ShardIndex, scenario_index
+from smart_r1.data.parquet import shard_paths
+from smart_r1.data.stream import epoch_rows, rank_units
 from smart_r1.distributed.timing import PhaseTimer, format_phases
 from smart_r1.distributed.worker_kit import (
-    LearnerJob, Progress, fetch_checkpoint, maybe_fail, report, say, start_training,
+    LearnerJob, Progress, fetch_checkpoint, maybe_fail, peak_rss_mb, report, say, start_training,
 )
 from smart_r1.model.checkpoint import load_checkpoint
 from smart_r1.rl.bc import bc_loss
 from smart_r1.rl.catk import catk_sft_loss
 from smart_r1.rl.optim import NonFiniteGuard, optimizer_step, set_learning_rate, warmup_cosine
-from smart_r1.tokens.scene import build_scene, collate, scene_size, size_bucketed
+from smart_r1.storage import join, read_json
+from smart_r1.tokens.cache import DONE_NAME, STAGE_OPTIONS, vocab_hash
+from smart_r1.tokens.motion_vocab import MotionVocab
+from smart_r1.tokens.scene import SceneBatch, build_scene, collate, scene_size, size_bucketed
+from smart_r1.tokens.shards import table_to_scenes
+
+SHUFFLE_SCENES = 128  # scenes a rank holds to shuffle: ~35 MB of WOMD scenes (~270 KB each)
+WINDOW_BATCHES = 8  # size_bucketed's window: batches sorted by size together
 
 
-class SceneCache:
-    """This rank's training scenes, tokenised on first use: a stage that trains on part of the
-    scenarios (`steps_per_epoch`) only pays for the scenes it draws."""
+@dataclass(frozen=True)
+class SceneSource:
+    """Where a rank's scenes come from: `units` row groups holding `total` scenes (all ranks
+    together); `read_unit(u)` -> the scenes (SceneBatch, B = 1) of row group u."""
 
-    def __init__(self, job: LearnerJob, vocab, rank: int, world_size: int):
-        everything = list(iter_scenarios(job.datasets["train"]))
-        self.total = len(everything)  # training scenarios over all ranks
-        # BC learns from every agent with tokens; closed-loop SFT unrolls the sim agents.
-        self.agents = "all" if job.stage.kind == "bc" else "sim"
-        self.records = [r for r in everything[rank::world_size] if r.sim_agent_mask.any() or self.agents == "all"]
-        self.vocab = vocab
-        self.scenes: dict[int, object] = {}
+    units: int
+    total: int
+    read_unit: Callable[[int], list[SceneBatch]]
 
-    def __len__(self) -> int:
-        return len(self.records)
 
-    def __getitem__(self, i: int):
-        if i not in self.scenes:
-            self.scenes[i] = build_scene(self.records[i], self.vocab, agents=self.agents,
-                                         max_agents=64 if self.agents == "all" else 128)
-        return self.scenes[i]
+def scene_source(job: LearnerJob, vocab: MotionVocab) -> SceneSource:
+    """The stage's token shards (`job.scenes`), checked against the model's vocabulary; without
+    them, the training records tokenised as read (nothing cached beyond one row group)."""
+    options = STAGE_OPTIONS[job.stage.kind]
+    if job.scenes:
+        made_with = read_json(join(job.scenes, DONE_NAME), {}).get("vocab")
+        if made_with != vocab_hash(vocab):
+            raise ValueError(f"stage {job.stage.name}: token shards {job.scenes} were made with vocabulary "
+                             f"{made_with}, the model's is {vocab_hash(vocab)}")
+        tokens = ShardIndex([str(p) for p in shard_paths(job.scenes)], table_to_scenes, cache_groups=1)
+        return SceneSource(len(tokens.units), len(tokens), tokens.read_unit)
+    records = scenario_index(job.datasets["train"], cache_groups=1)
+
+    def tokenised(unit: int) -> list[SceneBatch]:
+        return [build_scene(r, vocab, agents=options.agents, max_agents=options.max_agents)
+                for r in records.read_unit(unit) if options.keeps(r)]
+
+    return SceneSource(len(records.units), len(records), tokenised)
+
+
+def batches(scenes: Iterator[SceneBatch], batch_size: int, rng: random.Random) -> Iterator[list[SceneBatch]]:
+    """Batches of the stream bucketed by size (less padding), one window of WINDOW_BATCHES
+    batches at a time."""
+    while window := list(itertools.islice(scenes, batch_size * WINDOW_BATCHES)):
+        yield from size_bucketed(window, batch_size, scene_size, rng, WINDOW_BATCHES)
 
 
 def supervised_loop(config: dict) -> None:
@@ -54,16 +90,13 @@ def supervised_loop(config: dict) -> None:
     stage = job.stage
     model, optimizer, device, rank, world_size, start_epoch = start_training(job, "epoch")
     timer = PhaseTimer()
-    scenes = SceneCache(job, model.vocab, rank, world_size)
-    if not len(scenes):
-        raise ValueError(f"stage {stage.name}: no training scenes with agents on rank {rank}")
-    order = list(range(len(scenes)))
-    # Every rank takes the same number of steps (their gradients are all-reduced together);
-    # a rank with fewer scenes wraps around its own.
-    steps_per_epoch = stage.steps_per_epoch or math.ceil(scenes.total / world_size / stage.batch_scenarios)
+    source = scene_source(job, model.vocab)
+    # Every rank takes the same number of steps (their gradients are all-reduced together).
+    steps_per_epoch = stage.steps_per_epoch or math.ceil(source.total / world_size / stage.batch_scenarios)
     if rank == 0:  # the rule: batch_scenarios is per learner; lr is used as given, never rescaled
         say(f"[{stage.name}] global batch {world_size} learners x {stage.batch_scenarios} scenarios = "
-            f"{world_size * stage.batch_scenarios}, lr {stage.lr:g}, {steps_per_epoch} steps per epoch")
+            f"{world_size * stage.batch_scenarios}, lr {stage.lr:g}, {steps_per_epoch} steps per epoch; "
+            f"{source.total} scenes in {source.units} row groups")
     progress = Progress(stage.name, stage.epochs * steps_per_epoch, start_epoch * steps_per_epoch, rank == 0)
     torch.manual_seed(job.seed + rank)
     # the stage's starting policy, frozen: the anchor of the KL term (a resumed run keeps it)
@@ -72,16 +105,15 @@ def supervised_loop(config: dict) -> None:
     guard = NonFiniteGuard(f"stage {stage.name}", stage.max_nonfinite_updates)
     for epoch in range(start_epoch, stage.epochs):
         maybe_fail(job, epoch)
-        rng = random.Random(job.seed * 7919 + epoch)
-        rng.shuffle(order)
+        units = rank_units(source.units, rank, world_size, random.Random(job.seed * 7919 + epoch))
+        rng = random.Random((job.seed * 7919 + epoch) * 1009 + rank)  # this rank's shuffles
         totals = {"loss": 0.0, "accuracy": 0.0, "tokens": 0}
         skipped_before = guard.skipped
-        # this epoch's draws in order, batched by size (less padding) window by window
-        draws = [order[k % len(order)] for k in range(steps_per_epoch * stage.batch_scenarios)]
-        batches = size_bucketed(draws, stage.batch_scenarios, lambda k: scene_size(scenes[k]), rng)
+        scenes = epoch_rows(source.read_unit, units, steps_per_epoch * stage.batch_scenarios, SHUFFLE_SCENES, rng)
+        drawn = batches(scenes, stage.batch_scenarios, rng)
         for i in range(steps_per_epoch):
-            with timer.phase("tokenize"):  # first use only
-                picked = [scenes[k] for k in next(batches)]
+            with timer.phase("data"):  # reading and decoding token shards
+                picked = next(drawn)
             batch = collate(picked).to(device)
             if stage.kind == "bc":  # pretraining from scratch: warm-up, then cosine decay to 10%
                 factor = warmup_cosine(epoch * steps_per_epoch + i, stage.epochs * steps_per_epoch)
@@ -109,7 +141,7 @@ def supervised_loop(config: dict) -> None:
         n = max(totals["tokens"], 1)
         times = timer.lap()
         metrics = {"epoch": epoch, "loss": totals["loss"] / n, "accuracy": totals["accuracy"] / n,
-                   "nonfinite_skipped": guard.skipped - skipped_before, **times}
+                   "nonfinite_skipped": guard.skipped - skipped_before, "peak_rss_mb": peak_rss_mb(), **times}
         if rank == 0:
             say(f"[{stage.name}] epoch {epoch + 1}/{stage.epochs}: loss {metrics['loss']:.4f} "
                 f"accuracy {metrics['accuracy']:.3f} | {format_phases(times)}")

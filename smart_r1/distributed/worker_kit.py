@@ -10,6 +10,7 @@ step) lives in `smart_r1.rl` and runs without Ray.
 from __future__ import annotations
 
 import io
+import resource
 import sys
 import tempfile
 import time
@@ -47,6 +48,10 @@ class LearnerJob:
     # `learner.run_learner` and sent the same way: a learner never reads a checkpoint path.
     init_checkpoint: object
     datasets: dict  # name -> data path or URI ("train" at least) that every node can read
+    # Supervised stages: the folder (local or URI) of the token shards of the training data for
+    # this stage's scene options (`smart_r1.tokens.cache`), made once by the pipeline; "" = the
+    # learner tokenises `datasets["train"]` as it reads it (tests, benchmarks).
+    scenes: str = ""
     seed: int = 0
     ref_checkpoint: object = ""  # MPO: the frozen reference policy, as init_checkpoint ("" = that one)
     rollout_workers: list = field(default_factory=list)  # MPO: RolloutWorker actor handles
@@ -78,6 +83,11 @@ class Progress:
         eta = (self.total - done) / rate if rate > 0 else float("nan")
         eta_text = f"{eta // 60:.0f}m{eta % 60:02.0f}s" if eta == eta else "?"
         say(f"[{self.stage}] {done}/{self.total} {text} | elapsed {elapsed:.0f}s eta {eta_text}")
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory so far (VmHWM, Linux's ru_maxrss in KB), in MB."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def world() -> tuple[int, int]:
