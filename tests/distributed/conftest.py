@@ -6,18 +6,14 @@ from __future__ import annotations
 import ipaddress
 import json
 import os
-import signal
 import socket
 import subprocess
-import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import yaml
-
-from smart_r1.ray_runtime import LOOPBACK_ENV
+from ray_nodes import RAY_CLI, RayHead, descendants, job_env, start_head, stop_ray_nodes
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -50,28 +46,6 @@ def tiny_config():
 @pytest.fixture(scope="session")
 def repo() -> Path:
     return REPO
-
-
-def _descendants(root: int) -> set[int]:
-    """root and every process below it (Ray's daemons are children of the process that starts Ray,
-    its workers children of the raylet)."""
-    children: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue
-        ppid = int(stat.rsplit(")", 1)[1].split()[1])
-        children.setdefault(ppid, []).append(int(entry.name))
-    found, todo = set(), [root]
-    while todo:
-        pid = todo.pop()
-        if pid not in found:
-            found.add(pid)
-            todo.extend(children.get(pid, []))
-    return found
 
 
 def proc_address(hex_addr: str) -> str:
@@ -137,7 +111,7 @@ class SocketWatch:
             return
         self._last = time.monotonic()
         listening = _listening_inodes()
-        for pid in _descendants(root):
+        for pid in descendants(root):
             name = _name(pid)
             if name.split(" ")[0] in ("gcs_server", "raylet"):
                 self.auth.setdefault(name.split(" ")[0], set()).add(_environ(pid).get("RAY_AUTH_MODE", "unset"))
@@ -178,83 +152,39 @@ class SocketWatch:
         assert self.auth == {"gcs_server": {"token"}, "raylet": {"token"}}, self.auth
 
 
-def _free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
-
-
 @pytest.fixture
 def socket_watch() -> SocketWatch:
     """A new SocketWatch: `.sample(pid)` while a run works, `.assert_local(...)` after."""
     return SocketWatch()
 
 
-def _job_env(address: str) -> dict:
-    # Ray 2.59+ turns token authentication on for local clusters; the job client sends the
-    # token from ~/.ray/auth_token when RAY_AUTH_MODE=token.
-    return {**os.environ, "RAY_ADDRESS": address, "RAY_AUTH_MODE": "token"}
-
-
-@dataclass(frozen=True)
-class RayHead:
-    address: str  # the dashboard's: where `ray job submit` goes
-    pid: int  # `ray start --block`: every process of the cluster is below it
-    log: Path  # its output
-
-    def state(self) -> str:
-        """Whether it still runs, and the end of its log (for a failed job's message)."""
-        try:
-            alive = Path(f"/proc/{self.pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-        except OSError:
-            alive = False
-        return f"the tests' Ray head (pid {self.pid}) {'runs' if alive else 'has exited'}; its log ends:\n" \
-               + self.log.read_text()[-3000:]
-
-
 @pytest.fixture(scope="session")
 def ray_head(tmp_path_factory) -> RayHead:
-    """A real single-node Ray cluster started with `ray start --head --block`, stopped by killing
-    its process group (so other Ray instances on the machine are left alone). Single-machine, as
-    ensure_ray's local runs: node IP 127.0.0.1 (ray_runtime.LOOPBACK_ENV), so every Ray server,
-    job and worker of it listens on loopback only, and no other node can join."""
-    temp = Path("/tmp") / f"smr1-{os.getpid()}"  # Ray's socket paths must stay short
-    gcs, dash, agent_http, agent_grpc, metrics, client = _free_ports(6)
-    cmd = [str(Path(sys.executable).parent / "ray"), "start", "--head", "--block",
-           f"--port={gcs}", f"--dashboard-port={dash}", "--include-dashboard=true",
-           f"--dashboard-agent-listen-port={agent_http}", f"--dashboard-agent-grpc-port={agent_grpc}",
-           f"--metrics-export-port={metrics}", f"--ray-client-server-port={client}",
-           "--num-cpus=2", f"--temp-dir={temp}"]
-    log = tmp_path_factory.mktemp("ray") / "head.log"
-    # Jobs run `python ...` with the head's PATH: put this interpreter's bin folder first, so
-    # jobs get the same environment even when the venv is not activated (as under `make test`).
-    head_env = {**os.environ, **LOOPBACK_ENV,
-                "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
-    with open(log, "w") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True, env=head_env)
-    head = RayHead(f"http://127.0.0.1:{dash}", proc.pid, log)
-    deadline = time.time() + 180
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"`ray start --head` exited with {proc.returncode}: {head.state()}")
-        probe = subprocess.run([str(Path(sys.executable).parent / "ray"), "job", "list"],
-                               env=_job_env(head.address), capture_output=True, text=True)
-        if probe.returncode == 0:
-            break
-        time.sleep(2)
-    else:
-        os.killpg(proc.pid, signal.SIGKILL)
-        raise RuntimeError(f"the local Ray head did not answer within 180 s: {head.state()}")
+    """A real single-node Ray cluster (start_head, 2 CPUs) for the tests' jobs, stopped by killing
+    its process group (so other Ray instances on the machine are left alone)."""
+    head, proc = start_head(tmp_path_factory.mktemp("ray") / "head.log", num_cpus=2)
     yield head
-    os.killpg(proc.pid, signal.SIGTERM)
+    stop_ray_nodes(proc)
+
+
+AWS_KEYS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_EC2_METADATA_DISABLED": "true"}
+
+
+@pytest.fixture(scope="module")
+def bucket(moto_s3):
+    """A function giving the URI of a fresh prefix in the bucket on moto's S3 server
+    (tests/conftest.py). Credentials come from the environment, as on a cluster with an instance
+    role (drivers, Ray nodes and the workers they start inherit it)."""
+    saved = {k: os.environ.get(k) for k in AWS_KEYS}
+    os.environ.update(AWS_KEYS)
     try:
-        proc.wait(timeout=10)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
+        yield lambda prefix: f"s3://smart-r1/{prefix}?{moto_s3}"
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 @pytest.fixture(scope="session")
@@ -271,13 +201,13 @@ def submitted(ray_head, head_sockets, mlflow_server, tmp_path_factory, tiny_conf
     out = tmp / "run"
     tracking = json.dumps({"env_vars": {"MLFLOW_TRACKING_URI": mlflow_server}})
     config = tiny_config(REPO / "pipelines" / f".test_tiny_{os.getpid()}.yaml", out)
-    cmd = [sys.executable, "-m", "ray.scripts.scripts", "job", "submit", "--working-dir", str(REPO),
+    cmd = [*RAY_CLI, "job", "submit", "--working-dir", str(REPO),
            "--runtime-env-json", tracking, "--", "python", "pipelines/sft_rft_sft.py", "--config", f"pipelines/{config.name}",
            "--inject-learner-failure", "sft:1"]
     stdout, stderr = tmp / "submit.out", tmp / "submit.err"
     try:
         with open(stdout, "w") as o, open(stderr, "w") as e:
-            proc = subprocess.Popen(cmd, env=_job_env(ray_head.address), stdout=o, stderr=e, text=True)
+            proc = subprocess.Popen(cmd, env=job_env(ray_head.address), stdout=o, stderr=e, text=True)
             deadline = time.time() + 1500
             while proc.poll() is None:  # the head's sockets, while the job's processes come and go
                 head_sockets.sample(ray_head.pid)

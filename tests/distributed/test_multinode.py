@@ -1,0 +1,283 @@
+"""A cluster whose nodes share no files, on this machine: a Ray head with `CPU: 0` (nothing but
+the job's driver runs there) and two worker nodes, each started inside a mount namespace of its
+own where the tests' folders and the head's Ray folder are empty tmpfs mounts; the repository and
+its venv stay visible, as an image would be. The run's storage root and its data are a bucket on
+moto's S3 server (127.0.0.1), MLflow a tracking server.
+
+`ray job submit` runs the tiny pipeline's BC and RFT: every stage ends with its checkpoint and
+metrics in the bucket. A second run (another prefix) is stopped mid-RFT and submitted again from
+another working folder: it resumes from the bucket, redoing no finished stage, epoch or step.
+Before that, a Ray task pinned to each worker node shows it cannot see the driver's folders; after,
+Ray's state API shows that the learners and rollout actors ran on the worker nodes."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import yaml
+
+from smart_r1.storage import base_name, exists, join, list_names, read_bytes, read_json, read_jsonl, resolve
+
+from ray_nodes import RAY_CLI, RayHead, free_ports, job_env, start_head, start_ray_node, stop_ray_nodes
+
+pytestmark = pytest.mark.slow
+
+REPO = Path(__file__).resolve().parents[2]
+SCRIPT = REPO / "pipelines" / "sft_rft_sft.py"
+OBJECT_STORE = 100 * 1024 * 1024  # bytes per node: the tiny model's weights are a few MB
+WORKERS = 2
+
+
+@dataclass(frozen=True)
+class Cluster:
+    head: RayHead
+    workers: list[str]  # the worker nodes' Ray node ids
+    hidden: tuple[Path, ...]  # folders the worker nodes see as empty tmpfs mounts
+
+
+def _ray_list(head: RayHead, kind: str) -> list[dict]:
+    """`ray list nodes|actors` through the head's state API, with details (dead actors too)."""
+    proc = subprocess.run([*RAY_CLI, "list", kind, "--detail", "--format", "json", "--limit", "10000"],
+                          env=job_env(head.address), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return json.loads(proc.stdout)
+
+
+@pytest.fixture(scope="module")
+def cluster(bucket, tmp_path_factory) -> Cluster:
+    """The head (in this machine's namespace, beside the drivers) and WORKERS worker nodes that
+    cannot see the tests' folders (the drivers' working folders, every output) nor the head's Ray
+    folder (where the job's driver runs). Every node is stopped, and with it its namespace, even
+    when the start fails. `bucket` first: the nodes inherit its credentials (an instance role)."""
+    logs = tmp_path_factory.mktemp("multinode")
+    procs: list[subprocess.Popen] = []
+    temps: list[Path] = []
+    try:
+        # As on a real cluster, the nodes reach each other at this machine's address (Ray gives a
+        # `ray start --address` node that address, never loopback), with Ray's token
+        # authentication on, as in the cluster configs; the dashboard and Jobs API stay on 127.0.0.1.
+        token = {**os.environ, "RAY_AUTH_MODE": "token"}
+        head, proc = start_head(logs / "head.log", num_cpus=0, env=token, loopback=False,
+                                args=(f"--object-store-memory={OBJECT_STORE}",))
+        procs.append(proc)
+        temps.append(head.temp)
+        hidden = (tmp_path_factory.getbasetemp(), head.temp)
+        env = {**token, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+        for i in range(WORKERS):
+            # its own Ray folder, outside the hidden ones: this process can read its logs
+            temp = Path(f"{head.temp}-w{i}")
+            temps.append(temp)
+            ports = free_ports(6)
+            args = [f"--address={head.gcs}", "--num-cpus=1",
+                    f"--object-store-memory={OBJECT_STORE}", f"--temp-dir={temp}",
+                    # several nodes on one machine: every port of its own (as Ray's cluster_utils)
+                    "--min-worker-port=0", "--max-worker-port=0", *(
+                        f"--{name}={port}" for name, port in zip(
+                            ("node-manager-port", "object-manager-port", "metrics-export-port",
+                             "dashboard-agent-listen-port", "dashboard-agent-grpc-port", "runtime-env-agent-port"),
+                            ports))]
+            procs.append(start_ray_node(args, logs / f"worker{i}.log", env, hide=hidden))
+        deadline = time.time() + 180
+        while True:
+            alive = [n for n in _ray_list(head, "nodes") if n["state"] == "ALIVE"]
+            if len(alive) == WORKERS + 1:
+                break
+            for p in procs:
+                assert p.poll() is None, "a Ray node exited:\n" + "\n".join(
+                    f.read_text()[-2000:] for f in sorted(logs.glob("*.log")))
+            assert time.time() < deadline, f"{len(alive)} of {WORKERS + 1} nodes joined in 180 s"
+            time.sleep(2)
+        workers = [n["node_id"] for n in alive if not n["is_head_node"]]
+        yield Cluster(head, workers, hidden)
+    finally:
+        stop_ray_nodes(*procs)
+        for temp in temps:
+            shutil.rmtree(temp, ignore_errors=True)
+
+
+# Run by a Ray driver in this machine's namespace (as the job's driver is): the listing of each
+# path here and, from a task pinned to each worker node, there; with the node and its mount namespace.
+_LOOK = r"""
+import json, os, sys
+import ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+def look(paths):
+    return {"node": ray.get_runtime_context().get_node_id(), "mnt": os.readlink("/proc/self/ns/mnt"),
+            "seen": {p: sorted(os.listdir(p)) if os.path.isdir(p) else None for p in paths}}
+
+paths, workers = json.loads(sys.argv[1]), json.loads(sys.argv[2])
+ray.init(address=os.environ["RAY_ADDRESS"], configure_logging=False, log_to_driver=False)
+remote = ray.remote(num_cpus=0)(look)
+there = ray.get([remote.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False)).remote(paths)
+                 for node in workers], timeout=300)
+print(json.dumps({"driver": look(paths), "workers": there}))
+"""
+
+
+def test_worker_nodes_cannot_see_the_drivers_folders(cluster, tmp_path):
+    """No test here can pass through a shared local path: what a driver has in its working folder,
+    in any test folder or in the head's Ray folder is absent on every worker node, which still sees
+    the repository and its venv (the image)."""
+    (tmp_path / "driver_file").write_text("on the driver's disk only")
+    paths = [str(p) for p in (*cluster.hidden, tmp_path, REPO / "smart_r1")]
+    env = {**job_env(cluster.head.gcs)}
+    proc = subprocess.run([sys.executable, "-c", _LOOK, json.dumps(paths), json.dumps(cluster.workers)],
+                          env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    seen = json.loads(proc.stdout.strip().splitlines()[-1])
+    driver, workers = seen["driver"], seen["workers"]
+    assert "driver_file" in driver["seen"][str(tmp_path)] and tmp_path.name in os.listdir(tmp_path.parent)
+    for path in cluster.hidden:
+        assert driver["seen"][str(path)], f"{path} is empty on the driver"
+    assert sorted(w["node"] for w in workers) == sorted(cluster.workers)
+    assert len({w["mnt"] for w in workers} | {driver["mnt"]}) == WORKERS + 1, "a mount namespace is shared"
+    for w in workers:
+        for path in cluster.hidden:
+            assert w["seen"][str(path)] == [], f"worker node {w['node']} sees {path}: {w['seen'][str(path)]}"
+        assert w["seen"][str(tmp_path)] is None, f"worker node {w['node']} sees the driver's folder"
+        assert "__init__.py" in w["seen"][str(REPO / "smart_r1")], "the image (the repository) is visible"
+
+
+def _mtime(uri: str):
+    fs, key = resolve(uri)
+    return fs.get_file_info(key).mtime
+
+
+def _submit(head: RayHead, cwd: Path, sid: str, argv: list[str], env_vars: dict) -> subprocess.Popen:
+    """`ray job submit` of the pipeline from the driver's working folder `cwd` (uploaded as the
+    job's working folder: its config), following the job until it ends."""
+    cmd = [*RAY_CLI, "job", "submit", "--submission-id", sid, "--working-dir", ".",
+           "--runtime-env-json", json.dumps({"env_vars": env_vars}), "--", "python", str(SCRIPT), *argv]
+    return subprocess.Popen(cmd, cwd=cwd, env=job_env(head.address), stdout=open(cwd.parent / f"{sid}.submit", "w"),
+                            stderr=subprocess.STDOUT)
+
+
+def _driver_log(head: RayHead, sid: str) -> str:
+    """The job's driver output, from the head's Ray folder (all of it, unlike a followed submit)."""
+    path = head.temp / "session_latest" / "logs" / f"job-driver-{sid}.log"
+    return path.read_text() if path.exists() else ""
+
+
+def _wait(proc: subprocess.Popen, head: RayHead, sid: str, timeout_s: float = 900) -> str:
+    started = time.time()
+    try:
+        proc.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        subprocess.run([*RAY_CLI, "job", "stop", sid], env=job_env(head.address), capture_output=True)
+        proc.kill()
+        pytest.fail(f"job {sid} did not end in {timeout_s:.0f} s:\n{_driver_log(head, sid)[-4000:]}")
+    log = _driver_log(head, sid)
+    assert proc.returncode == 0, f"job {sid} failed:\n{log[-4000:]}\n{head.state()}"
+    print(f"job {sid}: {time.time() - started:.0f} s", flush=True)
+    return log
+
+
+def _check_finished(out: str, rft_steps: int) -> None:
+    """Every stage with its checkpoint, metrics, scores and log (each unit once) in the bucket."""
+    from smart_r1.model.checkpoint import load_checkpoint
+
+    for stage, units in (("bc", 1), ("rft", rft_steps)):
+        assert read_json(join(out, stage, "done.json"))["checkpoint"] == "model.pt"
+        assert read_json(join(out, stage, "metrics.json"))["heldout"]["scenarios"] == 1
+        assert len(read_json(join(out, stage, "scores_heldout.json"))["records"]) == 1
+        assert [r["progress"] for r in read_jsonl(join(out, stage, "train_log.jsonl"))] == list(range(units)), stage
+        load_checkpoint(read_bytes(join(out, stage, "model.pt")))  # whole and CRC-clean
+        assert exists(join(out, stage, "last_state.pt")) and exists(join(out, stage, "rollout.png"))
+    assert read_json(join(out, "rft", "alpha.json"))["auto"] is True
+    assert list(read_json(join(out, "results.json"))) == ["bc", "rft"]
+    for name in ("config.json", "run.json", "init.pt", "mlflow_run_id", "results.md"):
+        assert exists(join(out, name)), name
+    runs = list_names(join(out, "ray"))  # Ray Train's storage, in the root: <run>-<stage>-<fingerprint>
+    assert any(n.startswith(f"{base_name(out)}-rft-") for n in runs), runs
+
+
+def test_pipeline_keeps_its_state_in_the_bucket_and_resumes_from_another_folder(cluster, bucket, mlflow_server,
+                                                                                womd_record, tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    from smart_r1.data.parquet import write_shard
+
+    head = cluster.head
+    # the data in the bucket too (the real WOMD scenario as one shard)
+    data = bucket("multinode/data")
+    write_shard(join(data, "one.parquet"), [womd_record])
+    # pipelines/tiny.yaml's BC and RFT stages, one batch per epoch, one scenario a step (the
+    # resumed run's three steps leave time to stop it between its first and its last); a learner
+    # and a rollout actor each take a whole worker node (one CPU)
+    config = yaml.safe_load((REPO / "pipelines" / "tiny.yaml").read_text())
+    config["stages"] = [s for s in config["stages"] if s["name"] in ("bc", "rft")]
+    argv = ["--config", "tiny.yaml", "--set", f"data.train={data}", "--set", f"data.heldout={data}",
+            "--set", "eval.num_rollouts=2", "--set", "bc.steps_per_epoch=1",
+            "--set", "rft.scenarios_per_step=1", "--set", "rft.num_rollouts=2", "--set", "rft.alpha=auto",
+            "--set", "ray.cpus_per_learner=1", "--set", "ray.cpus_per_rollout_worker=1"]
+    env_vars = {"MLFLOW_TRACKING_URI": mlflow_server}
+    folders = {}
+    for name in ("first", "second", "third"):  # the drivers' working folders: their config only
+        folders[name] = tmp_path / name
+        folders[name].mkdir()
+        (folders[name] / "tiny.yaml").write_text(yaml.safe_dump(config))
+
+    # one whole run
+    whole = bucket("multinode/whole")
+    _wait(_submit(head, folders["first"], "whole", [*argv, "--out-dir", whole, "--set", "rft.steps=1"], env_vars),
+          head, "whole")
+    _check_finished(whole, rft_steps=1)
+
+    # another run, stopped during RFT once its first step's state is in the bucket ...
+    out = bucket("multinode/resumed")
+    argv = [*argv, "--out-dir", out, "--set", "rft.steps=3"]
+    proc = _submit(head, folders["second"], "stopped", argv, env_vars)
+    rft = join(out, "rft")
+    deadline = time.time() + 900
+    while not (read_jsonl(join(rft, "train_log.jsonl")) and exists(join(rft, "last_state.pt"))):
+        assert proc.poll() is None, f"the job ended before RFT:\n{_driver_log(head, 'stopped')[-4000:]}"
+        assert time.time() < deadline, f"RFT did not start in time:\n{_driver_log(head, 'stopped')[-4000:]}"
+        time.sleep(0.5)
+    stop = subprocess.run([*RAY_CLI, "job", "stop", "stopped"], env=job_env(head.address), capture_output=True,
+                          text=True, timeout=120)
+    assert stop.returncode == 0, stop.stderr
+    proc.wait(timeout=120)
+    assert not exists(join(rft, "done.json")), "stopped too late: RFT had finished"
+    finished = _mtime(join(out, "bc", "model.pt"))
+
+    # ... and submitted again from another working folder: it resumes from the bucket
+    text = _driver_log(head, "stopped") + _wait(_submit(head, folders["third"], "resumed", argv, env_vars), head,
+                                                "resumed")
+    _check_finished(out, rft_steps=3)
+    resumed = _driver_log(head, "resumed")
+    assert "[bc] already finished" in resumed and text.count("[bc] bc from") == 1
+    assert _mtime(join(out, "bc", "model.pt")) == finished, "BC was redone"
+    assert "[rft] resuming after step" in resumed
+    assert text.count("[init] vocabulary") == 1, "init.pt was remade"
+
+    # nothing on the drivers' disks: their working folders and the jobs' copies of them on the head
+    # hold the config only
+    for folder in folders.values():
+        assert sorted(p.name for p in folder.iterdir()) == ["tiny.yaml"], folder
+    copies = [p for p in (head.temp / "session_latest" / "runtime_resources" / "working_dir_files").iterdir()
+              if p.is_dir()]  # beside each: its zip's lock file
+    assert copies and all(sorted(p.name for p in c.iterdir()) == ["tiny.yaml"] for c in copies), copies
+
+    # one MLflow run across both submissions, its stages nested under it
+    client = MlflowClient(mlflow_server)
+    run_id = read_bytes(join(out, "mlflow_run_id")).decode().strip()
+    assert client.get_run(run_id).info.status == "FINISHED"
+    children = client.search_runs([client.get_run(run_id).info.experiment_id],
+                                  filter_string=f"tags.mlflow.parentRunId = '{run_id}'")
+    assert {r.info.run_name for r in children} == {"bc", "rft"}
+
+    # the learners and rollout actors of all three jobs ran on the worker nodes, never the head;
+    # one CPU each on one-CPU nodes: both worker nodes worked
+    actors = [a for a in _ray_list(head, "actors") if a["class_name"] in ("RolloutWorker", "RayTrainWorker")]
+    kinds = {a["class_name"] for a in actors}
+    assert kinds == {"RolloutWorker", "RayTrainWorker"}, kinds
+    assert {a["node_id"] for a in actors} == set(cluster.workers), actors
