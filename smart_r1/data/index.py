@@ -11,8 +11,8 @@ memory holds `cache_groups` row groups whatever the dataset's size.
 
 The rows are decoded by a function of the row group's Arrow table (`decode`): scenario records
 (`scenario_index`) or tokenised scenes (`smart_r1.tokens.shards`). TFRecord inputs (the shared
-WOMD scenario, small local files) have no footer: `scenario_index` holds their records in memory,
-cut into units of the same size, for small local uses only.
+WOMD scenario, small files) have no footer: `scenario_index` holds their records in memory, cut
+into units of the same size, for small uses only.
 """
 
 from __future__ import annotations
@@ -27,9 +27,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from smart_r1.data.dataset import data_source, iter_scenarios
+from smart_r1.data.dataset import data_source, is_tfrecord, iter_scenarios
 from smart_r1.data.parquet import ROW_GROUP_ROWS, SCHEMA, shard_paths, table_to_records
-from smart_r1.storage import display, is_uri, open_input
+from smart_r1.storage import display, open_input
 from smart_r1.types import ScenarioRecord
 
 T = TypeVar("T")
@@ -153,9 +153,10 @@ def _records(table: pa.Table) -> list[ScenarioRecord]:
 
 def scenario_index(data: str | Path, cache_groups: int = 2) -> ShardIndex[ScenarioRecord] | MemoryIndex[ScenarioRecord]:
     """ScenarioRecords of `data` by global index (the order of `iter_scenarios`): a folder or URI
-    of Parquet shards (footers read now, rows on demand), or TFRecord file(s) (parsed now, held)."""
+    of Parquet shards (footers read now, rows on demand), or TFRecord file(s), local or URI
+    (parsed now, held)."""
     text = data_source(data)
-    if ".tfrecord" in text and not is_uri(text):
+    if is_tfrecord(text):
         return MemoryIndex(list(iter_scenarios(text)))
     shards = shard_paths(data)
     if not shards:
