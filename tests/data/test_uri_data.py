@@ -16,18 +16,13 @@ from smart_r1.cli import main
 from smart_r1.data import parquet
 from smart_r1.data.dataset import count_scenarios, iter_scenarios
 from smart_r1.data.preprocess import REPORT_NAME
-from smart_r1.data.sumo import SumoConfig, make_dataset
 from smart_r1.storage import join, list_files, read_bytes, write_json
-
-SMALL = SumoConfig(warmup_seconds=30.0, record_seconds=20.0)  # as tests/data/test_sumo.py
 
 
 @pytest.fixture(scope="module")
-def raw(tmp_path_factory) -> Path:
-    """Six generated SUMO scenarios in two TFRecord files."""
-    out = tmp_path_factory.mktemp("sumo_uri")
-    make_dataset(out, 6, seed=11, scenarios_per_file=3, config=SMALL)
-    return out
+def raw(sumo_tfrecords) -> Path:
+    """Six generated SUMO scenarios in two TFRecord files (tests/conftest.py)."""
+    return sumo_tfrecords
 
 
 @pytest.fixture(scope="module")
