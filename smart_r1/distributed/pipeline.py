@@ -10,6 +10,9 @@ skips finished stages and continues an unfinished one from its last checkpoint.
 `file://`). Every artefact of the run (data, `init.pt`, stage folders, Ray Train's checkpoints
 under `<out_dir>/ray`, tables, run records) is read and written there through `smart_r1.storage`,
 so a new driver, from any machine and working directory, resumes from what the root holds.
+
+The supervised stages train on token shards made once, after the vocabulary and before the first
+stage (`prepare_tokens`, under `<out_dir>/tokens/<vocab hash>/`): no learner tokenises.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ import ray
 import torch
 
 from smart_r1.config import EvalConfig, PipelineConfig
-from smart_r1.data.dataset import iter_scenarios
+from smart_r1.data.dataset import data_source, is_tfrecord, iter_scenarios
 from smart_r1.data.preprocess import REPORT_NAME, convert_file, preprocess
 from smart_r1.data.sumo import complete_dataset, make_dataset
 from smart_r1.distributed.learner import run_learner
@@ -44,6 +47,7 @@ from smart_r1.model.smart_tiny import SmartTiny
 from smart_r1.rollout.policy import sample_states
 from smart_r1.storage import (base_name, copy_file, display, exists, is_local, join, read_bytes, read_json,
                               remove_tree, resolve, root, write_bytes, write_json, write_text)
+from smart_r1.tokens.cache import STAGE_OPTIONS, tokenize_dataset
 from smart_r1.tokens.motion_vocab import build_vocab
 from smart_r1.tracking.mlflow_runs import cluster_tracking_problem, folder_run, resolve_tracking_uri
 from smart_r1.viz.render import render_scenario
@@ -52,6 +56,7 @@ SHARED_SCENARIO = Path(__file__).resolve().parents[2].parent / "shared" / "womd"
 
 
 GENERATED = "generated.json"  # beside generated shards in an object store: their size and seed
+WORKERS_FILE = "rollout_workers.json"  # the rollout actors' peak resident memory (MB), for sizing them
 
 
 def prepare_data(config: PipelineConfig, out: str | Path) -> dict[str, str]:
@@ -131,6 +136,25 @@ def prepare_model(config: PipelineConfig, datasets: dict[str, str], out: str | P
         print(f"[init] vocabulary of {vocab.size} tokens per type and a {model.num_parameters():,}-parameter "
               f"model ({config.model.preset}) in {time.perf_counter() - t0:.0f}s", flush=True)
     return init
+
+
+def prepare_tokens(config: PipelineConfig, datasets: dict[str, str], out: str, checkpoint: str) -> dict[str, str]:
+    """Token-shard folders by stage kind ("bc", "catk_sft") for the unfinished supervised stages:
+    the training shards tokenised once with `checkpoint`'s vocabulary (every stage shares it),
+    reused when a folder is complete (`smart_r1.tokens.cache`). {} when no unfinished stage needs
+    them, or when the training data are TFRecords (the learners then tokenise as they read)."""
+    kinds = {s.kind for s in config.stages if s.kind in STAGE_OPTIONS and not exists(join(out, s.name, "done.json"))
+             and not (s.kind == "bc" and config.init_checkpoint)}
+    if not kinds:
+        return {}
+    if is_tfrecord(data_source(datasets["train"])):
+        print("[tokens] data.train names TFRecords: the learners tokenise as they read "
+              "(`smart-r1 preprocess` it to Parquet shards to tokenise once)", flush=True)
+        return {}
+    vocab = load_checkpoint(read_bytes(checkpoint)).vocab
+    options = {kind: STAGE_OPTIONS[kind] for kind in sorted(kinds)}
+    folders = tokenize_dataset(datasets["train"], out, vocab, list(options.values()))
+    return {kind: folders[o] for kind, o in options.items()}
 
 
 def score_checkpoint(workers: list, checkpoint: str, version: int, dataset: str, cfg: EvalConfig,
@@ -213,6 +237,8 @@ def run_pipeline(config: PipelineConfig, fail_once_at: dict[str, int] | None = N
         datasets = prepare_data(config, out)
         record_stage(config, INIT)
         current = prepare_model(config, datasets, out)
+    with timer.phase("tokens"):
+        scenes = prepare_tokens(config, datasets, out, current)
     eval_sets = [d for d in ("heldout", "real") if d in datasets]
     r = config.ray
     # Weights travel through Ray's object store: the driver reads each checkpoint once (CRC-checked)
@@ -249,6 +275,7 @@ def run_pipeline(config: PipelineConfig, fail_once_at: dict[str, int] | None = N
         print(f"[{stage.name}] {stage.kind} from {display(current)}", flush=True)
         t0 = time.perf_counter()
         job = LearnerJob(stage=stage, stage_dir=stage_dir, init_checkpoint=weights(current), datasets=datasets,
+                         scenes=scenes.get(stage.kind, ""),
                          seed=config.seed, ref_checkpoint=weights(reference) if stage.kind == "mpo" else "",
                          rollout_workers=workers if stage.kind == "mpo" else [], tracker=stage_tracker,
                          threads=r.learner_threads or max(1, int(r.cpus_per_learner)),
@@ -284,6 +311,11 @@ def run_pipeline(config: PipelineConfig, fail_once_at: dict[str, int] | None = N
     tracker.log_artifact(join(out, "results.md"))
     tracker.log_metrics({k: v for k, v in timer.lap().items()})
     tracker.finish()
+    try:  # a record for sizing the actors; a lost actor must not fail a finished run
+        peaks = [i["peak_rss_mb"] for i in ray.get([w.info.remote() for w in workers], timeout=r.task_timeout_s)]
+        write_json(join(out, WORKERS_FILE), {"peak_rss_mb": peaks})
+    except ray.exceptions.RayError as e:
+        print(f"[memory] rollout workers' peak memory not recorded: {type(e).__name__}", flush=True)
     for w in workers:
         ray.kill(w)
     print(f"\nSFT-RFT-SFT finished in {time.perf_counter() - started:.0f}s; results in {display(out)}\n{table}",

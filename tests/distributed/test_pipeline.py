@@ -10,6 +10,7 @@ import sys
 
 from pathlib import Path
 
+import pyarrow.parquet as pq
 import pytest
 import torch
 
@@ -44,6 +45,24 @@ def test_learner_failure_resumed_from_checkpoint(submitted):
     assert "[sft] resuming after epoch 0" in proc.stdout + proc.stderr
     log = [json.loads(line) for line in (out / "sft" / "train_log.jsonl").read_text().splitlines()]
     assert [row["progress"] for row in log] == [0, 1]  # epoch 0 was not trained twice
+
+
+def test_supervised_stages_stream_token_shards_made_once(submitted):
+    out, proc = submitted
+    text = proc.stdout + proc.stderr
+    folders = sorted((out / "tokens").glob("*/*"))  # <vocab hash>/<options>: one per scene kind
+    assert [f.name for f in folders] == ["v1-all64", "v1-sim128"]
+    for folder in folders:
+        done = json.loads((folder / "done.json").read_text())
+        assert done["shards"] == [p.name for p in sorted((out / "data" / "train").glob("*.parquet"))]
+        assert sum(pq.read_metadata(folder / name).num_rows for name in done["shards"]) == 8
+    assert text.count("[tokens] 1/1 ") == 1, "tokenised once, before the first stage"
+    for stage in ("bc", "sft", "sft_final"):
+        assert f"[{stage}] global batch 1 learners x 4 scenarios = 4" in text
+        rows = [json.loads(line) for line in (out / stage / "train_log.jsonl").read_text().splitlines()]
+        assert all(r["peak_rss_mb"] > 0 and "time_data_s" in r for r in rows), rows
+    assert "8 scenes in 1 row groups" in text
+    assert json.loads((out / "rollout_workers.json").read_text())["peak_rss_mb"][0] > 0
 
 
 def test_rft_updates_the_policy_with_phase_timings(submitted):

@@ -10,11 +10,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from smart_r1.config import BCStage, CatKStage
+from smart_r1.config import BCStage, CatKStage, from_dict
 from smart_r1.data.dataset import iter_scenarios
 from smart_r1.data.parquet import shard_paths
 from smart_r1.data.stream import epoch_rows, rank_units
 from smart_r1.distributed import rollout_worker
+from smart_r1.distributed.pipeline import prepare_tokens
 from smart_r1.distributed.rollout_worker import RolloutSpec, RolloutWorker
 from smart_r1.distributed.supervised_loop import batches, scene_source
 from smart_r1.distributed.worker_kit import LearnerJob
@@ -22,6 +23,7 @@ from smart_r1.model.checkpoint import save_checkpoint
 from smart_r1.model.config import ModelConfig
 from smart_r1.model.smart_tiny import SmartTiny
 from smart_r1.tokens.cache import STAGE_OPTIONS, mark_done, token_folder, tokenize_shard
+from smart_r1.storage import write_json
 from smart_r1.tokens.motion_vocab import build_vocab
 from smart_r1.types import Experience
 
@@ -92,3 +94,14 @@ def test_an_actor_reads_only_what_it_is_handed(sumo_shards, vocab, tmp_path, mon
     assert len(index._cache) <= 2 and list(actor._scenes) == [("train", 0), ("train", 5)]
     assert actor.info()["peak_rss_mb"] > 0
 
+
+def test_the_pipeline_tokenises_for_unfinished_supervised_stages_on_parquet_only(tmp_path, womd_path, capsys):
+    config = from_dict({"out_dir": str(tmp_path), "stages": [{"name": "bc", "kind": "bc"},
+                                                             {"name": "sft", "kind": "catk_sft"},
+                                                             {"name": "rft", "kind": "mpo"}]})
+    for stage in ("bc", "sft"):
+        write_json(tmp_path / stage / "done.json", {})
+    assert prepare_tokens(config, {"train": "never/read"}, str(tmp_path), "never/read.pt") == {}
+    (tmp_path / "sft" / "done.json").unlink()
+    assert prepare_tokens(config, {"train": str(womd_path)}, str(tmp_path), "never/read.pt") == {}
+    assert "learners tokenise as they read" in capsys.readouterr().out
