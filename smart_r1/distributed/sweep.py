@@ -48,6 +48,9 @@ from smart_r1.storage import (base_name, copy_file, display, exists, is_dir, is_
 from smart_r1.tracking.mlflow_runs import RunTracker, check_tracking_uri, folder_run, resolve_tracking_uri
 
 
+SYNC_PERIOD_S = 15  # Tune's experiment state (KBs) to the storage root at most this often
+
+
 def resolve_shared(checkpoint: str, base: PipelineConfig, rft_stage: str) -> tuple[str, dict[str, str]]:
     """The given shared SFT checkpoint and data paths it comes with: a checkpoint file, or a
     pipeline run folder (its last finished stage before RFT and its generated data); either a
@@ -116,8 +119,16 @@ def run_trial(params: dict, setup: TrialSetup) -> None:
         tracker.log_params({"alpha": alpha, "beta": beta, "trial_id": trial_id, "config": config.to_dict()})
     print(f"[sweep] trial {trial_id} starts: alpha={alpha:.4g} beta={beta:.4g} in {display(out)}", flush=True)
     for k, stage in enumerate(config.stages):
-        rows = run_pipeline(dataclasses.replace(config, stages=config.stages[: k + 1]))
-        metrics = {key: float(rows[stage.name]["heldout"][key]) for key in METRICS}
+        done = join(out, stage.name, "done.json")
+        last = k + 1 == len(config.stages)
+        if exists(done) and (not last or exists(join(out, "results.json"))):
+            # finished before the sweep was interrupted (Tune's state in the storage root can lag
+            # by its sync period): its metrics are read back, no actor or learner is started
+            print(f"[sweep] trial {trial_id}: {stage.name} already finished", flush=True)
+            held_out = read_json(done)["metrics"]["heldout"]
+        else:
+            held_out = run_pipeline(dataclasses.replace(config, stages=config.stages[: k + 1]))[stage.name]["heldout"]
+        metrics = {key: float(held_out[key]) for key in METRICS}
         tracker.log_metrics({f"heldout/{key}": v for key, v in metrics.items()}, step=k)
         tune.report({**metrics, "stage": stage.name, "complete": k + 1 == len(config.stages)})
 
@@ -197,7 +208,10 @@ def run_sweep(sweep: SweepConfig, base: PipelineConfig, checkpoint: str = "") ->
                                         max_concurrent_trials=concurrent, scheduler=scheduler),
             # a retried trial continues from its last finished stage (and the learner from its last
             # checkpoint), so a trial killed by a node failure or the OOM killer costs little
+            # the sweep's state reaches the storage root every SYNC_PERIOD_S (Tune's default, 5
+            # minutes, would lose that much of a sweep's progress to a driver that dies)
             run_config=tune.RunConfig(name=name, **storage, verbose=1,
+                                      sync_config=tune.SyncConfig(sync_period=SYNC_PERIOD_S),
                                       failure_config=tune.FailureConfig(max_failures=2)))
     rows = [trial_row(r) for r in tuner.fit()]
     table = format_sweep_table(rows)

@@ -192,7 +192,9 @@ def test_tiny_sweep_interrupted_then_resumed(submitted, mlflow_server, moto_s3, 
     assert second.returncode == 0, second.stdout[-4000:] + second.stderr[-4000:]
     output = second.stdout + second.stderr
     assert "resuming" in output
-    assert f"trial {done} starts" not in output, "a finished trial was run again"
+    if f"trial {done} starts" in output:  # Tune's state in the bucket lags by its sync period
+        assert all(f"[sweep] trial {done}: {stage} already finished" in output for stage in stamps), \
+            "a finished trial was run again"
     assert {stage: _mtime(join(done_dir, stage, "model.pt")) for stage in stamps} == stamps
 
     rows = read_json(join(out, "results.json"))
