@@ -54,6 +54,8 @@ class DataConfig:
     embedded_heldout_scenarios: int = option(20, "size of the generated SUMO held-out set")
     seed: int = option(0, "seed of the generated SUMO sets")
     real_scenario: str = option("auto", "a WOMD TFRecord also scored after each stage; 'auto' = ../shared's, '' = none")
+    tokens_root: str = option("", "folder or URI under which the token shards live (tokens/<vocab hash>/...); "
+                                  "'' = out_dir (a sweep points its trials at its shared folder)")
 
 
 # What the forward passes compute in (smart_r1.model.precision): auto = bfloat16 where the

@@ -141,7 +141,8 @@ def prepare_model(config: PipelineConfig, datasets: dict[str, str], out: str | P
 def prepare_tokens(config: PipelineConfig, datasets: dict[str, str], out: str, checkpoint: str) -> dict[str, str]:
     """Token-shard folders by stage kind ("bc", "catk_sft") for the unfinished supervised stages:
     the training shards tokenised once with `checkpoint`'s vocabulary (every stage shares it),
-    reused when a folder is complete (`smart_r1.tokens.cache`). {} when no unfinished stage needs
+    reused when a folder is complete (`smart_r1.tokens.cache`), under `data.tokens_root` (default:
+    the run's root `out`). {} when no unfinished stage needs
     them, or when the training data are TFRecords (the learners then tokenise as they read)."""
     kinds = {s.kind for s in config.stages if s.kind in STAGE_OPTIONS and not exists(join(out, s.name, "done.json"))
              and not (s.kind == "bc" and config.init_checkpoint)}
@@ -153,7 +154,7 @@ def prepare_tokens(config: PipelineConfig, datasets: dict[str, str], out: str, c
         return {}
     vocab = load_checkpoint(read_bytes(checkpoint)).vocab
     options = {kind: STAGE_OPTIONS[kind] for kind in sorted(kinds)}
-    folders = tokenize_dataset(datasets["train"], out, vocab, list(options.values()))
+    folders = tokenize_dataset(datasets["train"], config.data.tokens_root or out, vocab, list(options.values()))
     return {kind: folders[o] for kind, o in options.items()}
 
 

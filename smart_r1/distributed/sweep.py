@@ -36,7 +36,7 @@ from ray import tune
 from ray.tune.schedulers import ASHAScheduler
 
 from smart_r1.config import PipelineConfig
-from smart_r1.distributed.pipeline import prepare_data, run_pipeline
+from smart_r1.distributed.pipeline import prepare_data, prepare_tokens, run_pipeline
 from smart_r1.distributed.resources import autoscaling_max, resources_needed, trial_resources, whole_trials
 from smart_r1.distributed.run_identity import fingerprint
 from smart_r1.distributed.sweep_config import SweepConfig, check_space, split_stages, trial_config
@@ -159,8 +159,13 @@ def shared_base(sweep: SweepConfig, base: PipelineConfig, out: str, checkpoint: 
         run_pipeline(config)
         ckpt = join(base_dir, before[-1].name, MODEL_NAME)
         datasets = prepare_data(config, base_dir)
-    data = dataclasses.replace(data, train=datasets["train"], heldout=datasets["heldout"])
-    return dataclasses.replace(base, data=data, init_checkpoint=ckpt).validate()
+    # The trials' supervised stages train on token shards made once here, under the shared folder
+    # (a trial tokenising for itself would redo it per trial, inside its placement group).
+    data = dataclasses.replace(data, train=datasets["train"], heldout=datasets["heldout"], tokens_root=base_dir)
+    shared = dataclasses.replace(base, data=data, init_checkpoint=ckpt).validate()
+    _, trial_stages = split_stages(base, sweep.rft_stage)
+    prepare_tokens(dataclasses.replace(shared, out_dir=base_dir, stages=trial_stages), datasets, base_dir, ckpt)
+    return shared
 
 
 def run_sweep(sweep: SweepConfig, base: PipelineConfig, checkpoint: str = "") -> list[dict]:

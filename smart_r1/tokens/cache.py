@@ -21,6 +21,7 @@ import time
 from dataclasses import asdict, dataclass
 
 import ray
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from smart_r1.data.parquet import read_shard, shard_paths
 from smart_r1.storage import base_name, display, exists, join, write_json
@@ -106,7 +107,10 @@ def tokenize_dataset(data: str, root: str, vocab: MotionVocab, options: list[Sce
     started = time.perf_counter()
     # max_calls=1: each task's process exits after its shard, so no tokenising worker's memory
     # lingers in (or is reused for) a learner or a rollout actor
-    task = ray.remote(num_cpus=1, max_calls=1)(_tokenize_task)
+    # placement_group=None: called inside a placement group (a Tune trial's), the tasks would be
+    # captured into its bundles, which have no room for them
+    task = ray.remote(num_cpus=1, max_calls=1,
+                      scheduling_strategy=PlacementGroupSchedulingStrategy(placement_group=None))(_tokenize_task)
     vocab_ref = ray.put(vocab.to_dict())
     pending = {task.remote(s, [join(folders[o], base_name(s)) for o in todo], vocab_ref, todo): s for s in sources}
     names = ", ".join(o.name for o in todo)
