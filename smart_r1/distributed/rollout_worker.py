@@ -9,7 +9,6 @@ actor fetches the weights only when the version differs from the one it holds (e
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import os
 import time
@@ -27,26 +26,55 @@ from smart_r1.distributed.worker_kit import peak_rss_mb, weights_ref
 from smart_r1.model.checkpoint import load_checkpoint
 from smart_r1.rl.experience import make_experience, reference_log_probs
 from smart_r1.rl.rewards import RewardConfig
-from smart_r1.rollout.closed_loop import closed_loop, to_rollouts
+from smart_r1.rollout.closed_loop import RolloutTensors, closed_loop, to_rollouts
 from smart_r1.rollout.sampling import Sampler
-from smart_r1.tokens.scene import SceneBatch, build_scene
+from smart_r1.tokens.scene import SceneBatch, build_scene, collate
 from smart_r1.types import Experience, RolloutFailure, ScenarioRecord
 
 
 @dataclass(frozen=True)
 class RolloutSpec:
     """What a rollout task does: how many rollouts per scenario, how they sample, how they are
-    rewarded (plain values for Ray), and, for MPO, `reference`: (the frozen reference's weights as
-    an ObjectRef,) when the workers also send its log-probs of their rollouts (else ())."""
+    rewarded (plain values for Ray); for MPO, `reference`: (the frozen reference checkpoint's bytes
+    as an ObjectRef,) when the workers also send its log-probs of their rollouts (else ()); and
+    `scenes_per_batch`, how many of a call's scenarios one closed-loop batch simulates together
+    (B x num_rollouts rows: the bound on an actor's memory)."""
 
     num_rollouts: int = 8
     sampling: SamplingConfig = SamplingConfig()
     reward: RewardConfig = RewardConfig()
     reference: tuple = ()
+    scenes_per_batch: int = 1
 
     @classmethod
-    def of_stage(cls, stage: MPOStage) -> "RolloutSpec":
-        return cls(stage.num_rollouts, stage.sampling, RewardConfig.of_stage(stage))
+    def of_stage(cls, stage: MPOStage, scenes_per_batch: int = 1) -> "RolloutSpec":
+        return cls(stage.num_rollouts, stage.sampling, RewardConfig.of_stage(stage), scenes_per_batch=scenes_per_batch)
+
+
+@dataclass(frozen=True)
+class _Ready:
+    """A scenario of a call, read and tokenised: its place in the call, its index, its record and
+    its scene on its own (B = 1)."""
+
+    slot: int
+    index: int
+    record: ScenarioRecord
+    scene: SceneBatch
+
+
+@dataclass(frozen=True)
+class _Simulated:
+    """One scenario's rollouts cut from its batch: tensors [1, R, A_i, ...], ref_log_probs
+    [1, R, A_i, 16] or None, and its share of the batch's rollout and reference seconds."""
+
+    tensors: RolloutTensors
+    ref_log_probs: torch.Tensor | None
+    rollout_seconds: float
+    reference_seconds: float
+
+
+def _failure(index: int, scenario_id: str, error: Exception) -> RolloutFailure:
+    return RolloutFailure(index, scenario_id, f"{type(error).__name__}: {error}\n" + traceback.format_exc(limit=3))
 
 
 SCENE_CACHE = 64  # tokenised scenes an actor keeps (~270 KB each on WOMD): evaluation re-scores the same few
@@ -109,13 +137,13 @@ class RolloutWorker:
         return self._scenes[key]
 
     def _reference(self, spec: RolloutSpec):
-        """The frozen reference the spec names (fetched once per stage), or None."""
+        """The frozen reference the spec names, or None. Every learner rank names the same
+        checkpoint ObjectRef (the stage's, put by the driver), so it is loaded once per stage."""
         if not spec.reference:
             return None
         if self._reference_ref != spec.reference[0].hex():
-            self.reference = copy.deepcopy(self.model).requires_grad_(False)
-            self.reference.load_state_dict(ray.get(spec.reference[0]))
-            self.reference.eval()
+            self.reference = load_checkpoint(ray.get(spec.reference[0]), map_location=self.device)
+            self.reference.requires_grad_(False).eval()
             self._reference_ref = spec.reference[0].hex()
         return self.reference
 
@@ -127,48 +155,85 @@ class RolloutWorker:
                 spec: RolloutSpec) -> list[Experience | RolloutFailure]:
         """Sample `spec.num_rollouts` rollouts of each scenario and score them into experience."""
         self._sync(version, weights)
-        sampler = self._sampler(spec)
-        reference = self._reference(spec)
-        out: list[Experience | RolloutFailure] = []
-        for index in indices:
-            scenario_id = "?"
-            try:
-                record = self.record(dataset, index)
-                scenario_id = record.scenario_id
-                t0 = time.perf_counter()
-                scene = self._scene(dataset, index, record)
-                tensors = closed_loop(self.model, scene, spec.num_rollouts, sampler)
-                t1 = time.perf_counter()
-                ref_log_probs = None if reference is None else reference_log_probs(reference, scene, tensors,
-                                                                                   spec.sampling)
-                out.append(make_experience(index, record, scene, tensors, self.version, spec.reward,
-                                           rollout_seconds=t1 - t0, ref_log_probs=ref_log_probs,
-                                           reference_seconds=time.perf_counter() - t1))
-            except Exception as e:  # one bad scenario must not sink the batch; the learner counts it
-                out.append(RolloutFailure(index, scenario_id, f"{type(e).__name__}: {e}\n"
-                                          + traceback.format_exc(limit=3)))
-        return out
+
+        def finish(item: _Ready, sim: _Simulated) -> Experience:
+            return make_experience(item.index, item.record, item.scene, sim.tensors, self.version, spec.reward,
+                                   rollout_seconds=sim.rollout_seconds, ref_log_probs=sim.ref_log_probs,
+                                   reference_seconds=sim.reference_seconds)
+        return self._run(dataset, indices, spec, finish)
 
     def score_scenarios(self, version: int, weights: list, dataset: str, indices: list[int],
                         spec: RolloutSpec) -> list[dict | RolloutFailure]:
         """Per-scenario fast WOSAC metrics of `spec.num_rollouts` sampled rollouts."""
         self._sync(version, weights)
-        sampler = self._sampler(spec)
-        out: list[dict | RolloutFailure] = []
-        for index in indices:
+
+        def finish(item: _Ready, sim: _Simulated) -> dict:
+            (rollout,) = to_rollouts(item.scene, sim.tensors)
+            return {"scenario_id": item.record.scenario_id,
+                    **compute_scenario_metrics(item.record, torch.as_tensor(rollout.states))}
+        return self._run(dataset, indices, spec, finish, need_sim_agents=True)
+
+    def _run(self, dataset: str, indices: list[int], spec: RolloutSpec, finish,
+             need_sim_agents: bool = False) -> list:
+        """What `rollout` and `score_scenarios` share: read and tokenise each scenario on its own,
+        simulate them `spec.scenes_per_batch` at a time in one closed-loop batch, then
+        `finish(item, simulated)` each on its own. Results in the order of `indices`.
+
+        One bad scenario must not sink the others (the learner counts it, never scores it): a
+        scenario that fails to read, tokenise or finish becomes a RolloutFailure alone, and a
+        batch that raises is simulated again scene by scene."""
+        out: list = [None] * len(indices)
+        ready: list[_Ready] = []
+        for slot, index in enumerate(indices):
             scenario_id = "?"
             try:
                 record = self.record(dataset, index)
                 scenario_id = record.scenario_id
-                if not record.sim_agent_mask.any():
+                if need_sim_agents and not record.sim_agent_mask.any():
                     raise ValueError("no valid sim agents")
-                scene = self._scene(dataset, index, record)
-                tensors = closed_loop(self.model, scene, spec.num_rollouts, sampler)
-                (rollout,) = to_rollouts(scene, tensors)
-                metrics = compute_scenario_metrics(record, torch.as_tensor(rollout.states))
-                out.append({"scenario_id": record.scenario_id, **metrics})
+                ready.append(_Ready(slot, index, record, self._scene(dataset, index, record)))
             except Exception as e:
-                out.append(RolloutFailure(index, scenario_id, f"{type(e).__name__}: {e}"))
+                out[slot] = _failure(index, scenario_id, e)
+        sampler, reference = self._sampler(spec), self._reference(spec)
+        size = max(1, spec.scenes_per_batch)
+        for start in range(0, len(ready), size):
+            group = ready[start:start + size]
+            try:
+                done = list(zip(group, self._simulate(group, spec, sampler, reference)))
+            except Exception as e:
+                if len(group) == 1:
+                    out[group[0].slot] = _failure(group[0].index, group[0].record.scenario_id, e)
+                    continue
+                done = []
+                for item in group:  # again scene by scene: only the bad one fails
+                    try:
+                        done += list(zip([item], self._simulate([item], spec, sampler, reference)))
+                    except Exception as e_item:
+                        out[item.slot] = _failure(item.index, item.record.scenario_id, e_item)
+            for item, sim in done:
+                try:
+                    out[item.slot] = finish(item, sim)
+                except Exception as e:
+                    out[item.slot] = _failure(item.index, item.record.scenario_id, e)
+        return out
+
+    def _simulate(self, group: list["_Ready"], spec: RolloutSpec, sampler: Sampler,
+                  reference) -> list["_Simulated"]:
+        """The rollouts of a group of scenes, sampled in one closed-loop batch (B scenes x R
+        rollouts rows, agents padded to the group's most), then cut per scene. Padding agent and
+        map slots are masked out of every attention, so a scene's rollouts follow the same
+        distribution as alone (tests/rollout/test_batched_scenes.py)."""
+        batch = group[0].scene if len(group) == 1 else collate([item.scene for item in group])
+        t0 = time.perf_counter()
+        tensors = closed_loop(self.model, batch, spec.num_rollouts, sampler)  # [B, R, A, ...]
+        t1 = time.perf_counter()
+        ref = None if reference is None else reference_log_probs(reference, batch, tensors, spec.sampling)
+        t2 = time.perf_counter()  # ref: [B, R, A, 16]
+        out = []
+        for i, item in enumerate(group):  # the batch's seconds shared evenly by its scenes
+            a = item.scene.agent_mask.shape[1]
+            out.append(_Simulated(tensors.scene(i, a), None if ref is None else ref[i:i + 1, :, :a],
+                                  (t1 - t0) / len(group), (t2 - t1) / len(group)))
         return out
 
     def num_scenarios(self, dataset: str) -> int:

@@ -33,6 +33,11 @@ class RolloutTensors:
     log_probs: torch.Tensor
     poses: torch.Tensor
 
+    def scene(self, i: int, num_agents: int) -> "RolloutTensors":
+        """Scene i of a collated batch on its own, [1, R, num_agents, ...]: its first `num_agents`
+        agent slots, which are its own (`collate` pads after them)."""
+        return RolloutTensors(*(x[i:i + 1, :, :num_agents] for x in (self.tokens, self.log_probs, self.poses)))
+
 
 @torch.no_grad()
 def closed_loop(model: SmartTiny, batch: SceneBatch, num_rollouts: int = 32, selector: TokenSelector | None = None,
