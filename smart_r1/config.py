@@ -198,6 +198,14 @@ class MPOStage(_Stage):
             raise ValueError(f"{where}: collision_weight and offroad_weight must be >= 0")
         self.sampling.validate(f"stage {self.name!r}: sampling")
 
+    def check_learners(self, num_learners: int) -> None:
+        """Every learner rank samples its own share of a step's scenarios: none may get nothing."""
+        if self.scenarios_per_step < num_learners:
+            raise ValueError(f"stage {self.name!r}: scenarios_per_step ({self.scenarios_per_step}) is below "
+                             f"ray.num_learners ({num_learners}): each learner rank samples its own share of an "
+                             "RL step's scenarios, so a rank would get none; raise scenarios_per_step or lower "
+                             "num_learners")
+
 
 StageConfig = typing.Union[BCStage, CatKStage, MPOStage]
 STAGE_CLASSES: dict[str, type] = {"bc": BCStage, "catk_sft": CatKStage, "mpo": MPOStage}
@@ -221,6 +229,9 @@ class RayConfig:
     max_learner_failures: int = option(2, "learner restarts from the last checkpoint before the stage fails")
     max_actor_restarts: int = option(3, "restarts of a crashed rollout actor (its unfinished tasks are retried) "
                                         "before its work counts as failed")
+    scenarios_per_rollout_batch: int = option(4, "scenarios a rollout actor simulates in one closed-loop batch "
+                                                 "(B x num_rollouts rows; at most this many per actor call): "
+                                                 "more fill a GPU better, fewer bound the actor's memory")
     task_timeout_s: float = option(1800.0, "longest wait for one rollout or scoring task before the run stops "
                                            "with an error naming the actor and its scenarios")
     storage_path: str = option("", "Ray Train / Tune storage; '' = <out_dir>/ray")
@@ -239,6 +250,8 @@ class RayConfig:
             raise ValueError("ray.max_learner_failures and ray.max_actor_restarts must be >= 0")
         if self.keep_checkpoints < 1:
             raise ValueError(f"ray.keep_checkpoints must be >= 1, got {self.keep_checkpoints}")
+        if self.scenarios_per_rollout_batch < 1:
+            raise ValueError(f"ray.scenarios_per_rollout_batch must be >= 1, got {self.scenarios_per_rollout_batch}")
         if not self.task_timeout_s > 0:
             raise ValueError(f"ray.task_timeout_s must be > 0, got {self.task_timeout_s}")
 
@@ -283,6 +296,8 @@ class PipelineConfig:
             raise ValueError(f"stage names must be unique, got {names}")
         for s in self.stages:
             s.validate()
+            if s.kind == "mpo":
+                s.check_learners(self.ray.num_learners)
         for path, what in ((self.data.train, "data.train"), (self.data.heldout, "data.heldout"),
                            (self.init_checkpoint, "init_checkpoint")):
             if path and "*" not in path and "://" not in path and not Path(path).exists():

@@ -1,31 +1,40 @@
 """Learner loop of the RFT stage (MPO), run by every Ray Train worker. It moves data and weights;
 the method is `smart_r1.rl.mpo.mpo_step`.
 
-One RL step:
-    rollout   rank 0 hands this step's scenarios to the rollout workers through a queue (a free
-              actor takes the next scenario) and waits for their experiences
+One RL step (every learner rank runs all of it, on its own share of the step's scenarios):
+    rollout   the step's scenarios are a fixed function of (seed, step); rank r takes every
+              world_size-th from r and hands them to the rollout workers through a queue (a free
+              actor takes the next scenarios), with its own `ray.put` of the weights (identical on
+              every rank: gradients are all-reduced), and waits for their experiences
     adv       stale experiences (weights more than `max_staleness` versions old) are dropped,
               failed rollouts are dropped and counted (never scored as zero: with a fixed
               baseline a zero reward would push the policy away from whatever it sampled);
-              the rest are collated into one `ExperienceBatch`; when fewer than
-              `min_rollout_fraction` of the step's scenarios are usable, the step is sampled again
-              once, then the stage stops with the failures named (every wait is bounded by
-              `ray.task_timeout_s`)
+              the rest are collated into one `ExperienceBatch`. What every rank must decide
+              alike is decided from counts summed over the ranks (one all-reduce): when fewer
+              than `min_rollout_fraction` of the step's scenarios are usable, or a rank has none
+              (it could not take part in the update), every rank samples its share again, once,
+              then the stage stops with the failures named (every wait is bounded by
+              `ray.task_timeout_s`); `alpha: auto` and the logged means are over all ranks'
+              experiences
     update    `mpo_step` on this rank's share, gradients averaged over ranks
-    sync      one `ray.put` of the new weights, tagged with the next version
+    sync      one `ray.put` of the new weights per rank, tagged with the next version
 With max_staleness >= 1 the next step's rollouts are dispatched before the update (with the
 current weights), so the workers sample while the learner updates; `mpo_step` then applies the
-clipped ratio surrogate, which corrects for the one-version lag.
+clipped ratio surrogate, which corrects for the one-version lag. Rank 0 logs which scenarios each
+rank sampled, their mean rewards and a digest of each rank's weights after the update to
+`<stage_dir>/rollouts.jsonl` (the ranks' weights must stay identical).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import math
 import os
 
 import numpy as np
 import ray
+import torch
 import torch.distributed as dist
 
 from smart_r1.distributed import rollout_tasks
@@ -38,10 +47,11 @@ from smart_r1.model.checkpoint import load_checkpoint
 from smart_r1.rl.experience import collate_experiences
 from smart_r1.rl.mpo import mpo_step
 from smart_r1.rl.optim import NonFiniteGuard
-from smart_r1.storage import join, read_json, write_json
+from smart_r1.storage import join, read_json, truncate_log, write_json, write_log_row
 from smart_r1.types import Experience
 
 ALPHA_FILE = "alpha.json"  # alpha: auto, as calibrated
+ROLLOUTS_LOG = "rollouts.jsonl"  # per RL step: each rank's scenarios, their rewards, its weights' digest
 REFERENCE_IN_WORKERS_ENV = "SMART_R1_REFERENCE_IN_WORKERS"  # "0": the learner runs pi_ref (to compare)
 
 
@@ -51,8 +61,11 @@ def step_scenarios(seed: int, step: int, num_scenarios: int, count: int) -> list
     return sorted(rng.choice(num_scenarios, size=count, replace=count > num_scenarios).tolist())
 
 
-def dispatch(workers: list, version: int, weights_ref, indices: list[int], spec: RolloutSpec) -> RolloutQueue:
-    return rollout_tasks.dispatch(workers, "rollout", indices, version, [weights_ref], "train", spec)
+def dispatch(workers: list, version: int, weights_ref, indices: list[int], spec: RolloutSpec,
+             first: int = 0) -> RolloutQueue:
+    """Hand `indices` to the rollout actors, up to `spec.scenes_per_batch` per call, first to actor `first`."""
+    return rollout_tasks.dispatch(workers, "rollout", indices, version, [weights_ref], "train", spec,
+                                  per_call=spec.scenes_per_batch, first=first)
 
 
 def collect(queue: RolloutQueue, timeout_s: float) -> tuple[list[Experience], int]:
@@ -63,50 +76,85 @@ def collect(queue: RolloutQueue, timeout_s: float) -> tuple[list[Experience], in
     return experiences, len(failures)
 
 
-def calibrated_alpha(job: LearnerJob, experiences: list[Experience], rank: int, world_size: int) -> float:
-    """`alpha: auto`: the mean reward of the starting policy's first batch (rank 0 has it all),
-    fixed for the rest of the stage and recorded in `<stage_dir>/alpha.json`, which a resumed
-    stage reads back."""
+# What one rank's experiences add to the step's totals (summed over ranks in one all-reduce):
+# counts for the decisions every rank must take alike, sums for the means logged over all ranks.
+TOTALS = ("usable", "failed", "stale", "empty_ranks", "reward", "realism", "collision_rate", "offroad_rate",
+          "worker_rollout_s", "worker_reward_s", "worker_reference_s")
+
+
+def step_totals(experiences: list[Experience], failed: int, stale: int, device, world_size: int) -> dict[str, float]:
+    """TOTALS summed over all learner ranks: the same on every rank. Means are per scenario."""
+    per_scenario = [(e.rewards.mean(), e.realism.mean(), e.collision.mean(), e.offroad.mean(),
+                     e.seconds.get("rollout", 0.0), e.seconds.get("reward", 0.0), e.seconds.get("reference", 0.0))
+                    for e in experiences]
+    sums = np.sum(per_scenario, 0) if per_scenario else np.zeros(7)
+    values = torch.tensor([len(experiences), failed, stale, float(not experiences), *sums], dtype=torch.float64,
+                          device=device)  # on the learner's device: NCCL reduces CUDA tensors only
+    if world_size > 1:
+        dist.all_reduce(values)
+    return dict(zip(TOTALS, values.tolist()))
+
+
+def calibrated_alpha(job: LearnerJob, mean_reward: float, scenarios: int, rank: int, world_size: int,
+                     device) -> float:
+    """`alpha: auto`: the mean reward of the starting policy's first batch (over all ranks'
+    scenarios), fixed for the rest of the stage and recorded in `<stage_dir>/alpha.json`, which
+    a resumed stage reads back (rank 0 reads and writes it, and tells the other ranks)."""
     path = join(job.stage_dir, ALPHA_FILE)  # the stage's folder in the run's storage (local or URI)
-    box = [0.0]
-    if rank == 0:  # decides, and tells the other ranks
+    box = torch.zeros(1, dtype=torch.float64, device=device)
+    if rank == 0:
         recorded = read_json(path, None)
         if recorded is not None:
             box[0] = float(recorded["alpha"])
         else:
-            box[0] = float(np.mean([e.rewards.mean() for e in experiences]))
-            write_json(path, {"alpha": box[0], "from_scenarios": len(experiences), "auto": True})
-            say(f"[{job.stage.name}] alpha: auto = {box[0]:.4f} (the starting policy's mean reward on "
-                f"{len(experiences)} scenarios), fixed from here on")
+            box[0] = mean_reward
+            write_json(path, {"alpha": mean_reward, "from_scenarios": scenarios, "auto": True})
+            say(f"[{job.stage.name}] alpha: auto = {mean_reward:.4f} (the starting policy's mean reward on "
+                f"{scenarios} scenarios), fixed from here on")
     if world_size > 1:
-        dist.broadcast_object_list(box, src=0)
-    return box[0]
+        dist.broadcast(box, src=0)
+    return float(box[0])
 
 
-def _share(experiences: list[Experience], rank: int, world_size: int) -> list[Experience]:
-    """Rank 0 collected everything; every rank takes its round-robin share."""
+def weights_digest(model: torch.nn.Module) -> str:
+    """sha256 of a model's parameters and buffers, in state-dict order: equal on ranks whose
+    weights are bitwise equal."""
+    digest = hashlib.sha256()
+    for name, value in getattr(model, "module", model).state_dict().items():
+        digest.update(name.encode())
+        digest.update(value.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def log_ranks(job: LearnerJob, step: int, row: dict, rank: int, world_size: int) -> None:
+    """Rank 0 writes every rank's row (plain values, gathered) to `<stage_dir>/rollouts.jsonl`."""
+    rows = [None] * world_size
     if world_size > 1:
-        box = [experiences]
-        dist.broadcast_object_list(box, src=0)
-        experiences = box[0]
-    share = experiences[rank::world_size]
-    return share or experiences[:1]  # a rank never idles with an empty batch (keeps all-reduce in step)
+        dist.all_gather_object(rows, row)
+    else:
+        rows = [row]
+    if rank == 0:
+        write_log_row(join(job.stage_dir, ROLLOUTS_LOG), {"progress": step, "ranks": rows})
 
 
 def mpo_loop(config: dict) -> None:
     job: LearnerJob = config["job"]
     stage = job.stage
     model, optimizer, device, rank, world_size, start = start_training(job, "step")
-    ref_model = load_checkpoint(fetch_checkpoint(job.ref_checkpoint or job.init_checkpoint), map_location=device)
+    stage.check_learners(world_size)
+    if rank == 0:
+        truncate_log(join(job.stage_dir, ROLLOUTS_LOG), start)
+    ref_checkpoint = job.ref_checkpoint or job.init_checkpoint
+    ref_model = load_checkpoint(fetch_checkpoint(ref_checkpoint), map_location=device)
     ref_model.requires_grad_(False)
     workers = job.rollout_workers
     num_scenarios = ray.get(workers[0].num_scenarios.remote("train"), timeout=job.task_timeout_s)
-    spec = RolloutSpec.of_stage(stage)
-    if rank == 0 and stage.kl_estimator == "k3" and os.environ.get(REFERENCE_IN_WORKERS_ENV, "1") != "0":
+    spec = RolloutSpec.of_stage(stage, job.scenes_per_batch)
+    if stage.kl_estimator == "k3" and os.environ.get(REFERENCE_IN_WORKERS_ENV, "1") != "0":
         # the workers run the frozen reference on their own rollouts and send log pi_ref: the
-        # update skips that forward pass (mpo_step); the 'full' estimator needs it here
-        spec = dataclasses.replace(spec, reference=(ray.put({k: v.detach().cpu()
-                                                             for k, v in ref_model.state_dict().items()}),))
+        # update skips that forward pass (mpo_step); the 'full' estimator needs it here. Every
+        # rank names the driver's ObjectRef of the reference checkpoint, so an actor loads it once.
+        spec = dataclasses.replace(spec, reference=(ref_checkpoint,))
     overlap = stage.max_staleness >= 1
     timer = PhaseTimer()
     guard = NonFiniteGuard(f"stage {stage.name}", stage.max_nonfinite_updates)
@@ -117,47 +165,55 @@ def mpo_loop(config: dict) -> None:
         say(f"[{stage.name}] objective: {objective}")
 
     def weights():
-        with timer.phase("sync"):  # the one ray.put per update
+        with timer.phase("sync"):  # this rank's one ray.put per update
             return ray.put({k: v.detach().cpu() for k, v in model.state_dict().items()})
 
-    def scenarios_of(step: int) -> list[int]:
-        return step_scenarios(job.seed, step, num_scenarios, stage.scenarios_per_step)
+    def share_of(step: int) -> list[int]:
+        """This rank's share of the step's scenarios."""
+        return step_scenarios(job.seed, step, num_scenarios, stage.scenarios_per_step)[rank::world_size]
+
+    def dispatch_share(step: int) -> RolloutQueue:
+        return dispatch(workers, version, weights(), share_of(step), spec, first=rank)
 
     def usable(queue: RolloutQueue) -> tuple[list[Experience], int, int]:
-        """(fresh experiences, failed scenarios, stale scenarios) of a dispatched step."""
+        """(fresh experiences, failed scenarios, stale scenarios) of this rank's dispatched share."""
         experiences, failed = collect(queue, job.task_timeout_s)
         fresh = [e for e in experiences if version - e.version <= stage.max_staleness]
         return fresh, failed, len(experiences) - len(fresh)
 
+    def enough(totals: dict) -> bool:  # decided from all-reduced counts: alike on every rank
+        return totals["usable"] >= needed and totals["empty_ranks"] == 0
+
     needed = math.ceil(stage.min_rollout_fraction * stage.scenarios_per_step)
     version = start
-    pending = dispatch(workers, version, weights(), scenarios_of(start), spec) if rank == 0 else []
+    pending = dispatch_share(start)
     for step in range(start, stage.steps):
         maybe_fail(job, step)
         for phase in ("rollout", "sync"):  # every row names every phase (0 s where skipped)
             timer.add(phase, 0.0)
-        experiences, failed, stale = [], 0, 0
-        if rank == 0:
-            with timer.phase("rollout"):
-                experiences, failed, stale = usable(pending)
-                if len(experiences) < needed:  # sample this step again, once, with the current weights
-                    say(f"[{stage.name}] RL step {step}: {len(experiences)} of {stage.scenarios_per_step} scenarios "
-                        f"usable ({failed} failed, {stale} stale); sampling it again")
-                    experiences, failed_again, stale_again = usable(
-                        dispatch(workers, version, weights(), scenarios_of(step), spec))
-                    failed, stale = failed + failed_again, stale + stale_again
-                    if len(experiences) < needed:
-                        raise RuntimeError(
-                            f"stage {stage.name}, RL step {step}: only {len(experiences)} of {stage.scenarios_per_step} "
-                            f"scenarios gave usable rollouts twice (min_rollout_fraction {stage.min_rollout_fraction}); "
-                            "the failures are named above")
-            if overlap and step + 1 < stage.steps:  # sample the next step while this one updates
-                pending = dispatch(workers, version, weights(), scenarios_of(step + 1), spec)
+        with timer.phase("rollout"):
+            experiences, failed, stale = usable(pending)
+            totals = step_totals(experiences, failed, stale, device, world_size)
+            if not enough(totals):  # every rank samples its share again, once, with the current weights
+                if rank == 0:
+                    say(f"[{stage.name}] RL step {step}: {totals['usable']:.0f} of {stage.scenarios_per_step} "
+                        f"scenarios usable ({totals['failed']:.0f} failed, {totals['stale']:.0f} stale; "
+                        f"{totals['empty_ranks']:.0f} learner ranks with none); sampling it again")
+                experiences, failed_again, stale_again = usable(dispatch_share(step))
+                failed, stale = failed + failed_again, stale + stale_again
+                totals = step_totals(experiences, failed, stale, device, world_size)
+                if not enough(totals):
+                    raise RuntimeError(
+                        f"stage {stage.name}, RL step {step}: only {totals['usable']:.0f} of {stage.scenarios_per_step} "
+                        f"scenarios gave usable rollouts twice (min_rollout_fraction {stage.min_rollout_fraction}), "
+                        f"and {totals['empty_ranks']:.0f} of {world_size} learner ranks had none of their share "
+                        "(each needs one to take part in the update); the failures are named above")
+        if overlap and step + 1 < stage.steps:  # sample the next step while this one updates
+            pending = dispatch_share(step + 1)
+        count = totals["usable"]
         if stage.alpha == "auto":  # the first batch, sampled by the starting policy, calibrates it
-            stage = dataclasses.replace(stage, alpha=calibrated_alpha(job, experiences, rank, world_size))
-        experiences = _share(experiences, rank, world_size)
-        if not experiences:
-            raise RuntimeError(f"RL step {step}: every rollout failed or was stale")
+            stage = dataclasses.replace(stage, alpha=calibrated_alpha(
+                job, totals["reward"] / count, int(count), rank, world_size, device))
         with timer.phase("adv"):
             batch = collate_experiences(experiences, device)
         with timer.phase("update"):
@@ -166,17 +222,16 @@ def mpo_loop(config: dict) -> None:
             version += 1  # the weights changed (a skipped update leaves the version as it was)
         else:
             say(f"[{stage.name}] RL step {step}: non-finite loss or gradient, update skipped")
-        if rank == 0 and not overlap and step + 1 < stage.steps:
-            pending = dispatch(workers, version, weights(), scenarios_of(step + 1), spec)
-        worker_time = {f"worker_{k}_s": float(np.mean([e.seconds.get(k, 0.0) for e in experiences]))
-                       for k in ("rollout", "reward", "reference")}
+        if not overlap and step + 1 < stage.steps:
+            pending = dispatch_share(step + 1)
+        log_ranks(job, step, {"rank": rank, "version": version, "scenarios": [e.scenario_index for e in experiences],
+                              "rewards": [float(e.rewards.mean()) for e in experiences], "failed": failed,
+                              "stale": stale, "weights_sha256": weights_digest(model)}, rank, world_size)
+        means = {k: totals[k] / count for k in TOTALS[4:]}  # over every rank's scenarios
         metrics = {
-            "step": step, "version": version, "alpha": stage.alpha, **stats, **worker_time, **timer.lap(),
-            "reward": float(np.mean([e.rewards.mean() for e in experiences])),
-            "realism": float(np.mean([e.realism.mean() for e in experiences])),
-            "collision_rate": float(np.mean([e.collision.mean() for e in experiences])),
-            "offroad_rate": float(np.mean([e.offroad.mean() for e in experiences])),
-            "rollouts_failed": failed, "rollouts_stale": stale, "scenarios": len(experiences),
+            "step": step, "version": version, "alpha": stage.alpha, **stats, **timer.lap(), **means,
+            "rollouts_failed": int(totals["failed"]), "rollouts_stale": int(totals["stale"]),
+            "scenarios": int(count), "scenarios_this_rank": len(experiences),
             "nonfinite_skipped": guard.skipped, "peak_rss_mb": peak_rss_mb(),
         }
         progress.line(step + 1, f"reward {metrics['reward']:.3f} realism {metrics['realism']:.3f} "

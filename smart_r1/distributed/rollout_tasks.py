@@ -12,6 +12,7 @@ scored (with a fixed MPO baseline a zero reward would push the policy away from 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import ray
@@ -51,15 +52,19 @@ def split(indices: list[int], parts: int) -> list[list[int]]:
 
 
 def dispatch(workers: list, method: str, indices: list[int], *args, per_call: int = 1,
-             in_flight: int = 2) -> RolloutQueue:
+             in_flight: int = 2, first: int = 0) -> RolloutQueue:
     """Start handing `indices` to `workers`' `method(*lead, shard, spec)` (`args` = lead..., spec):
-    `in_flight` calls of `per_call` scenarios per actor now, the rest as calls finish (`gather`)."""
+    `in_flight` calls of up to `per_call` scenarios per actor now, the rest as calls finish
+    (`gather`). A call never takes more than an even split of `indices` over the actors, so that
+    batching scenarios never leaves an actor idle. The first calls go to actors `first`,
+    `first + 1`, ...: learner ranks that dispatch their own shares start on different actors."""
     *lead, spec = args
+    per_call = max(1, min(per_call, math.ceil(len(indices) / max(1, len(workers)))))
     queue = RolloutQueue(lambda w, shard: getattr(workers[w], method).remote(*lead, shard, spec),
-                         list(indices), per_call=max(1, per_call))
+                         list(indices), per_call=per_call)
     for _ in range(in_flight):
-        for w in range(len(workers)):
-            queue.give(w)
+        for i in range(len(workers)):
+            queue.give((first + i) % len(workers))
     return queue
 
 

@@ -60,6 +60,7 @@ class LearnerJob:
     fail_once_at: int = -1  # fault injection for tests: raise once at this step/epoch
     run_name: str = ""  # the Ray Train run (its checkpoints); includes the stage's fingerprint
     task_timeout_s: float = 1800.0  # longest wait for one rollout task
+    scenes_per_batch: int = 1  # MPO: scenarios a rollout actor simulates in one closed-loop batch
 
 
 def say(message: str) -> None:

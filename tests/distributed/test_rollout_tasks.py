@@ -54,6 +54,15 @@ def test_results_and_failed_scenarios_are_named(workers):
     assert len(failures) == 1 and "scenario 3 (s3)" in failures[0] and "rollout worker 1" in failures[0]
 
 
+def test_batched_calls_split_evenly_and_ranks_start_on_different_actors(workers):
+    # up to 4 scenarios a call, but never more than an even split (3 of 5 over 2 actors); a rank
+    # that starts on actor 1 hands it its first call
+    queue = dispatch(workers, "rollout", [0, 1, 2, 4, 5], 0, [], "train", "ok", per_call=4, first=1)
+    assert [(t.worker, t.indices) for t in queue.running] == [(1, (0, 1, 2)), (0, (4, 5))]
+    results, failures = gather(queue, 60, "test")
+    assert results == [0, 1, 2, 4, 5] and not failures
+
+
 def test_a_task_that_never_answers_times_out_with_its_actor_and_scenarios(workers):
     start = time.perf_counter()
     with pytest.raises(TimeoutError, match=r"rollout worker 1 \(scenarios \[7\]\)"):
