@@ -2,6 +2,7 @@
 idle fraction and the weight-sync time per update.
 
     python benchmarks/bench_rl.py [--scenarios 16] [--rollouts 8] [--preset cpu] [--steps 6]
+    python benchmarks/bench_rl.py --batching 1,4 [--scenarios 8]   # scenarios per closed-loop batch only
 
 Data: SUMO scenarios generated into a temporary folder (seed 0). Model: an untrained SMART-tiny of
 the given preset (rollout cost does not depend on the weights). The MPO part runs the real RFT
@@ -40,12 +41,36 @@ def rollouts_per_second(checkpoint: str, datasets: dict, num_actors: int, scenar
     return done * rollouts / seconds
 
 
+def batching_speed(checkpoint: str, datasets: dict, scenarios: int, rollouts: int, sizes: list[int],
+                   repeats: int) -> dict[int, float]:
+    """Rollouts per second (sampled and scored into experience) of a rollout actor's own code, run
+    in this process on one thread, `size` scenarios per closed-loop batch. The sizes take turns
+    `repeats` times and the best of each is kept, so a load that changes meanwhile hits all alike."""
+    from smart_r1.distributed.rollout_worker import RolloutSpec, RolloutWorker
+    from smart_r1.model.checkpoint import checkpoint_bytes
+
+    worker = RolloutWorker(checkpoint_bytes(checkpoint), datasets, threads=1)
+    indices = list(range(scenarios))
+    worker.rollout(0, [], "train", indices, RolloutSpec(num_rollouts=1))  # read and tokenise once (cached)
+    best: dict[int, float] = {}
+    for _ in range(repeats):
+        for size in sizes:
+            start = time.perf_counter()
+            out = worker.rollout(0, [], "train", indices, RolloutSpec(num_rollouts=rollouts, scenes_per_batch=size))
+            seconds = time.perf_counter() - start
+            assert all(hasattr(r, "tokens") for r in out), [r for r in out if not hasattr(r, "tokens")]
+            best[size] = max(best.get(size, 0.0), scenarios * rollouts / seconds)
+    return best
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--scenarios", type=int, default=16)
     p.add_argument("--rollouts", type=int, default=8)
     p.add_argument("--preset", default="cpu")
     p.add_argument("--steps", type=int, default=6)
+    p.add_argument("--batching", default="", help="only this: scenarios per closed-loop batch to compare, e.g. 1,4")
+    p.add_argument("--repeats", type=int, default=2, help="--batching: turns of each size (best kept)")
     args = p.parse_args()
 
     from smart_r1.config import DataConfig, ModelSection, MPOStage, PipelineConfig, RayConfig
@@ -55,13 +80,20 @@ def main() -> None:
     from smart_r1.ray_runtime import ensure_ray
     from smart_r1.distributed.rollout_worker import start_workers
 
-    ensure_ray(num_cpus=2)
     tmp = Path(tempfile.mkdtemp(prefix="bench_rl_"))
     config = PipelineConfig(out_dir=str(tmp), data=DataConfig(embedded_train_scenarios=args.scenarios,
                                                               embedded_heldout_scenarios=2, real_scenario=""),
                             model=ModelSection(preset=args.preset, vocab_size=1024))
     datasets = prepare_data(config, tmp)
     checkpoint = prepare_model(config, datasets, tmp)
+    if args.batching:
+        sizes = [int(x) for x in args.batching.split(",")]
+        speed = batching_speed(checkpoint, datasets, args.scenarios, args.rollouts, sizes, args.repeats)
+        print("  ".join(f"scenes_per_batch {k}: {v:.2f} rollouts/s" for k, v in speed.items()))
+        print(" ".join(f"rollouts_per_s_batch{k} {v:.2f}" for k, v in speed.items())
+              + f" ratio {speed[sizes[-1]] / speed[sizes[0]]:.2f}")
+        return
+    ensure_ray(num_cpus=2)
 
     one = rollouts_per_second(checkpoint, datasets, 1, args.scenarios, args.rollouts)
     two = rollouts_per_second(checkpoint, datasets, 2, args.scenarios, args.rollouts)

@@ -229,9 +229,10 @@ class RayConfig:
     max_learner_failures: int = option(2, "learner restarts from the last checkpoint before the stage fails")
     max_actor_restarts: int = option(3, "restarts of a crashed rollout actor (its unfinished tasks are retried) "
                                         "before its work counts as failed")
-    scenarios_per_rollout_batch: int = option(4, "scenarios a rollout actor simulates in one closed-loop batch "
-                                                 "(B x num_rollouts rows; at most this many per actor call): "
-                                                 "more fill a GPU better, fewer bound the actor's memory")
+    scenarios_per_rollout_batch: int = option(1, "scenarios a rollout actor simulates in one closed-loop batch "
+                                                 "(B x num_rollouts rows, at most this many per actor call: the "
+                                                 "bound on its memory); on one CPU thread 1 was fastest "
+                                                 "(BENCHMARKS.md), larger batches are meant for GPU actors")
     task_timeout_s: float = option(1800.0, "longest wait for one rollout or scoring task before the run stops "
                                            "with an error naming the actor and its scenarios")
     storage_path: str = option("", "Ray Train / Tune storage; '' = <out_dir>/ray")
