@@ -91,7 +91,7 @@ def stop_ray_nodes(*procs: subprocess.Popen) -> None:
             os.killpg(proc.pid, signal.SIGTERM)
         except ProcessLookupError:
             pass
-    deadline = time.time() + 15
+    deadline = time.time() + 5  # a test's node has nothing to save: a short grace
     for proc in procs:
         try:
             proc.wait(timeout=max(0.1, deadline - time.time()))
