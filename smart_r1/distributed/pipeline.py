@@ -46,7 +46,7 @@ from smart_r1.model.config import ModelConfig
 from smart_r1.model.smart_tiny import SmartTiny
 from smart_r1.rollout.policy import sample_states
 from smart_r1.storage import (base_name, copy_file, display, exists, is_local, join, read_bytes, read_json,
-                              remove_tree, resolve, root, write_bytes, write_json, write_text)
+                              remove_tree, resolve, root, write_json, write_text)
 from smart_r1.tokens.cache import STAGE_OPTIONS, tokenize_dataset
 from smart_r1.tokens.motion_vocab import build_vocab
 from smart_r1.tracking.mlflow_runs import cluster_tracking_problem, folder_run, resolve_tracking_uri
@@ -199,16 +199,8 @@ def render_stage(checkpoint: str, data: str, out_path: str | Path, cfg: EvalConf
 
 
 def paired_differences(out: str, stages: list[str], datasets: list[str]) -> str:
-    """`stage_differences` of the stages' score files in the run's storage (for a bucket, read
-    into a local temporary copy first)."""
-    if is_local(out):
-        return stage_differences({s: Path(resolve(join(out, s))[1]) for s in stages}, datasets)
-    with tempfile.TemporaryDirectory() as tmp:
-        for stage in stages:
-            for name in (SCORES_FILE.format(dataset=d) for d in datasets):
-                if exists(join(out, stage, name)):
-                    write_bytes(Path(tmp) / stage / name, read_bytes(join(out, stage, name)))
-        return stage_differences({s: Path(tmp) / s for s in stages}, datasets)
+    """`stage_differences` of the stages' score files in the run's storage (local or a bucket)."""
+    return stage_differences({s: join(out, s) for s in stages}, datasets)
 
 
 def stage_table(rows: dict[str, dict[str, dict]]) -> str:
