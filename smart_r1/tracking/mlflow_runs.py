@@ -19,11 +19,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import mlflow
-from mlflow.entities import Metric, Param
-from mlflow.tracking import MlflowClient
-
 from smart_r1 import storage
+
+# mlflow is imported where a run is written, not here: every Ray Train controller, learner and
+# rollout actor unpickles a RunTracker, and only rank 0 of a learner and the driver ever log
+# (importing mlflow costs ~1.6 s of CPU per process).
 
 EXPERIMENT = "smart-r1"
 _MAX_PARAM_CHARS = 6000  # MLflow's limit for one param value
@@ -31,6 +31,8 @@ _MAX_PARAM_CHARS = 6000  # MLflow's limit for one param value
 
 def resolve_tracking_uri(uri: str | None = None) -> str:
     """The tracking URI to hand to other processes: MLflow's choice, made absolute."""
+    import mlflow
+
     if uri:
         mlflow.set_tracking_uri(uri)
     return mlflow.get_tracking_uri()
@@ -106,11 +108,15 @@ class RunTracker:
 
     @property
     def client(self):
+        from mlflow.tracking import MlflowClient
+
         return MlflowClient(self.tracking_uri)
 
     def log_params(self, params: dict[str, Any]) -> None:
         if not self.enabled:
             return
+        from mlflow.entities import Param
+
         items = [Param(k, v) for k, v in flatten(params).items()]
         for i in range(0, len(items), 100):  # MLflow caps a batch at 100 params
             self.client.log_batch(self.run_id, params=items[i : i + 100])
@@ -118,6 +124,8 @@ class RunTracker:
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
         if not self.enabled:
             return
+        from mlflow.entities import Metric
+
         now = int(time.time() * 1000)
         items = [Metric(k.replace("/", "_"), float(v), now, step or 0) for k, v in metrics.items()
                  if isinstance(v, (int, float))]
@@ -164,6 +172,8 @@ def start_run(name: str, tracking_uri: str | None = None, experiment: str = EXPE
     """A new top-level run (or an existing one, to resume), after checking the server is up."""
     uri = resolve_tracking_uri(tracking_uri or os.environ.get("MLFLOW_TRACKING_URI"))
     check_tracking_uri(uri)
+    from mlflow.tracking import MlflowClient
+
     client = MlflowClient(uri)
     if run_id:
         client.update_run(run_id, status="RUNNING")
