@@ -40,7 +40,7 @@ from smart_r1.distributed.pipeline import prepare_data, prepare_tokens, run_pipe
 from smart_r1.distributed.resources import autoscaling_max, resources_needed, trial_resources, whole_trials
 from smart_r1.distributed.run_identity import fingerprint
 from smart_r1.distributed.sweep_config import SweepConfig, check_space, split_stages, trial_config
-from smart_r1.distributed.sweep_results import METRICS, best_row, format_sweep_table, trial_row
+from smart_r1.distributed.sweep_results import METRICS, best_row, sweep_report, trial_dir, trial_row
 from smart_r1.distributed.worker_kit import MODEL_NAME
 from smart_r1.distributed.learner import ray_storage
 from smart_r1.storage import (base_name, copy_file, display, exists, is_dir, is_local, join, read_json, root,
@@ -108,7 +108,7 @@ def run_trial(params: dict, setup: TrialSetup) -> None:
     `tune.report` of held-out metrics per stage."""
     alpha, beta = float(params["alpha"]), float(params["beta"])
     trial_id = tune.get_context().get_trial_id()  # kept by Tuner.restore: a restarted trial finds its folder
-    out = join(setup.trials_dir, f"{trial_id}_alpha={alpha:.4g}_beta={beta:.4g}")
+    out = trial_dir(setup.trials_dir, trial_id, alpha, beta)
     config = trial_config(setup.base, setup.rft_stage, alpha, beta, out)
     # run_pipeline reads the tracking URI from the environment, and a trial's process on a
     # cluster node does not inherit the driver's
@@ -219,8 +219,9 @@ def run_sweep(sweep: SweepConfig, base: PipelineConfig, checkpoint: str = "") ->
                                       sync_config=tune.SyncConfig(sync_period=SYNC_PERIOD_S),
                                       failure_config=tune.FailureConfig(max_failures=2)))
     rows = [trial_row(r) for r in tuner.fit()]
-    table = format_sweep_table(rows)
-    write_text(join(out, "results.md"), table + "\n")
+    _, stages = split_stages(base, sweep.rft_stage)
+    table = sweep_report(rows, setup.trials_dir, stages[-1].name)
+    write_text(join(out, "results.md"), table)
     write_json(join(out, "results.json"), rows)
     tracker.log_artifact(join(out, "results.md"))
     failed = [r for r in rows if r["status"] == "error"]

@@ -1,15 +1,23 @@
-"""The sweep's results: one row per trial, the ranking that picks the best, and its table.
+"""The sweep's results: one row per trial, the ranking that picks the best, and its tables.
 
 Objective: the held-out realism meta metric after the last stage (higher is better). Meta
 metrics that agree to 4 decimals (the table's precision, below the noise of a few rollouts) tie;
 ties go to the lower collision + off-road rate, then the lower minADE.
+
+Each finished trial's headline figures carry a 95% bootstrap interval over its held-out scenarios
+(from its last stage's score file), and a second table gives every other trial's paired
+difference to the best on the scenarios both scored: whether the best is distinguishable from
+the rest, or the sweep's ranking is within noise.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from smart_r1.metrics.tables import HEADLINE, metrics_table
+from smart_r1.metrics.intervals import (DIFFERENCE_FIELDS, headline_intervals, paired_difference, read_scores,
+                                        scores_path, shared_ids)
+from smart_r1.metrics.tables import HEADLINE, difference_table, metrics_table
+from smart_r1.storage import exists, join
 
 METRICS = tuple(name for _, name, _ in HEADLINE)
 
@@ -50,3 +58,48 @@ def trial_row(result) -> dict:
         status = f"stopped after {m.get('stage', 'start')}"
     return {"trial_id": m.get("trial_id") or Path(result.path).name, "alpha": float(result.config["alpha"]),
             "beta": float(result.config["beta"]), "status": status, "metrics": metrics}
+
+
+def trial_dir(trials_dir: str, trial_id: str, alpha: float, beta: float) -> str:
+    """A trial's run folder (its stages, score files and MLflow run id) under the sweep's root."""
+    return join(trials_dir, f"{trial_id}_alpha={alpha:.4g}_beta={beta:.4g}")
+
+
+def _last_scores(row: dict, trials_dir: str, last_stage: str) -> list[dict] | None:
+    path = scores_path(join(trial_dir(trials_dir, row["trial_id"], row["alpha"], row["beta"]), last_stage), "heldout")
+    return read_scores(path)["records"] if row["status"] == "complete" and exists(path) else None
+
+
+def add_intervals(rows: list[dict], trials_dir: str, last_stage: str, n_boot: int = 2000) -> str:
+    """Put each finished trial's `<field>_ci95` (bootstrap over its held-out scenarios) into its
+    row's metrics, and return the markdown table of every other finished trial's paired difference
+    to the best (trial - best; '*' where the interval excludes 0)."""
+    scores = {r["trial_id"]: _last_scores(r, trials_dir, last_stage) for r in rows}
+    for r in rows:
+        if scores[r["trial_id"]] is not None and r["metrics"] is not None:
+            r["metrics"].update(headline_intervals(scores[r["trial_id"]], n_boot))
+    best = best_row(rows)
+    reference = scores[best["trial_id"]]
+    diffs = []
+    for r in sorted(rows, key=lambda r: (r["status"] != "complete", rank_key(r) if r["metrics"] else ())):
+        if r is best or r["status"] != "complete":
+            continue
+        records, diff, count = scores[r["trial_id"]], None, 0
+        if reference is not None and records is not None:
+            count = len(shared_ids([reference, records]))
+            diff = paired_difference(reference, records, DIFFERENCE_FIELDS, n_boot) if count >= 2 else None
+        diffs.append(((f"{r['alpha']:.3g}", f"{r['beta']:.3g}", r["trial_id"], count), diff))
+    return difference_table(("alpha", "beta"), diffs, trailing=("trial", "scenarios"))
+
+
+def sweep_report(rows: list[dict], trials_dir: str, last_stage: str, n_boot: int = 2000) -> str:
+    """The sweep's results.md: the trial table (best first, with intervals) and the paired
+    differences to the best trial."""
+    diffs = add_intervals(rows, trials_dir, last_stage, n_boot)
+    best = best_row(rows)
+    return "\n\n".join([
+        f"Held-out figures after `{last_stage}` with their 95% interval (bootstrap over the scenarios), best first:",
+        format_sweep_table(rows),
+        f"Paired difference of each finished trial to the best (alpha={best['alpha']:.3g}, beta={best['beta']:.3g}), "
+        "trial - best on the scenarios both scored; * the interval excludes 0:",
+        diffs]) + "\n"

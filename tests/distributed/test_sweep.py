@@ -14,14 +14,15 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 
 from smart_r1.config import RayConfig, load_config
 from smart_r1.distributed.resources import autoscaling_max, whole_trials
 from smart_r1.distributed.sweep_config import load_sweep_config, trial_config
-from smart_r1.distributed.sweep_results import best_row, format_sweep_table
-from smart_r1.storage import exists, join, list_names, read_bytes, read_json, read_text, resolve
+from smart_r1.distributed.sweep_results import best_row, format_sweep_table, sweep_report, trial_dir
+from smart_r1.storage import exists, join, list_names, read_bytes, read_json, read_text, resolve, write_json
 
 REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "pipelines" / "sweep_alpha_beta.py"
@@ -130,6 +131,45 @@ def test_best_config_objective_and_tie_break():
         best_row([rows[-1]])
 
 
+def test_report_gives_each_trial_its_interval_and_its_paired_difference_to_the_best(tmp_path):
+    """Three finished trials scored on the same 12 scenarios: b = a + 0.05 realism on every
+    scenario (a difference with no spread), c = a with two scenarios' realism swapped (a's mean,
+    but the pairing with b now spreads); a stopped trial gets no interval and no difference."""
+    rng = np.random.default_rng(0)
+    fields = ("metametric", "simulated_collision_rate", "simulated_offroad_rate", "min_average_displacement_error")
+    base = [{"scenario_id": f"s{i}", **dict(zip(fields, (0.5 + 0.2 * rng.random(), 0.1 * rng.random(),
+                                                           0.1 * rng.random(), 5 + rng.random())))}
+            for i in range(12)]
+    trials = {"a": base, "b": [{**r, "metametric": r["metametric"] + 0.05} for r in base],
+              "c": [{**r, "metametric": base[(i + 1) % 12 if i < 2 else i]["metametric"]} for i, r in enumerate(base)]}
+    trials["c"][1]["metametric"] = base[0]["metametric"]  # c: a's realism values with two scenarios swapped
+    rows = []
+    for trial, records in trials.items():
+        folder = trial_dir(str(tmp_path), trial, 0.5, 0.04)
+        write_json(join(folder, "sft_final", "scores_heldout.json"), {"dataset": "heldout", "num_rollouts": 4,
+                                                                      "failed": [], "records": records})
+        means = {f: float(np.mean([r[f] for r in records])) for f in fields}
+        rows.append({"trial_id": trial, "alpha": 0.5, "beta": 0.04, "status": "complete", "metrics": means})
+    rows.append({"trial_id": "d", "alpha": 0.9, "beta": 0.04, "status": "stopped after rft",
+                 "metrics": dict(rows[0]["metrics"])})
+    report = sweep_report(rows, str(tmp_path), "sft_final", n_boot=500)
+    for r in rows[:3]:
+        lo, hi = r["metrics"]["metametric_ci95"]
+        assert lo < r["metrics"]["metametric"] < hi
+    assert "metametric_ci95" not in rows[3]["metrics"]
+    trial_table, diff_table = report.split("Paired difference")
+    first = [line for line in trial_table.splitlines() if line.startswith("| 0.")][0]
+    assert first.endswith("| b |") and "0.04 | 0." in first and "[" in first  # best first, with its interval
+    assert "best (alpha=0.5, beta=0.04)" in diff_table
+    diffs = {cells[5].strip(): cells for cells in (line.strip("|").split("|") for line in diff_table.splitlines()
+                                                   if line.startswith("| 0."))}
+    assert diffs["a"][2].strip() == "-0.0500 [-0.050, -0.050] *"  # a - best(b): the same 0.05 on every scenario
+    mean, lo, hi = (float(x) for x in diffs["c"][2].replace("[", " ").replace("]", " ").replace(",", " ").split()[:3])
+    assert mean == pytest.approx(-0.05, abs=1e-6) and lo < mean < hi  # c's mean is a's; the swap spreads it
+    assert set(diffs) == {"a", "c"}
+    assert "d" not in diffs
+
+
 # -- a tiny 3 x 1 sweep, interrupted and resumed ---------------------------------------------
 
 def _finished_trials(out: str) -> list[str]:
@@ -204,6 +244,8 @@ def test_tiny_sweep_interrupted_then_resumed(submitted, mlflow_server, moto_s3, 
         m = r["metrics"]
         assert 0.0 < m["metametric"] < 1.0 and m["min_average_displacement_error"] > 0
         assert 0.0 <= m["simulated_collision_rate"] <= 1.0 and 0.0 <= m["simulated_offroad_rate"] <= 1.0
+        assert m["metametric_ci95"][0] <= m["metametric"] <= m["metametric_ci95"][1]  # over its 2 scenarios
+    assert "Paired difference of each finished trial to the best" in read_text(join(out, "results.md"))
     # every trial started from the one shared SFT checkpoint, copied into the bucket (a trial on
     # another node could not read this machine's file); none re-ran the earlier stages
     shared = join(out, "base", "shared_sft.pt")
