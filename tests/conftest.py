@@ -152,3 +152,16 @@ def moto_s3() -> str:
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def float32_forward():
+    """Forward passes in float32 for a whole module, whatever the processor. The tests that
+    check an identity (a loss is the stated sum, a padded batch equals its scenes, two forms
+    of attention agree) need float32's precision; on a CPU or GPU with native bf16 the default
+    `auto` precision would compute them in bfloat16, whose ~4e-3 relative rounding is above
+    their tolerances. tests/model/test_precision.py checks bfloat16 against float32 itself."""
+    from smart_r1.model import precision
+
+    with precision.using("float32"):
+        yield

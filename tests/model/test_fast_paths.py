@@ -3,6 +3,7 @@ embedding-lookup row gather give the same logits and gradients, in float32, on t
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from smart_r1.model.config import ModelConfig
@@ -16,6 +17,8 @@ from smart_r1.tokens.scene import build_scene
 # of size ~0.6 and 2e-5 relative on the worst parameter's gradient (any thread count).
 LOGIT_ATOL = 1e-5
 GRAD_RTOL = 1e-3
+
+pytestmark = pytest.mark.usefixtures("float32_forward")  # "in float32", also where `auto` would be bf16
 
 
 def _advanced_index(src: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
