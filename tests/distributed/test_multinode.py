@@ -49,6 +49,8 @@ def _ray_list(head: RayHead, kind: str) -> list[dict]:
     proc = subprocess.run([*RAY_CLI, "list", kind, "--detail", "--format", "json", "--limit", "10000"],
                           env=job_env(head.address), capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
+    if proc.stdout.startswith("No resource in the cluster"):  # what it prints for none (yet), not JSON
+        return []
     return json.loads(proc.stdout)
 
 
