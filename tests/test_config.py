@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from smart_r1.config import CatKStage, MPOStage, apply_overrides, load_config
+from smart_r1.config import CatKStage, MPOStage, load_config
 
 DEFAULT = Path(__file__).resolve().parents[1] / "pipelines" / "sft_rft_sft.yaml"
 
