@@ -130,7 +130,15 @@ class _SupervisedStage(_Stage):
 class BCStage(_SupervisedStage):
     """Behaviour cloning: teacher-forced next-token prediction (warm-up, cosine decay of lr)."""
 
+    token_noise_top_k: int = option(1, "SMART's token noise: each training token after the first is drawn among "
+                                       "this many closest to the log, re-drawn every batch (1 = none)")
     kind: str = field(default="bc", init=False, metadata={"help": "bc"})
+
+    def validate(self) -> None:
+        super().validate()
+        if self.token_noise_top_k < 1:
+            raise ValueError(f"stage {self.name!r}: token_noise_top_k must be >= 1 (1 = no noise), "
+                             f"got {self.token_noise_top_k}")
 
 
 @dataclass(frozen=True)

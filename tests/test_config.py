@@ -97,6 +97,8 @@ def test_unknown_kind(tmp_path):
     ("seed: [1]\nstages:\n  - {name: bc, kind: bc}\n", "seed must be a int"),
     ("eval: 3\nstages:\n  - {name: bc, kind: bc}\n", "expected a mapping"),
     ("stages:\n  - {name: ../up, kind: bc}\n", "names a folder"),
+    ("stages:\n  - {name: bc, kind: bc, token_noise_top_k: 0}\n", "token_noise_top_k must be >= 1"),
+    ("stages:\n  - {name: sft, kind: catk_sft, token_noise_top_k: 5}\n", "token_noise_top_k"),
     ("stages: [1, 2\n", "not valid YAML"),
 ])
 def test_wrong_types_and_names_fail_clearly(tmp_path, text, message):

@@ -41,7 +41,7 @@ from smart_r1.rl.optim import NonFiniteGuard, optimizer_step, set_learning_rate,
 from smart_r1.storage import join, read_json
 from smart_r1.tokens.cache import DONE_NAME, STAGE_OPTIONS, vocab_hash
 from smart_r1.tokens.motion_vocab import MotionVocab
-from smart_r1.tokens.scene import SceneBatch, build_scene, collate, scene_size, size_bucketed
+from smart_r1.tokens.scene import SceneBatch, build_scene, collate, scene_size, size_bucketed, with_noisy_tokens
 from smart_r1.tokens.shards import table_to_scenes
 
 SHUFFLE_SCENES = 128  # scenes a rank holds to shuffle: ~35 MB of WOMD scenes (~270 KB each)
@@ -103,10 +103,12 @@ def supervised_loop(config: dict) -> None:
     anchor = load_checkpoint(fetch_checkpoint(job.init_checkpoint), map_location=device).eval() \
         if getattr(stage, "anchor_weight", 0.0) else None
     guard = NonFiniteGuard(f"stage {stage.name}", stage.max_nonfinite_updates)
+    noise_top_k = getattr(stage, "token_noise_top_k", 1)  # BC stages only
     for epoch in range(start_epoch, stage.epochs):
         maybe_fail(job, epoch)
         units = rank_units(source.units, rank, world_size, random.Random(job.seed * 7919 + epoch))
         rng = random.Random((job.seed * 7919 + epoch) * 1009 + rank)  # this rank's shuffles
+        noise = torch.Generator(device=device).manual_seed((job.seed * 7919 + epoch) * 1009 + rank)
         totals = {"loss": 0.0, "accuracy": 0.0, "tokens": 0}
         skipped_before = guard.skipped
         scenes = epoch_rows(source.read_unit, units, steps_per_epoch * stage.batch_scenarios, SHUFFLE_SCENES, rng)
@@ -115,6 +117,8 @@ def supervised_loop(config: dict) -> None:
             with timer.phase("data"):  # reading and decoding token shards
                 picked = next(drawn)
             batch = collate(picked).to(device)
+            if noise_top_k > 1:
+                batch = with_noisy_tokens(batch, model.vocab, noise_top_k, noise)
             if stage.kind == "bc":  # pretraining from scratch: warm-up, then cosine decay to 10%
                 factor = warmup_cosine(epoch * steps_per_epoch + i, stage.epochs * steps_per_epoch)
                 set_learning_rate(optimizer, stage.lr * factor)

@@ -221,3 +221,17 @@ def repeat_scenes(batch: SceneBatch, n: int) -> SceneBatch:
         v = getattr(batch, f.name)
         fields[f.name] = [x for x in v for _ in range(n)] if f.name == "scenario_id" else v.repeat_interleave(n, 0)
     return SceneBatch(**fields)
+
+
+def with_noisy_tokens(batch: SceneBatch, vocab: MotionVocab, top_k: int,
+                      generator: torch.Generator | None = None) -> SceneBatch:
+    """The batch's logged poses tokenised again with SMART's token noise (`tokenize`'s
+    `noise_top_k`): new tokens and reconstructed anchor poses, everything else unchanged. A BC
+    augmentation, drawn afresh for every batch; top_k = 1 gives the batch's own tokens back."""
+    b, a = batch.agent_mask.shape
+    tok = tokenize(batch.log_pose.reshape(b * a, *batch.log_pose.shape[2:]), batch.log_valid.reshape(b * a, -1),
+                   batch.agent_type.reshape(b * a), vocab, noise_top_k=top_k, generator=generator)
+    return dataclasses.replace(batch, tokens=tok.tokens.reshape(b, a, -1),
+                               token_valid=tok.token_valid.reshape(b, a, -1),
+                               anchor_pose=tok.anchor_pose.reshape(b, a, *tok.anchor_pose.shape[1:]),
+                               anchor_valid=tok.anchor_valid.reshape(b, a, -1))

@@ -4,6 +4,11 @@ Tokenising walks the 18 half-second intervals of a scenario. At each interval ev
 candidate next contours are the vocabulary's contours placed at its *reconstructed* previous pose;
 the chosen token is the candidate closest to the logged poses, and its end pose becomes the next
 reconstructed pose. Errors therefore never accumulate: each token corrects the drift of the last.
+
+With `noise_top_k` > 1 (SMART's noisy tokenization, a BC augmentation against drift) every token
+after the first is drawn uniformly among the `noise_top_k` closest candidates instead of the
+closest: the reconstructed trajectory wanders a little off the log, and the next tokens are the
+ones that steer it back, so teacher forcing sees slightly drifted histories and their corrections.
 """
 
 from __future__ import annotations
@@ -52,21 +57,32 @@ def token_distance(candidates: torch.Tensor, target: torch.Tensor, target_valid:
 
 
 def best_tokens(start: torch.Tensor, contours: torch.Tensor, target: torch.Tensor, target_valid: torch.Tensor,
-                type_idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                type_idx: torch.Tensor, top_k: int = 1,
+                generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The token whose contour, placed at `start`, best follows the logged poses of the next
-    interval (the tokenizer's criterion, `token_distance`), and the pose it ends at.
+    interval (the tokenizer's criterion, `token_distance`), and the pose it ends at; with
+    `top_k` > 1 one of the `top_k` best, drawn uniformly with `generator`.
 
     start [N, 3], contours [N, V, SHIFT, 3], target [N, SHIFT, 3], target_valid bool [N, SHIFT],
     type_idx [N] -> tokens long [N], end poses [N, 3]."""
     candidates = compose(start[:, None, None, :], contours)  # [N, V, SHIFT, 3]
-    best = token_distance(candidates, target, target_valid, type_idx).argmin(-1)  # [N]
+    distance = token_distance(candidates, target, target_valid, type_idx)  # [N, V]
+    if top_k > 1:
+        closest = distance.topk(min(top_k, distance.shape[1]), dim=-1, largest=False).indices  # [N, k]
+        pick = torch.randint(closest.shape[1], (closest.shape[0], 1), generator=generator,
+                             device=generator.device if generator is not None else "cpu").to(closest.device)
+        best = closest.gather(1, pick)[:, 0]  # [N]
+    else:
+        best = distance.argmin(-1)  # [N]
     return best, candidates[torch.arange(start.shape[0], device=start.device), best, -1]
 
 
 @torch.no_grad()
-def tokenize(pose: torch.Tensor, valid: torch.Tensor, type_idx: torch.Tensor, vocab: MotionVocab) -> AgentTokens:
+def tokenize(pose: torch.Tensor, valid: torch.Tensor, type_idx: torch.Tensor, vocab: MotionVocab,
+             noise_top_k: int = 1, generator: torch.Generator | None = None) -> AgentTokens:
     """Tokens of logged trajectories. pose float [A, 91, 3] (x, y, heading), valid bool [A, 91],
-    type_idx long [A] (0 vehicle, 1 pedestrian, 2 cyclist)."""
+    type_idx long [A] (0 vehicle, 1 pedestrian, 2 cyclist). `noise_top_k` > 1: every token after
+    the first is drawn among the `noise_top_k` closest (module docstring)."""
     pose = pose.float()
     contours = vocab.contours.to(pose.device)[type_idx]  # [A, V, SHIFT, 3]
     anchors = pose[:, ::SHIFT]  # [A, 19, 3]
@@ -76,7 +92,8 @@ def tokenize(pose: torch.Tensor, valid: torch.Tensor, type_idx: torch.Tensor, vo
     token_valid = anchor_valid[:, :-1] & anchor_valid[:, 1:]  # [A, 18]
     for i in range(NUM_TOKENS):  # sequential by nature: each token starts where the last one ended
         steps = slice(i * SHIFT + 1, (i + 1) * SHIFT + 1)
-        tokens[:, i], reached = best_tokens(recon[:, i], contours, pose[:, steps], valid[:, steps], type_idx)
+        tokens[:, i], reached = best_tokens(recon[:, i], contours, pose[:, steps], valid[:, steps], type_idx,
+                                            noise_top_k if i > 0 else 1, generator)
         recon[:, i + 1] = torch.where(token_valid[:, i, None], reached, anchors[:, i + 1])
     tokens = torch.where(token_valid, tokens, torch.zeros_like(tokens))
     return AgentTokens(tokens, token_valid, recon, anchor_valid)
