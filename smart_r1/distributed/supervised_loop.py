@@ -91,19 +91,20 @@ def supervised_loop(config: dict) -> None:
     model, optimizer, device, rank, world_size, start_epoch = start_training(job, "epoch")
     timer = PhaseTimer()
     source = scene_source(job, model.vocab)
+    noise_top_k = getattr(stage, "token_noise_top_k", 1)  # BC stages only
     # Every rank takes the same number of steps (their gradients are all-reduced together).
     steps_per_epoch = stage.steps_per_epoch or math.ceil(source.total / world_size / stage.batch_scenarios)
     if rank == 0:  # the rule: batch_scenarios is per learner; lr is used as given, never rescaled
         say(f"[{stage.name}] global batch {world_size} learners x {stage.batch_scenarios} scenarios = "
             f"{world_size * stage.batch_scenarios}, lr {stage.lr:g}, {steps_per_epoch} steps per epoch; "
-            f"{source.total} scenes in {source.units} row groups")
+            f"{source.total} scenes in {source.units} row groups"
+            + (f"; token noise: each token after the first drawn among the {noise_top_k} closest" if noise_top_k > 1 else ""))
     progress = Progress(stage.name, stage.epochs * steps_per_epoch, start_epoch * steps_per_epoch, rank == 0)
     torch.manual_seed(job.seed + rank)
     # the stage's starting policy, frozen: the anchor of the KL term (a resumed run keeps it)
     anchor = load_checkpoint(fetch_checkpoint(job.init_checkpoint), map_location=device).eval() \
         if getattr(stage, "anchor_weight", 0.0) else None
     guard = NonFiniteGuard(f"stage {stage.name}", stage.max_nonfinite_updates)
-    noise_top_k = getattr(stage, "token_noise_top_k", 1)  # BC stages only
     for epoch in range(start_epoch, stage.epochs):
         maybe_fail(job, epoch)
         units = rank_units(source.units, rank, world_size, random.Random(job.seed * 7919 + epoch))
