@@ -182,7 +182,7 @@ def _cmd_compare_runs(args: argparse.Namespace) -> int:
     from smart_r1.metrics.intervals import compare_runs
     from smart_r1.storage import write_text
 
-    report = compare_runs(args.runs, args.data, args.n_boot)
+    report = compare_runs(args.runs, args.data, args.n_boot, args.against or ())
     print(report, end="")
     if args.out:
         write_text(args.out, report)
@@ -282,6 +282,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="pipeline out_dir of each seed's run: a folder or a bucket URI")
     p.add_argument("--data", default="heldout", help="evaluation set: heldout or real")
     p.add_argument("--n-boot", type=int, default=2000, help="bootstrap resamples")
+    p.add_argument("--against", nargs="+", metavar="BASE_DIR", default=None,
+                   help="baseline runs of another configuration, one per RUN_DIR in the same seed order: adds "
+                        "each stage's paired difference (runs - baseline)")
     p.add_argument("--out", default=None, help="also write the report to this markdown file")
     p.set_defaults(func=_cmd_compare_runs)
     return parser

@@ -219,21 +219,39 @@ def _run_stages(run: str, dataset: str) -> dict[str, dict]:
     return out
 
 
-def compare_runs(runs: Sequence[str | Path], dataset: str = "heldout", n_boot: int = 2000) -> str:
-    """The multi-seed report of pipeline runs that differ only by their seed: per stage the mean
-    over seeds of the headline figures with the seed-and-scenario interval, then the paired
-    differences between consecutive stages, '*' where the interval excludes 0. A run is a local
-    folder or a storage URI (`s3://...`, the run's `out_dir`)."""
-    runs = [str(r) for r in runs]
+def _differing_keys(configs: Sequence[dict], reference: dict) -> list[str]:
+    """Config keys (other than seed and out_dir) in which some of `configs` differ from `reference`."""
+    return sorted({k for c in configs for k in c.keys() | reference.keys()
+                   if k not in ("seed", "out_dir") and c.get(k) != reference.get(k)})
+
+
+def _stage_records(runs: Sequence[str], dataset: str) -> tuple[list[dict], list[dict], dict[str, list]]:
+    """Configs, per-run score files and {stage: [per-run records]} of the stages scored in every run."""
     per_run = [_run_stages(r, dataset) for r in runs]
     configs = [_run_config(r) for r in runs]
-    seeds = [c.get("seed") for c in configs]
-    # Named, not refused: a run may differ harmlessly (Ray resources, paths).
-    differ = sorted({k for c in configs for k in c if k not in ("seed", "out_dir") and c.get(k) != configs[0].get(k)})
     stages = [s for s in per_run[0] if all(s in p for p in per_run)]  # scored in every run
     if not stages:
         raise ValueError(f"no stage is scored on {dataset} in every run")
-    records = {s: [p[s]["records"] for p in per_run] for s in stages}
+    return configs, per_run, {s: [p[s]["records"] for p in per_run] for s in stages}
+
+
+def compare_runs(runs: Sequence[str | Path], dataset: str = "heldout", n_boot: int = 2000,
+                 against: Sequence[str | Path] = ()) -> str:
+    """The multi-seed report of pipeline runs that differ only by their seed: per stage the mean
+    over seeds of the headline figures with the seed-and-scenario interval, then the paired
+    differences between consecutive stages and between the first and the last stage, '*' where
+    the interval excludes 0. A run is a local folder or a storage URI (`s3://...`, the run's
+    `out_dir`).
+
+    `against`: baseline runs of another configuration, one per run in the same seed order; a third
+    table gives each stage's paired difference (these runs - the baseline), pairing the i-th run
+    with the i-th baseline run on the scenarios both scored, seeds and scenarios resampled."""
+    runs = [str(r) for r in runs]
+    configs, per_run, records = _stage_records(runs, dataset)
+    seeds = [c.get("seed") for c in configs]
+    # Named, not refused: a run may differ harmlessly (Ray resources, paths).
+    differ = _differing_keys(configs, configs[0])
+    stages = list(records)
     rollouts = {s: sorted({int(p[s]["num_rollouts"]) for p in per_run}) for s in stages}
     rows = []
     for s in stages:
@@ -243,17 +261,49 @@ def compare_runs(runs: Sequence[str | Path], dataset: str = "heldout", n_boot: i
         est = seed_bootstrap(records[s], HEADLINE_FIELDS, n_boot)
         metrics = {f: i.mean for f, i in est.items()} | {f"{f}_ci95": [i.lo, i.hi] for f, i in est.items()}
         rows.append(((s, count, "/".join(map(str, rollouts[s]))), metrics))
+    pairs = list(zip(stages, stages[1:])) + ([(stages[0], stages[-1])] if len(stages) > 2 else [])
     diffs = []
-    for before, after in zip(stages, stages[1:]):
+    for before, after in pairs:
         d = paired_seed_difference(records[before], records[after], DIFFERENCE_FIELDS, n_boot)
         diffs.append(((f"{before} -> {after}", len(shared_ids(records[before] + records[after]))), d))
     header = markdown_table(("runs", "seeds", "data", "configs also differ in"),
                             [(len(runs), ", ".join(map(str, seeds)), dataset, ", ".join(differ) or "-")])
-    return "\n\n".join([
+    parts = [
         header,
         "Mean over seeds with its 95% interval (bootstrap over seeds, then over the shared scenarios):",
         metrics_table(("stage",), rows, trailing=("scenarios", "rollouts")),
-        "Paired differences between consecutive stages (later - earlier), same interval; "
-        "* the interval excludes 0:",
+        "Paired differences between consecutive stages and from the first to the last stage "
+        "(later - earlier), same interval; * the interval excludes 0:",
         difference_table(("stages",), diffs, trailing=("scenarios",)),
-    ]) + "\n"
+    ]
+    if against:
+        parts += _against_baseline(runs, configs, records, [str(r) for r in against], dataset, n_boot)
+    return "\n\n".join(parts) + "\n"
+
+
+def _against_baseline(runs: Sequence[str], configs: Sequence[dict], records: Mapping[str, list],
+                      baseline: Sequence[str], dataset: str, n_boot: int) -> list[str]:
+    """The `against` table of `compare_runs`: per stage, these runs - the baseline runs, paired by
+    position (seed order) and scenario."""
+    if len(baseline) != len(runs):
+        raise ValueError(f"--against: {len(baseline)} baseline run(s) for {len(runs)} run(s); give one per run, "
+                         "in the same seed order")
+    base_configs, _, base_records = _stage_records(baseline, dataset)
+    base_seeds = [c.get("seed") for c in base_configs]
+    if base_seeds != [c.get("seed") for c in configs]:
+        raise ValueError(f"--against: the baseline runs' seeds {base_seeds} do not match the runs' "
+                         f"{[c.get('seed') for c in configs]} (pair them in the same order)")
+    stages = [s for s in records if s in base_records]
+    if not stages:
+        raise ValueError(f"--against: no stage is scored on {dataset} in both sets of runs")
+    rows = []
+    for s in stages:
+        count = len(shared_ids(records[s] + base_records[s]))
+        diff = paired_seed_difference(base_records[s], records[s], DIFFERENCE_FIELDS, n_boot) if count >= 2 else None
+        rows.append(((s, count), diff))
+    changed = _differing_keys([configs[0]], base_configs[0])
+    return [
+        f"Against the baseline runs {', '.join(baseline)} (these - baseline, paired by seed and scenario; "
+        f"the configs differ in {', '.join(changed) or 'nothing but their folders'}):",
+        difference_table(("stage",), rows, trailing=("scenarios",)),
+    ]

@@ -191,6 +191,35 @@ def test_compare_runs_cli(records, tmp_path, capsys):
     assert len(err.splitlines()) == 1 and "no config.json" in err
 
 
+def test_compare_runs_against_a_baseline_configuration(records, tmp_path, capsys):
+    """Three stages per run: the first -> last row; and --against runs of another configuration
+    (the same seeds) gives each stage's paired difference, exact where every scenario moves alike."""
+    from smart_r1.cli import main
+
+    runs, base = [], []
+    for seed in range(3):
+        bc = [{**records[(j + seed) % NUM_SCENARIOS], "scenario_id": f"s{j}"} for j in range(NUM_SCENARIOS)]
+        shifted = lambda d: [{**r, "metametric": r["metametric"] + d} for r in bc]  # noqa: E731
+        _write_run(tmp_path / f"new{seed}", seed, {"bc": bc, "sft": shifted(0.05), "rft": shifted(0.08)})
+        _write_run(tmp_path / f"old{seed}", seed, {"bc": bc, "sft": shifted(0.02), "rft": shifted(0.08)})
+        runs.append(str(tmp_path / f"new{seed}"))
+        base.append(str(tmp_path / f"old{seed}"))
+    assert main(["compare-runs", *runs, "--against", *base, "--n-boot", "200"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    row = lambda label: [c.strip() for c in next(x for x in lines if x.startswith(f"| {label} |")).strip("|").split("|")]  # noqa: E731
+    assert row("bc -> rft")[1] == "+0.0800 [0.080, 0.080] *"  # first -> last
+    against = lines[next(i for i, x in enumerate(lines) if x.startswith("Against the baseline runs")):]
+    cells = {x.split("|")[1].strip(): [c.strip() for c in x.strip("|").split("|")] for x in against if x.startswith("| ")}
+    assert cells["bc"][1] == "+0.0000 [0.000, 0.000]"
+    assert cells["sft"][1] == "+0.0300 [0.030, 0.030] *" and cells["sft"][4] == "8"
+    assert cells["rft"][1] == "+0.0000 [0.000, 0.000]"
+    # one baseline run per run, in the same seed order
+    assert main(["compare-runs", *runs, "--against", *base[:2]]) == 2
+    assert "one per run" in capsys.readouterr().err
+    assert main(["compare-runs", *runs, "--against", *base[::-1]]) == 2
+    assert "same order" in capsys.readouterr().err
+
+
 def test_compare_runs_reads_runs_in_a_bucket(records, tmp_path, moto_s3, monkeypatch):
     """Runs whose out_dir is a bucket (a cluster run's storage root) give the same report as the
     same runs in local folders."""
