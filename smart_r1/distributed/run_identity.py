@@ -22,6 +22,10 @@ from smart_r1.config import PipelineConfig
 
 RUN_FILE = "run.json"
 INIT = "init"
+# Stage options added after run folders existed, with their defaults: one at its default enters no
+# fingerprint, so a code upgrade does not make every earlier run redo its stages (a crashed WOMD
+# run resumed by a newer version keeps its BC). Add each new stage option here with its default.
+LATER_OPTIONS = {"token_noise_top_k": 1}
 
 
 def _flat(d, prefix: str = "") -> dict[str, object]:
@@ -44,8 +48,9 @@ def stage_inputs(config: PipelineConfig, upto: int) -> dict:
                       "use_gpu": r.use_gpu}}
     if upto < 0:
         return {k: common[k] for k in ("data", "model", "seed", "init_checkpoint")}
-    return {**common, "eval": full["eval"],
-            "stages": {s["name"]: s for s in full["stages"][: upto + 1]}}
+    stages = [{k: v for k, v in s.items() if k not in LATER_OPTIONS or v != LATER_OPTIONS[k]}
+              for s in full["stages"][: upto + 1]]
+    return {**common, "eval": full["eval"], "stages": {s["name"]: s for s in stages}}
 
 
 def fingerprint(inputs: dict) -> str:

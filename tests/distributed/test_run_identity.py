@@ -43,6 +43,22 @@ def test_a_changed_stage_is_refused_naming_the_keys(tmp_path):
         check_run(load_config(TINY, [f"out_dir={out}", "model.preset=cpu"]))
 
 
+def test_an_option_added_later_at_its_default_keeps_earlier_runs(tmp_path):
+    """A run recorded before `token_noise_top_k` existed (its BC inputs lack the key) resumes with
+    the option at its default (1) and is refused with it set."""
+    import json
+
+    config, out = _finished_run(tmp_path, ["bc.token_noise_top_k=1"])
+    record = json.loads((out / "run.json").read_text())
+    for name in record["stages"]:
+        for stage in record["stages"][name]["inputs"].get("stages", {}).values():
+            assert "token_noise_top_k" not in stage  # at its default: not part of the inputs
+    check_run(config)
+    noisy = load_config(TINY, [f"out_dir={out}", "bc.token_noise_top_k=3"])
+    with pytest.raises(ValueError, match=r"stage 'bc' was made with different stages\.bc\.token_noise_top_k"):
+        check_run(noisy)
+
+
 def test_restart_redoes_the_changed_stage_and_those_after_it(tmp_path):
     _, out = _finished_run(tmp_path)
     changed = load_config(TINY, [f"out_dir={out}", "rft.alpha=0.5"])
