@@ -160,16 +160,20 @@ def prepare_tokens(config: PipelineConfig, datasets: dict[str, str], out: str, c
 
 def score_checkpoint(workers: list, checkpoint: str, version: int, dataset: str, cfg: EvalConfig,
                      timeout_s: float = 1800.0, stage_dir: str | Path | None = None,
-                     scenes_per_batch: int = 1) -> dict:
+                     scenes_per_batch: int = 1, seed: int = 0) -> dict:
     """Fast WOSAC metrics of a checkpoint on (the first `cfg.max_scenarios` scenarios of) a
     dataset, sampled as `cfg` says, scored by the rollout workers, aggregated as the official
     code does, with a 95% bootstrap interval over scenarios beside each headline figure
     (`<field>_ci95`). The per-scenario metrics go to `<stage_dir>/scores_<dataset>.json`, which
     the paired stage differences and `smart-r1 compare-runs` read. `checkpoint` and `stage_dir`
-    are local paths or URIs; an actor simulates up to `scenes_per_batch` scenarios in one batch."""
+    are local paths or URIs; an actor simulates up to `scenes_per_batch` scenarios in one batch.
+    The rollouts are drawn from `seed` and each scenario's index alone: the same checkpoint scores
+    the same whatever actor drew what, and every stage of a run is scored with the same per-scenario
+    seeds (common random numbers: the paired stage differences carry less sampling noise)."""
     ref = ray.put(load_weights(read_bytes(checkpoint)))
     count = min(cfg.max_scenarios, ray.get(workers[0].num_scenarios.remote(dataset), timeout=timeout_s))
-    spec = RolloutSpec(num_rollouts=cfg.num_rollouts, sampling=cfg.sampling, scenes_per_batch=scenes_per_batch)
+    spec = RolloutSpec(num_rollouts=cfg.num_rollouts, sampling=cfg.sampling, scenes_per_batch=scenes_per_batch,
+                       seed=seed)
     queue = dispatch(workers, "score_scenarios", list(range(count)), version, [ref], dataset, spec,
                      per_call=scenes_per_batch)
     scored, failed = gather(queue, timeout_s, f"scoring on {dataset}")
@@ -281,7 +285,8 @@ def run_pipeline(config: PipelineConfig, fail_once_at: dict[str, int] | None = N
             current = run_learner(job, r, storage)
         with timer.phase("eval"):
             rows[stage.name] = {d: score_checkpoint(workers, current, 10**6 + i + 1, d, config.eval,
-                                                    r.task_timeout_s, stage_dir, r.scenarios_per_rollout_batch)
+                                                    r.task_timeout_s, stage_dir, r.scenarios_per_rollout_batch,
+                                                    seed=config.seed)
                                 for d in eval_sets}
         seconds = time.perf_counter() - t0
         for d, m in rows[stage.name].items():

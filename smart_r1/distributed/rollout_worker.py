@@ -38,13 +38,17 @@ class RolloutSpec:
     rewarded (plain values for Ray); for MPO, `reference`: (the frozen reference checkpoint's bytes
     as an ObjectRef,) when the workers also send its log-probs of their rollouts (else ()); and
     `scenes_per_batch`, how many of a call's scenarios one closed-loop batch simulates together
-    (B x num_rollouts rows: the bound on an actor's memory)."""
+    (B x num_rollouts rows: the bound on an actor's memory); `seed`, for evaluation: each batch
+    samples from the actor's generator reseeded with (seed, the batch's first scenario index), so a
+    scenario's rollouts do not depend on which actor drew it or what that actor ran before (None:
+    RL, which only needs fresh draws, keeps one stream per actor)."""
 
     num_rollouts: int = 8
     sampling: SamplingConfig = SamplingConfig()
     reward: RewardConfig = RewardConfig()
     reference: tuple = ()
     scenes_per_batch: int = 1
+    seed: int | None = None
 
     @classmethod
     def of_stage(cls, stage: MPOStage, scenes_per_batch: int = 1) -> "RolloutSpec":
@@ -223,6 +227,8 @@ class RolloutWorker:
         rollouts rows, agents padded to the group's most), then cut per scene. Padding agent and
         map slots are masked out of every attention, so a scene's rollouts follow the same
         distribution as alone (tests/rollout/test_batched_scenes.py)."""
+        if spec.seed is not None:  # the sampler draws from self.generator
+            self.generator.manual_seed(spec.seed * 1_000_003 + group[0].index)
         batch = group[0].scene if len(group) == 1 else collate([item.scene for item in group])
         t0 = time.perf_counter()
         tensors = closed_loop(self.model, batch, spec.num_rollouts, sampler)  # [B, R, A, ...]
