@@ -19,7 +19,7 @@ def test_default_config_loads():
     assert rft.alpha == "auto" and rft.beta == 0.04 and rft.per_agent_credit
     assert config.stage("sft").bc_weight == 3.0 and config.stage("bc").epochs == 6
     # both CAT-K stages are anchored to the policy they start from (BC, then RFT)
-    assert config.stage("sft").anchor_weight == 5.0 and config.stage("sft_final").anchor_weight == 5.0
+    assert config.stage("sft").anchor_weight == 5.0 and config.stage("sft_final").anchor_weight == 20.0
     assert MPOStage(name="x").alpha == 0.77
     assert rft.sampling == config.eval.sampling  # RFT samples as the evaluation does
     assert config.stage("sft").catk_k == 5 and isinstance(config.stage("sft"), CatKStage)
