@@ -26,7 +26,7 @@ from smart_r1.model.checkpoint import checkpoint_bytes, save_checkpoint
 from smart_r1.model.config import ModelConfig
 from smart_r1.model.smart_tiny import SmartTiny
 from smart_r1.rollout.closed_loop import closed_loop, token_log_probs
-from smart_r1.rollout.sampling import Sampler, sampled_log_probs
+from smart_r1.rollout.sampling import Sampler
 from smart_r1.tokens.motion_vocab import build_vocab
 from smart_r1.tokens.scene import build_scene, collate
 from smart_r1.types import Experience, RolloutFailure
