@@ -182,7 +182,7 @@ def _cmd_compare_runs(args: argparse.Namespace) -> int:
     from smart_r1.metrics.intervals import compare_runs
     from smart_r1.storage import write_text
 
-    report = compare_runs(args.runs, args.data, args.n_boot, args.against or ())
+    report = compare_runs(args.runs, args.data, args.against or ())
     print(report, end="")
     if args.out:
         write_text(args.out, report)
@@ -278,10 +278,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_metrics)
 
     p = sub.add_parser("compare-runs", help="stage table over pipeline runs that differ by seed, "
-                                            "with seed-and-scenario bootstrap intervals")
+                                            "with t-intervals over seeds and independent units (scenes, networks)")
     p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="pipeline out_dir of each seed's run: a folder or a bucket URI")
     p.add_argument("--data", default="heldout", help="evaluation set: heldout or real")
-    p.add_argument("--n-boot", type=int, default=2000, help="bootstrap resamples")
     p.add_argument("--against", nargs="+", metavar="BASE_DIR", default=None,
                    help="baseline runs of another configuration, one per RUN_DIR in the same seed order: adds "
                         "each stage's paired difference (runs - baseline)")

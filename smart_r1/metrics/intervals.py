@@ -1,6 +1,12 @@
-"""Confidence intervals of the WOSAC aggregates: a percentile bootstrap over scenarios, paired
-differences between two checkpoints on the scenarios both scored, and a two-level bootstrap over
-training seeds and scenarios; the pipeline's per-scenario score files and the multi-seed report.
+"""Confidence intervals of the WOSAC aggregates: a percentile bootstrap over independent units,
+paired differences between two checkpoints on the scenarios both scored, a crossed random-effects
+t-interval over training seeds and units; the pipeline's per-scenario score files and the
+multi-seed report.
+
+The unit of resampling is what a scenario is an independent draw of
+(`smart_r1.data.splits.independent_unit`): a real scenario's recorded scene (its 9.1 s windows
+share one recording), a generated SUMO scenario's network (its windows and self-driving cars share
+the network's traffic). Resampling scenarios as if independent would make intervals too narrow.
 
 Every dataset-level figure is a plain mean over scenarios of one per-scenario field
 (`aggregate_metrics`: the realism metametric too is the mean of the per-scenario metametric), so
@@ -14,7 +20,14 @@ the mean over seeds of each seed's mean over scenarios, X [S, n, F]. A resample 
 with replacement, then n scenarios with replacement, and uses the same scenario draw for every
 drawn seed: the scenarios are shared, so a hard scenario is hard for every seed, and drawing
 them apart per seed would average that away and understate the spread (a crossed, not a nested,
-design). With one seed it is the scenario bootstrap.
+design). With one seed it is the scenario bootstrap. Scenarios are resampled unit by unit (every
+scenario of a drawn unit, as often as the unit is drawn).
+
+With few seeds a bootstrap over them sees too few distinct resamples (3 seeds give 10), so the
+multi-seed report uses `crossed_t_interval` instead: seeds and units are two crossed random
+factors; the variance of the grand mean is estimated from the two-way ANOVA mean squares of the
+[seed, unit] table, (MS_seed + MS_unit - MS_residual) / (S u), with Satterthwaite's degrees of
+freedom for the t quantile. With one seed it is the t-interval over units.
 """
 
 from __future__ import annotations
@@ -25,7 +38,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from scipy import stats
 
+from smart_r1.data.splits import independent_unit
 from smart_r1.metrics.tables import HEADLINE, difference_table, markdown_table, metrics_table
 from smart_r1.storage import display, exists, join, read_json, read_text
 
@@ -84,27 +99,74 @@ def _check(n_boot: int, level: float) -> None:
         raise ValueError(f"level must lie in (0, 1), got {level}")
 
 
-def seed_scenario_bootstrap(values: np.ndarray, n_boot: int = 2000, seed: int = 0,
-                            level: float = 0.95) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def unit_labels(scenario_ids: Sequence[str]) -> np.ndarray:
+    """[n] int: each scenario's independent unit (`independent_unit`), numbered by first appearance."""
+    numbers: dict[str, int] = {}
+    return np.array([numbers.setdefault(independent_unit(str(i)), len(numbers)) for i in scenario_ids], dtype=np.int64)
+
+
+def seed_scenario_bootstrap(values: np.ndarray, n_boot: int = 2000, seed: int = 0, level: float = 0.95,
+                            units: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """values [S, n, F] (seeds, scenarios, fields) -> (mean, lo, hi), each [F]: the mean over
-    seeds and scenarios and its interval, seeds then shared scenarios resampled (module doc)."""
+    seeds and scenarios and its interval, seeds then shared units resampled (module doc).
+    units: [n] int labels of the scenarios' independent units (None: every scenario its own)."""
     _check(n_boot, level)
     num_seeds, n, _ = values.shape
-    if n < 2:
-        raise ValueError(f"an interval over scenarios needs at least 2 scenarios, got {n}")
+    units = np.arange(n) if units is None else np.asarray(units)
+    num_units = int(units.max()) + 1 if n else 0
+    if num_units < 2:
+        raise ValueError(f"an interval needs at least 2 independent units (scenes, networks), got {num_units}")
     rng = np.random.default_rng(seed)
     seed_w = draw_counts(rng, n_boot, num_seeds) / num_seeds  # [B, S]
-    scenario_w = draw_counts(rng, n_boot, n) / n  # [B, n]
+    scenario_w = draw_counts(rng, n_boot, num_units)[:, units]  # [B, n]: a drawn unit brings all its scenarios
+    scenario_w /= scenario_w.sum(axis=1, keepdims=True)
     samples = np.einsum("bs,snf,bn->bf", seed_w, values, scenario_w, optimize=True)  # [B, F]
     lo, hi = np.quantile(samples, [(1 - level) / 2, (1 + level) / 2], axis=0)
     return values.mean(axis=(0, 1)), lo, hi
 
 
+def crossed_t_interval(values: np.ndarray, units: np.ndarray | None = None,
+                       level: float = 0.95) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """values [S, n, F] -> (mean, lo, hi), each [F]: the mean over seeds and scenarios with a
+    t-interval for seeds and units as crossed random factors (module doc). Scenarios of one unit
+    are averaged into it first (units: [n] labels, None: each scenario its own)."""
+    if not 0.0 < level < 1.0:
+        raise ValueError(f"level must lie in (0, 1), got {level}")
+    num_seeds, n, num_fields = values.shape
+    units = np.arange(n) if units is None else np.asarray(units)
+    num_units = int(units.max()) + 1 if n else 0
+    if num_units < 2:
+        raise ValueError(f"an interval needs at least 2 independent units (scenes, networks), got {num_units}")
+    sizes = np.bincount(units, minlength=num_units).astype(np.float64)  # [u]
+    x = np.zeros((num_seeds, num_units, num_fields))
+    np.add.at(x, (slice(None), units), values)
+    x /= sizes[None, :, None]  # [S, u, F] unit means
+    grand = x.mean(axis=(0, 1))
+    seed_means, unit_means = x.mean(axis=1), x.mean(axis=0)  # [S, F], [u, F]
+    ms_unit = num_seeds * ((unit_means - grand) ** 2).sum(0) / (num_units - 1)
+    if num_seeds == 1:
+        var, df = ms_unit / num_units, np.full(num_fields, num_units - 1.0)
+    else:
+        ms_seed = num_units * ((seed_means - grand) ** 2).sum(0) / (num_seeds - 1)
+        resid = x - seed_means[:, None] - unit_means[None] + grand
+        ms_resid = (resid ** 2).sum(axis=(0, 1)) / ((num_seeds - 1) * (num_units - 1))
+        cells = num_seeds * num_units
+        # never below the larger single-factor term: a negative variance component is taken as 0
+        var = np.maximum(ms_seed + ms_unit - ms_resid, np.maximum(ms_seed, ms_unit)) / cells
+        parts = ((ms_seed / cells) ** 2 / (num_seeds - 1) + (ms_unit / cells) ** 2 / (num_units - 1)
+                 + (ms_resid / cells) ** 2 / ((num_seeds - 1) * (num_units - 1)))
+        df = np.where(parts > 0, var ** 2 / np.where(parts > 0, parts, 1.0), num_units - 1.0)
+    half = stats.t.ppf((1 + level) / 2, np.maximum(df, 1.0)) * np.sqrt(var)
+    mean = values.mean(axis=(0, 1))
+    return mean, mean - half, mean + half
+
+
 def bootstrap_ci(per_scenario: Records, fields: Sequence[str], n_boot: int = 2000, seed: int = 0,
                  level: float = 0.95) -> dict[str, tuple[float, float]]:
     """{field: (lo, hi)}: the percentile-bootstrap interval of each field's mean over scenarios
-    (scenarios resampled with replacement; all fields from the same resamples)."""
-    _, lo, hi = seed_scenario_bootstrap(scenario_matrix(per_scenario, fields)[None], n_boot, seed, level)
+    (their independent units resampled with replacement; all fields from the same resamples)."""
+    units = unit_labels([str(r.get("scenario_id", i)) for i, r in enumerate(per_scenario)])
+    _, lo, hi = seed_scenario_bootstrap(scenario_matrix(per_scenario, fields)[None], n_boot, seed, level, units)
     return {f: (float(lo[j]), float(hi[j])) for j, f in enumerate(fields)}
 
 
@@ -113,8 +175,9 @@ def shared_ids(runs: Sequence[Records]) -> set[str]:
     return set.intersection(*({str(r["scenario_id"]) for r in records} for records in runs))
 
 
-def _aligned(runs: Sequence[Records], fields: Sequence[str]) -> np.ndarray:
-    """[len(runs), n, F]: the fields of the n scenario ids every run scored, in sorted id order."""
+def _aligned(runs: Sequence[Records], fields: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+    """([len(runs), n, F], [n] unit labels): the fields of the n scenario ids every run scored, in
+    sorted id order, and their independent units."""
     by_id = []
     for k, records in enumerate(runs):
         ids = [str(r["scenario_id"]) for r in records]
@@ -122,7 +185,7 @@ def _aligned(runs: Sequence[Records], fields: Sequence[str]) -> np.ndarray:
             raise ValueError(f"records {k}: a scenario_id appears twice")
         by_id.append(dict(zip(ids, records)))
     shared = sorted(shared_ids(runs))
-    return np.stack([scenario_matrix([d[i] for i in shared], fields) for d in by_id])
+    return np.stack([scenario_matrix([d[i] for i in shared], fields) for d in by_id]), unit_labels(shared)
 
 
 def _intervals(fields: Sequence[str], mean, lo, hi) -> dict[str, Interval]:
@@ -133,32 +196,40 @@ def paired_difference(per_scenario_a: Records, per_scenario_b: Records, fields: 
                       n_boot: int = 2000, seed: int = 0, level: float = 0.95) -> dict[str, Interval]:
     """{field: Interval of mean(b - a)} over the scenario ids both scored: the per-scenario
     differences are resampled, so what the scenarios share (how hard each is) cancels."""
-    a, b = _aligned([per_scenario_a, per_scenario_b], fields)
-    return _intervals(fields, *seed_scenario_bootstrap((b - a)[None], n_boot, seed, level))
+    (a, b), units = _aligned([per_scenario_a, per_scenario_b], fields)
+    return _intervals(fields, *seed_scenario_bootstrap((b - a)[None], n_boot, seed, level, units))
 
 
 def seed_bootstrap(per_seed: Sequence[Records], fields: Sequence[str], n_boot: int = 2000, seed: int = 0,
                    level: float = 0.95) -> dict[str, Interval]:
     """{field: Interval} of the mean over seeds of the mean over scenarios; `per_seed` holds one
     list of per-scenario records per training seed (scenarios matched by id, only shared ones)."""
-    return _intervals(fields, *seed_scenario_bootstrap(_aligned(per_seed, fields), n_boot, seed, level))
+    values, units = _aligned(per_seed, fields)
+    return _intervals(fields, *seed_scenario_bootstrap(values, n_boot, seed, level, units))
+
+
+def seed_t_interval(per_seed: Sequence[Records], fields: Sequence[str], level: float = 0.95) -> dict[str, Interval]:
+    """{field: Interval} of the mean over seeds of the mean over scenarios: `crossed_t_interval`
+    over seeds and the shared scenarios' units."""
+    values, units = _aligned(per_seed, fields)
+    return _intervals(fields, *crossed_t_interval(values, units, level))
 
 
 def paired_seed_difference(per_seed_a: Sequence[Records], per_seed_b: Sequence[Records], fields: Sequence[str],
-                           n_boot: int = 2000, seed: int = 0, level: float = 0.95) -> dict[str, Interval]:
+                           level: float = 0.95) -> dict[str, Interval]:
     """{field: Interval of mean(b - a)} across seeds: per seed, b - a on the scenarios both
-    scored (and every seed scored), then seeds and scenarios resampled."""
+    scored (and every seed scored), then `crossed_t_interval` over seeds and units."""
     if len(per_seed_a) != len(per_seed_b):
         raise ValueError(f"{len(per_seed_a)} seeds against {len(per_seed_b)}")
-    values = _aligned([*per_seed_a, *per_seed_b], fields)  # [2S, n, F]
+    values, units = _aligned([*per_seed_a, *per_seed_b], fields)  # [2S, n, F]
     a, b = np.split(values, 2)
-    return _intervals(fields, *seed_scenario_bootstrap(b - a, n_boot, seed, level))
+    return _intervals(fields, *crossed_t_interval(b - a, units, level))
 
 
 def headline_intervals(per_scenario: Records, n_boot: int = 2000, seed: int = 0) -> dict[str, list[float] | None]:
-    """{'<field>_ci95': [lo, hi]} for every headline field (None with fewer than 2 scenarios:
-    an interval over one scenario says nothing)."""
-    if len(per_scenario) < 2:
+    """{'<field>_ci95': [lo, hi]} for every headline field (None with fewer than 2 independent
+    units: an interval over one scene or network says nothing)."""
+    if len(set(unit_labels([str(r.get("scenario_id", i)) for i, r in enumerate(per_scenario)]))) < 2:
         return {f"{f}_ci95": None for f in HEADLINE_FIELDS}
     return {f"{f}_ci95": list(ci) for f, ci in bootstrap_ci(per_scenario, HEADLINE_FIELDS, n_boot, seed).items()}
 
@@ -235,17 +306,16 @@ def _stage_records(runs: Sequence[str], dataset: str) -> tuple[list[dict], list[
     return configs, per_run, {s: [p[s]["records"] for p in per_run] for s in stages}
 
 
-def compare_runs(runs: Sequence[str | Path], dataset: str = "heldout", n_boot: int = 2000,
-                 against: Sequence[str | Path] = ()) -> str:
+def compare_runs(runs: Sequence[str | Path], dataset: str = "heldout", against: Sequence[str | Path] = ()) -> str:
     """The multi-seed report of pipeline runs that differ only by their seed: per stage the mean
-    over seeds of the headline figures with the seed-and-scenario interval, then the paired
+    over seeds of the headline figures with the seed-and-unit t-interval, then the paired
     differences between consecutive stages and between the first and the last stage, '*' where
     the interval excludes 0. A run is a local folder or a storage URI (`s3://...`, the run's
     `out_dir`).
 
     `against`: baseline runs of another configuration, one per run in the same seed order; a third
     table gives each stage's paired difference (these runs - the baseline), pairing the i-th run
-    with the i-th baseline run on the scenarios both scored, seeds and scenarios resampled."""
+    with the i-th baseline run on the scenarios both scored, the same interval."""
     runs = [str(r) for r in runs]
     configs, per_run, records = _stage_records(runs, dataset)
     seeds = [c.get("seed") for c in configs]
@@ -258,31 +328,32 @@ def compare_runs(runs: Sequence[str | Path], dataset: str = "heldout", n_boot: i
         count = len(shared_ids(records[s]))
         if count < 2:
             raise ValueError(f"stage {s}: {count} scenario(s) scored on {dataset} in every run; an interval needs 2")
-        est = seed_bootstrap(records[s], HEADLINE_FIELDS, n_boot)
+        est = seed_t_interval(records[s], HEADLINE_FIELDS)
         metrics = {f: i.mean for f, i in est.items()} | {f"{f}_ci95": [i.lo, i.hi] for f, i in est.items()}
         rows.append(((s, count, "/".join(map(str, rollouts[s]))), metrics))
     pairs = list(zip(stages, stages[1:])) + ([(stages[0], stages[-1])] if len(stages) > 2 else [])
     diffs = []
     for before, after in pairs:
-        d = paired_seed_difference(records[before], records[after], DIFFERENCE_FIELDS, n_boot)
+        d = paired_seed_difference(records[before], records[after], DIFFERENCE_FIELDS)
         diffs.append(((f"{before} -> {after}", len(shared_ids(records[before] + records[after]))), d))
     header = markdown_table(("runs", "seeds", "data", "configs also differ in"),
                             [(len(runs), ", ".join(map(str, seeds)), dataset, ", ".join(differ) or "-")])
     parts = [
         header,
-        "Mean over seeds with its 95% interval (bootstrap over seeds, then over the shared scenarios):",
+        "Mean over seeds with its 95% interval (t-interval with seeds and independent units, scenes or "
+        "networks, as crossed random factors):",
         metrics_table(("stage",), rows, trailing=("scenarios", "rollouts")),
         "Paired differences between consecutive stages and from the first to the last stage "
         "(later - earlier), same interval; * the interval excludes 0:",
         difference_table(("stages",), diffs, trailing=("scenarios",)),
     ]
     if against:
-        parts += _against_baseline(runs, configs, records, [str(r) for r in against], dataset, n_boot)
+        parts += _against_baseline(runs, configs, records, [str(r) for r in against], dataset)
     return "\n\n".join(parts) + "\n"
 
 
 def _against_baseline(runs: Sequence[str], configs: Sequence[dict], records: Mapping[str, list],
-                      baseline: Sequence[str], dataset: str, n_boot: int) -> list[str]:
+                      baseline: Sequence[str], dataset: str) -> list[str]:
     """The `against` table of `compare_runs`: per stage, these runs - the baseline runs, paired by
     position (seed order) and scenario."""
     if len(baseline) != len(runs):
@@ -299,7 +370,7 @@ def _against_baseline(runs: Sequence[str], configs: Sequence[dict], records: Map
     rows = []
     for s in stages:
         count = len(shared_ids(records[s] + base_records[s]))
-        diff = paired_seed_difference(base_records[s], records[s], DIFFERENCE_FIELDS, n_boot) if count >= 2 else None
+        diff = paired_seed_difference(base_records[s], records[s], DIFFERENCE_FIELDS) if count >= 2 else None
         rows.append(((s, count), diff))
     changed = _differing_keys([configs[0]], base_configs[0])
     return [

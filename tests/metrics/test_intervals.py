@@ -15,8 +15,8 @@ from smart_r1.metrics import (
     seed_bootstrap,
 )
 from smart_r1.metrics.intervals import (
-    HEADLINE_FIELDS, draw_counts, headline_intervals, paired_seed_difference, resampled_means, scenario_matrix,
-    scores_path, stage_differences,
+    HEADLINE_FIELDS, crossed_t_interval, draw_counts, headline_intervals, paired_seed_difference, resampled_means,
+    scenario_matrix, scores_path, stage_differences, unit_labels,
 )
 
 NUM_SCENARIOS = 8
@@ -63,8 +63,10 @@ def test_interval_holds_the_estimate_and_shrinks_with_more_scenarios(records):
     for f in HEADLINE_FIELDS:
         lo, hi = ci[f]
         assert lo - 1e-12 <= point[f] <= hi + 1e-12, f
-    # Four copies of each scenario: the same mean, an interval about half as wide (1 / sqrt(4)).
-    ci4 = bootstrap_ci(records * 4, HEADLINE_FIELDS)
+    # Four independent scenes scoring like each scenario: the same mean, an interval about half as
+    # wide (1 / sqrt(4)).
+    ci4 = bootstrap_ci([{**r, "scenario_id": f"{r['scenario_id']}c{c}"} for c in range(4) for r in records],
+                       HEADLINE_FIELDS)
     for f in varying:
         assert _width(ci[f]) > 0
         assert 0.3 * _width(ci[f]) < _width(ci4[f]) < 0.75 * _width(ci[f]), f
@@ -118,8 +120,45 @@ def test_seed_then_scenario_bootstrap(records):
     assert (zero.mean, zero.lo, zero.hi) == (0.0, 0.0, 0.0)
 
 
+def test_windows_of_one_scene_and_one_network_are_one_unit(records):
+    """Two windows of a recorded scene (`<id>_w0`, `<id>_w1`), or two scenarios cut from one SUMO
+    network, are one independent unit: a set where every scene appears as two identical windows
+    has the interval of the set of scenes (not a narrower one, as if it held twice the scenes)."""
+    assert unit_labels(["a_w0", "a_w1", "b", "sumo-0-0003-00040-1", "sumo-0-0003-00120-0", "sumo-0-0004-00040-1"]
+                       ).tolist() == [0, 0, 1, 2, 2, 3]
+    windows = [{**r, "scenario_id": f"{r['scenario_id']}_w{w}"} for r in records for w in (0, 1)]
+    assert bootstrap_ci(windows, ["metametric"]) == bootstrap_ci(records, ["metametric"])
+    pretend_independent = [{**r, "scenario_id": f"{r['scenario_id']}x{w}"} for r in records for w in (0, 1)]
+    assert _width(bootstrap_ci(pretend_independent, ["metametric"])["metametric"]) < \
+        _width(bootstrap_ci(records, ["metametric"])["metametric"])
+
+
+def test_crossed_t_interval():
+    """One seed: the textbook t-interval over units. Several seeds with seed and unit effects: the
+    interval covers the true mean about 95% of the time (a bootstrap over 3 seeds covers far less),
+    and it is wider than ignoring the seeds' spread."""
+    from scipy import stats
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(0.6, 0.1, size=(1, 30, 1))
+    mean, lo, hi = crossed_t_interval(x)
+    half = stats.t.ppf(0.975, 29) * x[0, :, 0].std(ddof=1) / np.sqrt(30)
+    assert mean[0] == pytest.approx(x.mean()) and hi[0] - mean[0] == pytest.approx(half, rel=1e-9)
+
+    covered, trials = 0, 400
+    for _ in range(trials):  # 3 seeds x 30 units: seed effect sd 0.03, unit effect sd 0.1, noise sd 0.03
+        values = (rng.normal(0, 0.03, (3, 1, 1)) + rng.normal(0, 0.1, (1, 30, 1))
+                  + rng.normal(0, 0.03, (3, 30, 1)))
+        _, lo, hi = crossed_t_interval(values)
+        covered += lo[0] <= 0.0 <= hi[0]
+    assert 0.9 <= covered / trials <= 0.99
+    # units: two identical windows of each unit give the interval of the units alone
+    twice = np.repeat(values, 2, axis=1)
+    assert np.allclose(crossed_t_interval(twice, np.repeat(np.arange(30), 2))[1], crossed_t_interval(values)[1])
+
+
 def test_bad_inputs(records):
-    with pytest.raises(ValueError, match="at least 2 scenarios"):
+    with pytest.raises(ValueError, match="at least 2 independent units"):
         bootstrap_ci(records[:1], ["metametric"])
     with pytest.raises(ValueError, match="scenario 1: metametric is nan"):
         bootstrap_ci([records[0], {**records[1], "metametric": float("nan")}], ["metametric"])
@@ -204,7 +243,7 @@ def test_compare_runs_against_a_baseline_configuration(records, tmp_path, capsys
         _write_run(tmp_path / f"old{seed}", seed, {"bc": bc, "sft": shifted(0.02), "rft": shifted(0.08)})
         runs.append(str(tmp_path / f"new{seed}"))
         base.append(str(tmp_path / f"old{seed}"))
-    assert main(["compare-runs", *runs, "--against", *base, "--n-boot", "200"]) == 0
+    assert main(["compare-runs", *runs, "--against", *base]) == 0
     lines = capsys.readouterr().out.splitlines()
     row = lambda label: [c.strip() for c in next(x for x in lines if x.startswith(f"| {label} |")).strip("|").split("|")]  # noqa: E731
     assert row("bc -> rft")[1] == "+0.0800 [0.080, 0.080] *"  # first -> last
@@ -236,6 +275,6 @@ def test_compare_runs_reads_runs_in_a_bucket(records, tmp_path, moto_s3, monkeyp
         local.append(str(tmp_path / f"run{seed}"))
         remote.append(f"s3://smart-r1/compare-{tmp_path.name}/run{seed}?{moto_s3}")
         copy_tree(local[-1], remote[-1])
-    assert compare_runs(remote, n_boot=200) == compare_runs(local, n_boot=200)
+    assert compare_runs(remote) == compare_runs(local)
     with pytest.raises(FileNotFoundError, match="no config.json"):
         compare_runs([remote[0], f"s3://smart-r1/compare-{tmp_path.name}/none?{moto_s3}"])
