@@ -76,7 +76,7 @@ def main() -> None:
 
     tmp = Path(tempfile.mkdtemp(prefix="bench_rft_layout_"))
     config = PipelineConfig(out_dir=str(tmp), data=DataConfig(embedded_train_scenarios=args.scenarios,
-                                                              embedded_heldout_scenarios=2, real_scenario=""),
+                                                              embedded_heldout_scenarios=2, real=""),
                             model=ModelSection(preset=args.preset, vocab_size=1024))
     datasets = prepare_data(config, tmp)
     checkpoint = prepare_model(config, datasets, tmp)

@@ -47,7 +47,7 @@ BATCH = 4  # BC scenarios per step
 def config_dict(out_dir: Path, n: int, bc_steps: int) -> dict:
     return {
         "out_dir": str(out_dir), "seed": 0,
-        "data": {"embedded_train_scenarios": n, "embedded_heldout_scenarios": 4, "real_scenario": ""},
+        "data": {"embedded_train_scenarios": n, "embedded_heldout_scenarios": 4, "real": ""},
         "model": {"preset": "test", "vocab_size": 64},
         "ray": {"num_rollout_workers": 1, "cpus_per_rollout_worker": 1, "num_learners": 1, "cpus_per_learner": 1},
         "eval": {"num_rollouts": 2, "max_scenarios": 4},

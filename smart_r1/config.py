@@ -46,16 +46,39 @@ class SamplingConfig:
             raise ValueError(f"{where}.temperature must be > 0, got {self.temperature}")
 
 
+# Data sets by name (smart_r1.distributed.pipeline.prepare_data): "train" (data.train, or generated
+# SUMO), "heldout" (data.heldout), generated SUMO sets "sumo_heldout" and "sumo_tune" (one scenario per
+# network, networks no training scene comes from), and the real WOMD scenes of data.real split by a
+# hash of the scene id (smart_r1.data.splits): "real_train", "real_tune", "real_report".
+DATASET_NAMES = ("train", "heldout", "sumo_heldout", "sumo_tune", "real_train", "real_tune", "real_report")
+SHARED_REAL = Path(__file__).resolve().parents[1].parent / "shared" / "womd" / "real"
+
+
 @dataclass(frozen=True)
 class DataConfig:
     train: str = option("", "Parquet folder (or TFRecord glob) of training scenarios; '' = generate the embedded SUMO set")
-    heldout: str = option("", "held-out scenarios for per-stage metrics; '' = generated with the train set")
+    heldout: str = option("", "held-out scenarios of your own (named 'heldout' in tables); '' = none (with "
+                              "generated training data, the generated 'sumo_heldout' set scores the stages)")
     embedded_train_scenarios: int = option(200, "size of the generated SUMO training set")
-    embedded_heldout_scenarios: int = option(20, "size of the generated SUMO held-out set")
-    seed: int = option(0, "seed of the generated SUMO sets")
-    real_scenario: str = option("auto", "a WOMD TFRecord also scored after each stage; 'auto' = ../shared's, '' = none")
+    embedded_heldout_scenarios: int = option(20, "size of each generated SUMO evaluation set (sumo_heldout, "
+                                                 "sumo_tune): one scenario per network")
+    seed: int | None = option(None, "seed of the generated SUMO training set; None = the run's seed (each seed "
+                                    "of a multi-seed study draws its own training data)")
+    heldout_seed: int = option(100_000, "seed of the generated sumo_heldout set (sumo_tune: + 100000): fixed, so "
+                                        "runs of every seed are scored on the same scenarios")
+    real: str = option("auto", "folder (or URI) of real WOMD Scenario TFRecords, split by a hash of the scene id "
+                               "into real_train / real_tune / real_report; 'auto' = ../shared/womd/real when "
+                               "present, '' = none")
+    generated_root: str = option("", "folder or URI under which generated SUMO sets and the real splits live "
+                                      "(data/<name>); '' = out_dir (a sweep points its trials at its shared folder)")
     tokens_root: str = option("", "folder or URI under which the token shards live (tokens/<vocab hash>/...); "
                                   "'' = out_dir (a sweep points its trials at its shared folder)")
+
+    def real_source(self) -> str:
+        """data.real resolved: a folder or URI, or '' (auto without ../shared)."""
+        if self.real == "auto":
+            return str(SHARED_REAL) if SHARED_REAL.is_dir() else ""
+        return self.real
 
 
 # What the forward passes compute in (smart_r1.model.precision): auto = bfloat16 where the
@@ -81,11 +104,30 @@ class ModelSection:
             raise ValueError(f"model.precision must be one of {PRECISIONS}, got {self.precision!r}")
 
 
+def parse_train_data(text: str, where: str) -> list[tuple[str, int]]:
+    """A stage's `train_data`, "train+real_train*4", as [(data set name, repeats)]; ValueError names
+    the bad part."""
+    parts = []
+    for item in text.split("+"):
+        name, _, times = item.strip().partition("*")
+        if name not in DATASET_NAMES:
+            raise ValueError(f"{where}: train_data names unknown data set {name!r}; known: {list(DATASET_NAMES)}")
+        if times and not (times.isdigit() and int(times) >= 1):
+            raise ValueError(f"{where}: train_data repeats {item!r} must be a whole number >= 1, as in real_train*4")
+        parts.append((name, int(times or 1)))
+    if len({n for n, _ in parts}) != len(parts):
+        raise ValueError(f"{where}: train_data names a data set twice: {text!r}")
+    return parts
+
+
 @dataclass(frozen=True)
 class _Stage:
     """What every stage has. `kind` is fixed by the class (BCStage, CatKStage, MPOStage)."""
 
     name: str = option("", "the stage's name (its folder under out_dir, its --set section)")
+    train_data: str = option("train", "the data sets it learns from, '+'-joined, each repeated '*k' times per "
+                                      "pass: e.g. train+real_train*4 (names: see DATASET_NAMES; a real_* set "
+                                      "is left out, said once, when data.real is auto and absent)")
     lr: float = option(5e-4, "learning rate (AdamW)")
     weight_decay: float = option(0.0, "AdamW weight decay")
     grad_clip: float = option(1.0, "gradients are clipped to this global norm")
@@ -104,6 +146,7 @@ class _Stage:
             raise ValueError(f"{where}: grad_clip must be > 0, got {self.grad_clip}")
         if self.max_nonfinite_updates < 0:
             raise ValueError(f"{where}: max_nonfinite_updates must be >= 0, got {self.max_nonfinite_updates}")
+        parse_train_data(self.train_data, where)
 
 
 @dataclass(frozen=True)
@@ -220,7 +263,9 @@ STAGE_CLASSES: dict[str, type] = {"bc": BCStage, "catk_sft": CatKStage, "mpo": M
 STAGE_KINDS = tuple(STAGE_CLASSES)
 # Keys of the one flat stage config this replaced, with where they went.
 _RENAMED = {"top_k": "catk_k (CAT-K's K) or sampling.top_k (MPO's sampling)",
-            "top_k_sampling": "sampling.top_k", "temperature": "sampling.temperature"}
+            "top_k_sampling": "sampling.top_k", "temperature": "sampling.temperature",
+            "real_scenario": "data.real (a folder of real WOMD TFRecords, split into real_train / real_tune / "
+                             "real_report)"}
 
 
 @dataclass(frozen=True)
@@ -267,8 +312,11 @@ class RayConfig:
 
 @dataclass(frozen=True)
 class EvalConfig:
+    datasets: str = option("auto", "comma-separated data sets scoring each stage; auto = real_report (when "
+                                   "data.real has scenes) and heldout (or, with generated training data, "
+                                   "sumo_heldout). Choose settings on real_tune,sumo_tune; report on the rest")
     num_rollouts: int = option(8, "rollouts per held-out scenario (WOSAC: 32)")
-    max_scenarios: int = option(20, "held-out scenarios scored after each stage")
+    max_scenarios: int = option(20, "scenarios of each evaluation data set scored after each stage (the first ones)")
     sampling: SamplingConfig = option(SamplingConfig(), "how the evaluated policy samples (RFT samples alike, best)")
 
     def validate(self) -> None:
@@ -276,7 +324,15 @@ class EvalConfig:
             raise ValueError("eval.num_rollouts must be >= 1")
         if self.max_scenarios < 1:
             raise ValueError("eval.max_scenarios must be >= 1")
+        for name in self.names():
+            if name not in DATASET_NAMES or name == "train":
+                raise ValueError(f"eval.datasets: {name!r} is not an evaluation data set; known: "
+                                 f"{[d for d in DATASET_NAMES if d != 'train']} or auto")
         self.sampling.validate("eval.sampling")
+
+    def names(self) -> list[str]:
+        """The named data sets ([] for auto)."""
+        return [] if self.datasets == "auto" else [d.strip() for d in self.datasets.split(",") if d.strip()]
 
 
 @dataclass(frozen=True)
@@ -308,7 +364,8 @@ class PipelineConfig:
             if s.kind == "mpo":
                 s.check_learners(self.ray.num_learners)
         for path, what in ((self.data.train, "data.train"), (self.data.heldout, "data.heldout"),
-                           (self.init_checkpoint, "init_checkpoint")):
+                           (self.init_checkpoint, "init_checkpoint"),
+                           ("" if self.data.real == "auto" else self.data.real, "data.real")):
             if path and "*" not in path and "://" not in path and not Path(path).exists():
                 raise ValueError(f"{what}: no such path {path!r}")
         for path, what in ((self.data.train, "data.train"), (self.data.heldout, "data.heldout")):
@@ -320,6 +377,16 @@ class PipelineConfig:
         for name in ("embedded_train_scenarios", "embedded_heldout_scenarios"):
             if getattr(self.data, name) < 1:
                 raise ValueError(f"data.{name} must be >= 1")
+        if self.data.train and not self.data.heldout and self.eval.datasets == "auto":
+            raise ValueError("data.train is your data but data.heldout is empty: the stages would be scored on "
+                             "generated SUMO scenes. Set data.heldout (e.g. your WOMD validation shards), or name "
+                             "the sets to score explicitly (eval.datasets=sumo_heldout)")
+        if "heldout" in self.eval.names() and not self.data.heldout:
+            raise ValueError("eval.datasets names heldout, but data.heldout is empty (generated SUMO held-out "
+                             "scenes are sumo_heldout)")
+        for s in self.stages:
+            if "heldout" in dict(parse_train_data(s.train_data, s.name)) and not self.data.heldout:
+                raise ValueError(f"stage {s.name!r}: train_data names heldout, but data.heldout is empty")
         self.model.validate()
         self.ray.validate()
         self.eval.validate()

@@ -151,10 +151,17 @@ def _records(table: pa.Table) -> list[ScenarioRecord]:
     return list(table_to_records(table))
 
 
-def scenario_index(data: str | Path, cache_groups: int = 2) -> ShardIndex[ScenarioRecord] | MemoryIndex[ScenarioRecord]:
+def scenario_index(data: str | Path | Sequence[str], cache_groups: int = 2
+                   ) -> ShardIndex[ScenarioRecord] | MemoryIndex[ScenarioRecord]:
     """ScenarioRecords of `data` by global index (the order of `iter_scenarios`): a folder or URI
     of Parquet shards (footers read now, rows on demand), or TFRecord file(s), local or URI
-    (parsed now, held)."""
+    (parsed now, held). A list of Parquet folders is one index over their shards in turn (a folder
+    listed k times is drawn k times as often: a stage's training mixture)."""
+    if isinstance(data, (list, tuple)):
+        shards = [str(s) for folder in data for s in shard_paths(folder)]
+        if not shards:
+            raise FileNotFoundError(f"{list(data)} hold no .parquet shards")
+        return ShardIndex(shards, _records, SCHEMA, cache_groups)
     text = data_source(data)
     if is_tfrecord(text):
         return MemoryIndex(list(iter_scenarios(text)))

@@ -335,20 +335,25 @@ def _network_job(args: tuple[int, int, SumoConfig]) -> list[bytes]:
     return network_scenarios(*args)
 
 
-def _interleave(per_network: list[list[bytes]], seed: int, first_index: int) -> list[bytes]:
+def _interleave(per_network: list[list[bytes]], seed: int, first_index: int, per_network_max: int = 0) -> list[bytes]:
     """Scenarios of a batch of networks, alternating between the networks (so a small dataset
-    still mixes grid and random networks), each network's in a seeded random order of windows."""
+    still mixes grid and random networks), each network's in a seeded random order of windows,
+    at most `per_network_max` of each (0: all)."""
     shuffled = []
     for i, scenarios in enumerate(per_network):
         order = np.random.default_rng([seed, first_index + i, 2]).permutation(len(scenarios))
-        shuffled.append([scenarios[k] for k in order])
+        shuffled.append([scenarios[k] for k in order][:per_network_max or None])
     longest = max((len(s) for s in shuffled), default=0)
     return [s[k] for k in range(longest) for s in shuffled if k < len(s)]
 
 
 def make_dataset(out_dir, num_scenarios: int, seed: int, scenarios_per_file: int = 50,
-                 config: SumoConfig = SumoConfig()) -> dict:
+                 config: SumoConfig = SumoConfig(), per_network: int = 0) -> dict:
     """Generate `num_scenarios` scenarios into `out_dir/sumo-SSSSS-of-NNNNN.tfrecord` files.
+
+    per_network: at most this many scenarios from each network (0: every window and self-driving
+    car). An evaluation set takes 1: its scenarios are then independent units (windows of one
+    network share its traffic), and an interval over them means what it says.
 
     Deterministic: the same seed gives the same bytes. Returns a JSON-able summary, also written
     last as `out_dir/dataset.json`: each file is written atomically and the summary after them,
@@ -370,7 +375,7 @@ def make_dataset(out_dir, num_scenarios: int, seed: int, scenarios_per_file: int
             # Networks are independent: run a batch of them side by side, keep index order.
             batch = [(seed, networks + i, config) for i in range(workers)]
             before = len(scenarios)
-            scenarios.extend(_interleave(list(pool.map(_network_job, batch)), seed, networks))
+            scenarios.extend(_interleave(list(pool.map(_network_job, batch)), seed, networks, per_network))
             networks += workers
             if len(scenarios) == before and networks >= 10 * workers:
                 raise RuntimeError(f"{networks} SUMO networks gave only {before} scenarios: "
@@ -384,6 +389,7 @@ def make_dataset(out_dir, num_scenarios: int, seed: int, scenarios_per_file: int
         files.append(str(path))
     seconds = time.perf_counter() - started
     summary = {"files": files, "scenarios": len(scenarios), "networks": networks, "seed": seed,
+               "per_network": per_network,
                "scenarios_per_file": scenarios_per_file, "seconds": round(seconds, 3),
                "scenarios_per_second": round(len(scenarios) / seconds, 2),
                **summarize(scenarios), "config": asdict(config)}
@@ -391,14 +397,15 @@ def make_dataset(out_dir, num_scenarios: int, seed: int, scenarios_per_file: int
     return summary
 
 
-def complete_dataset(out_dir, num_scenarios: int, seed: int) -> bool:
-    """Whether `out_dir` holds a whole generated set of these `num_scenarios` and `seed` (its
-    summary is written after every file, and names them)."""
+def complete_dataset(out_dir, num_scenarios: int, seed: int, per_network: int = 0) -> bool:
+    """Whether `out_dir` holds a whole generated set of these `num_scenarios`, `seed` and
+    `per_network` (its summary is written after every file, and names them)."""
     path = Path(out_dir) / SUMMARY_NAME
     if not path.exists():
         return False
     summary = json.loads(path.read_text())
     return (summary.get("scenarios") == num_scenarios and summary.get("seed") == seed
+            and summary.get("per_network", 0) == per_network
             and all((Path(out_dir) / Path(f).name).exists() for f in summary.get("files", [])))
 
 

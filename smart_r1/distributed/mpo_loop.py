@@ -64,7 +64,7 @@ def step_scenarios(seed: int, step: int, num_scenarios: int, count: int) -> list
 def dispatch(workers: list, version: int, weights_ref, indices: list[int], spec: RolloutSpec,
              first: int = 0) -> RolloutQueue:
     """Hand `indices` to the rollout actors, up to `spec.scenes_per_batch` per call, first to actor `first`."""
-    return rollout_tasks.dispatch(workers, "rollout", indices, version, [weights_ref], "train", spec,
+    return rollout_tasks.dispatch(workers, "rollout", indices, version, [weights_ref], spec.dataset, spec,
                                   per_call=spec.scenes_per_batch, first=first)
 
 
@@ -148,8 +148,8 @@ def mpo_loop(config: dict) -> None:
     ref_model = load_checkpoint(fetch_checkpoint(ref_checkpoint), map_location=device)
     ref_model.requires_grad_(False)
     workers = job.rollout_workers
-    num_scenarios = ray.get(workers[0].num_scenarios.remote("train"), timeout=job.task_timeout_s)
     spec = RolloutSpec.of_stage(stage, job.scenes_per_batch)
+    num_scenarios = ray.get(workers[0].num_scenarios.remote(spec.dataset), timeout=job.task_timeout_s)
     if stage.kl_estimator == "k3" and os.environ.get(REFERENCE_IN_WORKERS_ENV, "1") != "0":
         # the workers run the frozen reference on their own rollouts and send log pi_ref: the
         # update skips that forward pass (mpo_step); the 'full' estimator needs it here. Every

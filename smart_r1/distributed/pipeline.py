@@ -27,10 +27,11 @@ from pathlib import Path
 import ray
 import torch
 
-from smart_r1.config import EvalConfig, PipelineConfig
+from smart_r1.config import EvalConfig, PipelineConfig, parse_train_data
 from smart_r1.data.dataset import data_source, is_tfrecord, iter_scenarios
 from smart_r1.data.preprocess import REPORT_NAME, convert_file, preprocess
-from smart_r1.data.sumo import complete_dataset, make_dataset
+from smart_r1.data.splits import split_real_scenes
+from smart_r1.data.sumo import SumoConfig, complete_dataset, make_dataset
 from smart_r1.distributed.learner import run_learner
 from smart_r1.distributed.resources import check_resources
 from smart_r1.distributed.rollout_tasks import dispatch, gather
@@ -52,53 +53,85 @@ from smart_r1.tokens.motion_vocab import build_vocab
 from smart_r1.tracking.mlflow_runs import cluster_tracking_problem, folder_run, resolve_tracking_uri
 from smart_r1.viz.render import render_scenario
 
-SHARED_SCENARIO = Path(__file__).resolve().parents[2].parent / "shared" / "womd" / "motion_data_one_scenario.tfrecord"
-
-
-GENERATED = "generated.json"  # beside generated shards in an object store: their size and seed
+GENERATED = "generated.json"  # beside generated shards in an object store: their size, seed and sampling
 WORKERS_FILE = "rollout_workers.json"  # the rollout actors' peak resident memory (MB), for sizing them
+# A generated evaluation set has one scenario per network (networks are the independent units), each
+# cut from a short simulation: 20 s of traffic after the warm-up leave enough windows to pick one.
+EVAL_SUMO = SumoConfig(record_seconds=20.0)
+
+
+def wanted_datasets(config: PipelineConfig) -> tuple[list[str], list[str]]:
+    """(the data sets the stages train on, the data sets that score them), by name, as the config
+    asks: real_* names only where data.real has scenes (auto without ../shared leaves them out)."""
+    real = bool(config.data.real_source())
+    training = []
+    for stage in config.stages:
+        training += [name for name, _ in parse_train_data(stage.train_data, stage.name) if name not in training]
+    scoring = config.eval.names() or ((["real_report"] if real else [])
+                                      + ["heldout" if config.data.heldout else "sumo_heldout"])
+    keep = lambda names: [n for n in names if real or not n.startswith("real_")]  # noqa: E731
+    return keep(training), keep(scoring)
 
 
 def prepare_data(config: PipelineConfig, out: str | Path) -> dict[str, str]:
-    """Data paths by name: train, heldout and (when available) the real WOMD scenario. Generated
-    sets go to `<out>/data/<name>` (a local folder, or a URI under an object-store root)."""
+    """Data paths (local folders or URIs under `out`) by name (`smart_r1.config.DATASET_NAMES`), for
+    every set the stages train on or are scored on: "train" (data.train, or generated SUMO),
+    "heldout" (data.heldout), generated SUMO evaluation sets (one scenario per network, from
+    networks of their own seed, so no training scene shares them), and the real WOMD splits of
+    data.real. Generated and split sets go to `<root>/data/<name>`, root being data.generated_root
+    (a sweep's shared folder) or `out`."""
     data = config.data
-    paths = {"train": data.train, "heldout": data.heldout}
-    for name, count, seed in (("train", data.embedded_train_scenarios, data.seed),
-                              ("heldout", data.embedded_heldout_scenarios, data.seed + 100_000)):
-        if paths[name]:
-            continue
-        if not is_local(out):
-            paths[name] = generate_into_store(join(out, "data", name), name, count, seed)
-            continue
-        data_dir = Path(resolve(out)[1]) / "data"
-        raw, parquet = data_dir / f"{name}_raw", data_dir / name
-        if not complete_dataset(raw, count, seed):  # absent, interrupted, or of another size / seed
-            print(f"[data] generating {count} SUMO scenarios ({name}, seed {seed}) ...", flush=True)
-            for folder in (raw, parquet):
-                shutil.rmtree(folder, ignore_errors=True)
-            make_dataset(raw, num_scenarios=count, seed=seed)
-        if not (parquet / REPORT_NAME).exists():  # written last; an interrupted run resumes per shard
-            report = preprocess(str(raw / "*.tfrecord"), parquet, verbose=False)
-            if report["bad_records"]:
-                raise RuntimeError(f"generated data has bad records: {report['bad_records'][:3]}")
-        paths[name] = str(parquet)
-    real = data.real_scenario
-    if real == "auto":
-        real = str(SHARED_SCENARIO) if SHARED_SCENARIO.exists() else ""
-    if real:
-        paths["real"] = real
+    out = data.generated_root or out
+    training, scoring = wanted_datasets(config)
+    wanted = set(training) | set(scoring)
+    if data.real == "auto" and not data.real_source():
+        print("[data] no real WOMD scenes (../shared/womd/real is absent): SUMO data only", flush=True)
+    paths = {name: path for name, path in (("train", data.train), ("heldout", data.heldout)) if path}
+    sumo = {"train": (data.embedded_train_scenarios, config.seed if data.seed is None else data.seed, 0),
+            "sumo_heldout": (data.embedded_heldout_scenarios, data.heldout_seed, 1),
+            "sumo_tune": (data.embedded_heldout_scenarios, data.heldout_seed + 100_000, 1)}
+    for name, (count, seed, per_network) in sumo.items():
+        if name in wanted and name not in paths:
+            paths[name] = generate_sumo(out, name, count, seed, per_network)
+    if any(n.startswith("real_") for n in wanted):
+        splits = split_real_scenes(data.real_source(), join(out, "data", "real"))
+        paths.update({f"real_{split}": folder for split, folder in splits.items()})
+    missing = sorted(wanted - set(paths))
+    if missing:
+        raise ValueError(f"data sets {missing} are named by the config but empty (data.real's split has no scene)")
     return paths
 
 
-def generate_into_store(parquet: str, name: str, count: int, seed: int) -> str:
+def generate_sumo(out: str | Path, name: str, count: int, seed: int, per_network: int) -> str:
+    """A generated SUMO set `<out>/data/<name>` as Parquet shards (the training set: every window of
+    each network; an evaluation set: `per_network` scenarios per network, from short simulations)."""
+    config = EVAL_SUMO if per_network else SumoConfig()
+    if not is_local(out):
+        return generate_into_store(join(out, "data", name), name, count, seed, per_network, config)
+    data_dir = Path(resolve(out)[1]) / "data"
+    raw, parquet = data_dir / f"{name}_raw", data_dir / name
+    if not complete_dataset(raw, count, seed, per_network):  # absent, interrupted, or of another size / seed
+        print(f"[data] generating {count} SUMO scenarios ({name}, seed {seed}"
+              f"{f', {per_network} per network' if per_network else ''}) ...", flush=True)
+        for folder in (raw, parquet):
+            shutil.rmtree(folder, ignore_errors=True)
+        make_dataset(raw, num_scenarios=count, seed=seed, config=config, per_network=per_network)
+    if not (parquet / REPORT_NAME).exists():  # written last; an interrupted run resumes per shard
+        report = preprocess(str(raw / "*.tfrecord"), parquet, verbose=False)
+        if report["bad_records"]:
+            raise RuntimeError(f"generated data has bad records: {report['bad_records'][:3]}")
+    return str(parquet)
+
+
+def generate_into_store(parquet: str, name: str, count: int, seed: int, per_network: int = 0,
+                        config: SumoConfig = SumoConfig()) -> str:
     """The embedded SUMO set for a run whose root is an object store: generated in a local
     temporary folder (deterministic: the same seed gives the same files) and converted here, on
     the driver, file by file into shards at `parquet` (no Ray task on another node could read the
-    temporary folder). `generated.json` (size and seed) goes first and the preprocessing report
-    last, so an interrupted run resumes per shard and a set of another size or seed is remade.
-    Returns `parquet`."""
-    wanted = {"scenarios": count, "seed": seed}
+    temporary folder). `generated.json` (size, seed, scenarios per network) goes first and the
+    preprocessing report last, so an interrupted run resumes per shard and a set of another size
+    or seed is remade. Returns `parquet`."""
+    wanted = {"scenarios": count, "seed": seed, "per_network": per_network}
     made = read_json(join(parquet, GENERATED), None)
     if made == wanted and exists(join(parquet, REPORT_NAME)):
         return parquet
@@ -107,7 +140,7 @@ def generate_into_store(parquet: str, name: str, count: int, seed: int) -> str:
         write_json(join(parquet, GENERATED), wanted)
     print(f"[data] generating {count} SUMO scenarios ({name}, seed {seed}) into {display(parquet)} ...", flush=True)
     with tempfile.TemporaryDirectory(prefix="smart_r1_sumo_") as tmp:
-        make_dataset(tmp, num_scenarios=count, seed=seed)
+        make_dataset(tmp, num_scenarios=count, seed=seed, config=config, per_network=per_network)
         results = [convert_file(str(path), parquet) for path in sorted(Path(tmp).glob("*.tfrecord"))]
     bad = [asdict(b) for r in results for b in r.bad]
     if bad:
@@ -118,16 +151,48 @@ def generate_into_store(parquet: str, name: str, count: int, seed: int) -> str:
     return parquet
 
 
+def stage_mixture(stage, datasets: dict[str, str]) -> list[tuple[str, int]]:
+    """[(data set name, repeats)] a stage learns from: its `train_data`, less the real_* sets that
+    this run has none of (data.real auto without ../shared; `prepare_data` said so once)."""
+    return [(name, k) for name, k in parse_train_data(stage.train_data, stage.name)
+            if name in datasets or not name.startswith("real_")]
+
+
+def mixture_sources(stage, datasets: dict[str, str]) -> str | list[str]:
+    """The data a stage's rollout actors draw from: one data set's path, or for a mixture the
+    paths of its sets, each repeated as often as `train_data` says (one index over them all)."""
+    parts = [datasets[name] for name, k in stage_mixture(stage, datasets) for _ in range(k)]
+    return parts[0] if len(parts) == 1 else parts
+
+
+def interleaved_scenarios(paths: list[str], limit: int):
+    """Up to `limit` scenarios taken from `paths` in turn (one of each, then the next of each, ...)."""
+    streams = [iter_scenarios(p) for p in paths]
+    taken = 0
+    while streams and taken < limit:
+        for stream in list(streams):
+            record = next(stream, None)
+            if record is None:
+                streams.remove(stream)
+                continue
+            yield record
+            taken += 1
+            if taken >= limit:
+                return
+
+
 def prepare_model(config: PipelineConfig, datasets: dict[str, str], out: str | Path) -> str:
     """The checkpoint the first stage starts from: the given one, or a fresh model with a
-    motion vocabulary built from the training data, saved as `<out>/init.pt`."""
+    motion vocabulary built from the data the first stage learns from (its sets in turn), saved
+    as `<out>/init.pt`."""
     if config.init_checkpoint:
         return config.init_checkpoint
     init = join(out, "init.pt")
     if not exists(init):
         t0 = time.perf_counter()
         m = config.model
-        vocab = build_vocab(iter_scenarios(datasets["train"], m.vocab_scenarios), size=m.vocab_size, seed=config.seed,
+        sources = [datasets[name] for name, _ in stage_mixture(config.stages[0], datasets)]
+        vocab = build_vocab(interleaved_scenarios(sources, m.vocab_scenarios), size=m.vocab_size, seed=config.seed,
                             max_samples=m.vocab_samples)
         torch.manual_seed(config.seed)
         cfg = ModelConfig.preset(config.model.preset, vocab_size=config.model.vocab_size)
@@ -138,24 +203,32 @@ def prepare_model(config: PipelineConfig, datasets: dict[str, str], out: str | P
     return init
 
 
-def prepare_tokens(config: PipelineConfig, datasets: dict[str, str], out: str, checkpoint: str) -> dict[str, str]:
-    """Token-shard folders by stage kind ("bc", "catk_sft") for the unfinished supervised stages:
-    the training shards tokenised once with `checkpoint`'s vocabulary (every stage shares it),
-    reused when a folder is complete (`smart_r1.tokens.cache`), under `data.tokens_root` (default:
-    the run's root `out`). {} when no unfinished stage needs
-    them, or when the training data are TFRecords (the learners then tokenise as they read)."""
-    kinds = {s.kind for s in config.stages if s.kind in STAGE_OPTIONS and not exists(join(out, s.name, "done.json"))
-             and not (s.kind == "bc" and config.init_checkpoint)}
-    if not kinds:
+def prepare_tokens(config: PipelineConfig, datasets: dict[str, str], out: str, checkpoint: str
+                   ) -> dict[str, list[str]]:
+    """Token-shard folders by stage name for the unfinished supervised stages: each data set a
+    stage learns from, tokenised once with `checkpoint`'s vocabulary (every stage shares it) for
+    the stage's kind, listed as often as its `train_data` repeats it; reused when a folder is
+    complete (`smart_r1.tokens.cache`), under `data.tokens_root` (default: the run's root `out`).
+    {} when no unfinished stage needs them, or when the training data are TFRecords (the learners
+    then tokenise as they read)."""
+    stages = [s for s in config.stages if s.kind in STAGE_OPTIONS and not exists(join(out, s.name, "done.json"))
+              and not (s.kind == "bc" and config.init_checkpoint)]
+    if not stages:
         return {}
     if is_tfrecord(data_source(datasets["train"])):
         print("[tokens] data.train names TFRecords: the learners tokenise as they read "
               "(`smart-r1 preprocess` it to Parquet shards to tokenise once)", flush=True)
         return {}
     vocab = load_checkpoint(read_bytes(checkpoint)).vocab
-    options = {kind: STAGE_OPTIONS[kind] for kind in sorted(kinds)}
-    folders = tokenize_dataset(datasets["train"], config.data.tokens_root or out, vocab, list(options.values()))
-    return {kind: folders[o] for kind, o in options.items()}
+    needed: dict[str, set] = {}  # data set -> scene options
+    for stage in stages:
+        for name, _ in stage_mixture(stage, datasets):
+            needed.setdefault(name, set()).add(STAGE_OPTIONS[stage.kind])
+    folders = {name: tokenize_dataset(datasets[name], config.data.tokens_root or out, vocab,
+                                      sorted(options, key=lambda o: o.name), dataset=name)
+               for name, options in needed.items()}
+    return {stage.name: [folders[name][STAGE_OPTIONS[stage.kind]] for name, k in stage_mixture(stage, datasets)
+                         for _ in range(k)] for stage in stages}
 
 
 def score_checkpoint(workers: list, checkpoint: str, version: int, dataset: str, cfg: EvalConfig,
@@ -238,7 +311,10 @@ def run_pipeline(config: PipelineConfig, fail_once_at: dict[str, int] | None = N
         current = prepare_model(config, datasets, out)
     with timer.phase("tokens"):
         scenes = prepare_tokens(config, datasets, out, current)
-    eval_sets = [d for d in ("heldout", "real") if d in datasets]
+    eval_sets = wanted_datasets(config)[1]
+    for stage in config.stages:  # an RFT stage's actors draw from its mixture (one index over its sets)
+        if stage.kind == "mpo":
+            datasets[stage.train_data] = mixture_sources(stage, datasets)
     r = config.ray
     # Weights travel through Ray's object store: the driver reads each checkpoint once (CRC-checked)
     # and puts its bytes there; learners and rollout actors get the ObjectRef, never a path.
@@ -274,7 +350,7 @@ def run_pipeline(config: PipelineConfig, fail_once_at: dict[str, int] | None = N
         print(f"[{stage.name}] {stage.kind} from {display(current)}", flush=True)
         t0 = time.perf_counter()
         job = LearnerJob(stage=stage, stage_dir=stage_dir, init_checkpoint=weights(current), datasets=datasets,
-                         scenes=scenes.get(stage.kind, ""),
+                         scenes=scenes.get(stage.name, []),
                          seed=config.seed, ref_checkpoint=weights(reference) if stage.kind == "mpo" else "",
                          rollout_workers=workers if stage.kind == "mpo" else [], tracker=stage_tracker,
                          threads=r.learner_threads or max(1, int(r.cpus_per_learner)),
@@ -295,7 +371,7 @@ def run_pipeline(config: PipelineConfig, fail_once_at: dict[str, int] | None = N
         stage_tracker.log_artifact(join(stage_dir, "metrics.json"))
         stage_tracker.log_artifact(current, "checkpoints")
         with timer.phase("render"):
-            stage_tracker.log_artifact(render_stage(current, datasets["heldout"], join(stage_dir, "rollout.png"),
+            stage_tracker.log_artifact(render_stage(current, datasets[eval_sets[0]], join(stage_dir, "rollout.png"),
                                                     config.eval, config.seed), "plots")
         stage_tracker.finish()
         write_json(done, {"checkpoint": MODEL_NAME, "fingerprint": fingerprint, "metrics": rows[stage.name],

@@ -49,10 +49,12 @@ class RolloutSpec:
     reference: tuple = ()
     scenes_per_batch: int = 1
     seed: int | None = None
+    dataset: str = "train"  # RL: the data set the scenarios are drawn from (an RFT stage's train_data)
 
     @classmethod
     def of_stage(cls, stage: MPOStage, scenes_per_batch: int = 1) -> "RolloutSpec":
-        return cls(stage.num_rollouts, stage.sampling, RewardConfig.of_stage(stage), scenes_per_batch=scenes_per_batch)
+        return cls(stage.num_rollouts, stage.sampling, RewardConfig.of_stage(stage), scenes_per_batch=scenes_per_batch,
+                   dataset=stage.train_data)
 
 
 @dataclass(frozen=True)
@@ -86,8 +88,9 @@ SCENE_CACHE = 64  # tokenised scenes an actor keeps (~270 KB each on WOMD): eval
 
 class RolloutWorker:
     """One policy copy. `checkpoint` is the starting checkpoint's bytes (through Ray's object
-    store: `start_workers`). `datasets` maps a name ("train", "heldout", "real") to data that
-    every node can read (a Parquet folder or URI, or a TFRecord glob).
+    store: `start_workers`). `datasets` maps a name ("train", "sumo_heldout", "real_report", an RFT
+    stage's `train_data` mixture, ...) to data that every node can read (a Parquet folder or URI, a
+    TFRecord glob, or a list of Parquet folders read as one index: `scenario_index`).
 
     An actor reads only the scenarios it is handed: each dataset is opened as an index over its
     shards' footers (`smart_r1.data.index`), which decodes the row groups of the scenarios asked

@@ -62,12 +62,16 @@ def scene_source(job: LearnerJob, vocab: MotionVocab) -> SceneSource:
     """The stage's token shards (`job.scenes`), checked against the model's vocabulary; without
     them, the training records tokenised as read (nothing cached beyond one row group)."""
     options = STAGE_OPTIONS[job.stage.kind]
-    if job.scenes:
-        made_with = read_json(join(job.scenes, DONE_NAME), {}).get("vocab")
-        if made_with != vocab_hash(vocab):
-            raise ValueError(f"stage {job.stage.name}: token shards {job.scenes} were made with vocabulary "
-                             f"{made_with}, the model's is {vocab_hash(vocab)}")
-        tokens = ShardIndex([str(p) for p in shard_paths(job.scenes)], table_to_scenes, cache_groups=1)
+    folders = [job.scenes] if isinstance(job.scenes, str) and job.scenes else list(job.scenes)
+    if folders:
+        for folder in dict.fromkeys(folders):
+            made_with = read_json(join(folder, DONE_NAME), {}).get("vocab")
+            if made_with != vocab_hash(vocab):
+                raise ValueError(f"stage {job.stage.name}: token shards {folder} were made with vocabulary "
+                                 f"{made_with}, the model's is {vocab_hash(vocab)}")
+        # one index over the folders in turn: a folder listed k times has its row groups dealt k times
+        tokens = ShardIndex([str(p) for folder in folders for p in shard_paths(folder)], table_to_scenes,
+                            cache_groups=1)
         return SceneSource(len(tokens.units), len(tokens), tokens.read_unit)
     records = scenario_index(job.datasets["train"], cache_groups=1)
 

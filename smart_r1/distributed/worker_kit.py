@@ -48,10 +48,11 @@ class LearnerJob:
     # `learner.run_learner` and sent the same way: a learner never reads a checkpoint path.
     init_checkpoint: object
     datasets: dict  # name -> data path or URI ("train" at least) that every node can read
-    # Supervised stages: the folder (local or URI) of the token shards of the training data for
-    # this stage's scene options (`smart_r1.tokens.cache`), made once by the pipeline; "" = the
-    # learner tokenises `datasets["train"]` as it reads it (tests, benchmarks).
-    scenes: str = ""
+    # Supervised stages: the folder(s) (local or URI) of the token shards of the data sets the stage
+    # learns from, for its scene options (`smart_r1.tokens.cache`), made once by the pipeline; a
+    # folder listed k times is drawn k times as often; "" or [] = the learner tokenises
+    # `datasets["train"]` as it reads it (tests, benchmarks).
+    scenes: str | list = ""
     seed: int = 0
     ref_checkpoint: object = ""  # MPO: the frozen reference policy, as init_checkpoint ("" = that one)
     rollout_workers: list = field(default_factory=list)  # MPO: RolloutWorker actor handles

@@ -5,8 +5,8 @@ A scene (`build_scene`) depends on the record, the motion vocabulary and the opt
 asks for (`SceneOptions`: "all" agents up to 64 for BC, the "sim" agents up to 128 for closed-loop
 SFT). Token shards live at
 
-    <root>/tokens/<vocab hash>/<options>/<source shard name>.parquet    (smart_r1.tokens.shards)
-    <root>/tokens/<vocab hash>/<options>/done.json                     written last: source, counts
+    <root>/tokens/<vocab hash>/<data set>/<options>/<source shard name>.parquet   (smart_r1.tokens.shards)
+    <root>/tokens/<vocab hash>/<data set>/<options>/done.json        written last: source, counts
 
 one token shard per scenario shard, made by parallel Ray tasks (one per source shard), each
 written whole or not at all; a re-run skips finished token shards, and a folder with its
@@ -61,8 +61,10 @@ def vocab_hash(vocab: MotionVocab) -> str:
     return digest.hexdigest()[:16]
 
 
-def token_folder(root: str, vocab: MotionVocab, options: SceneOptions) -> str:
-    return join(root, "tokens", vocab_hash(vocab), options.name)
+def token_folder(root: str, vocab: MotionVocab, options: SceneOptions, dataset: str = "train") -> str:
+    """Where the token shards of data set `dataset` (its name in the run: "train", "real_train", ...)
+    for `options` live under `root`."""
+    return join(root, "tokens", vocab_hash(vocab), dataset, options.name)
 
 
 def tokenize_shard(source: str, target: str, vocab: MotionVocab, options: SceneOptions) -> dict:
@@ -93,11 +95,12 @@ def mark_done(folder: str, data: str, vocab: MotionVocab, options: SceneOptions,
 
 
 def tokenize_dataset(data: str, root: str, vocab: MotionVocab, options: list[SceneOptions],
-                     verbose: bool = True) -> dict[SceneOptions, str]:
-    """Token shards of the Parquet data `data` for each of `options`, under `root` (the run's
-    storage root, local or URI); returns {options: token folder}. Runs on the Ray this process
-    has joined, one task (1 CPU) per source shard; prints one line per finished shard."""
-    folders = {o: token_folder(root, vocab, o) for o in dict.fromkeys(options)}
+                     verbose: bool = True, dataset: str = "train") -> dict[SceneOptions, str]:
+    """Token shards of the Parquet data `data` (the run's data set `dataset`) for each of
+    `options`, under `root` (the run's storage root, local or URI); returns {options: token
+    folder}. Runs on the Ray this process has joined, one task (1 CPU) per source shard; prints
+    one line per finished shard."""
+    folders = {o: token_folder(root, vocab, o, dataset) for o in dict.fromkeys(options)}
     todo = [o for o, folder in folders.items() if not exists(join(folder, DONE_NAME))]
     if not todo:
         return folders
@@ -123,7 +126,7 @@ def tokenize_dataset(data: str, root: str, vocab: MotionVocab, options: list[Sce
             left = elapsed / (len(sources) - len(pending)) * len(pending)
             state = "skipped (done before)" if all(r["skipped"] for r in results) else \
                 ", ".join(f"{r['scenes']} scenes" for r in results)
-            print(f"[tokens] {len(sources) - len(pending)}/{len(sources)} {base_name(source)} ({names}): {state} "
+            print(f"[tokens] {dataset} {len(sources) - len(pending)}/{len(sources)} {base_name(source)} ({names}): {state} "
                   f"| elapsed {elapsed:.0f}s eta {left:.0f}s", flush=True)
     for o in todo:  # done.json last: the folder is complete
         mark_done(folders[o], data, vocab, o, sources, time.perf_counter() - started)

@@ -18,7 +18,7 @@ from ray_nodes import RAY_CLI, RayHead, descendants, job_env, start_head, stop_r
 REPO = Path(__file__).resolve().parents[2]
 
 TINY = {
-    "data": {"embedded_train_scenarios": 8, "embedded_heldout_scenarios": 3, "real_scenario": ""},
+    "data": {"embedded_train_scenarios": 8, "embedded_heldout_scenarios": 3, "real": ""},
     "model": {"preset": "test", "vocab_size": 64},
     "ray": {"num_rollout_workers": 1, "cpus_per_rollout_worker": 1, "num_learners": 1},
     "eval": {"num_rollouts": 2, "max_scenarios": 3},

@@ -74,7 +74,7 @@ def test_pipeline_killed_in_every_kind_of_stage_resumes_without_redoing(submitte
     # (one scenario) is not what this test is about
     config = tiny_config(tmp_path / "crash.yaml", out,
                          data={"train": str(done_run / "data" / "train"),
-                               "heldout": str(done_run / "data" / "heldout"), "real_scenario": ""},
+                               "heldout": str(done_run / "data" / "heldout"), "real": ""},
                          eval={"num_rollouts": 2, "max_scenarios": 1},
                          stages=[{"name": "bc", "kind": "bc", "epochs": 2, "batch_scenarios": 4},
                                  {"name": "sft", "kind": "catk_sft", "epochs": 2, "batch_scenarios": 4, "catk_k": 3},
@@ -116,7 +116,7 @@ def test_killed_data_generation_and_preprocessing_are_redone_whole(tmp_path, soc
     (heldout / "unused.tfrecord").touch()
     config = tmp_path / "data.yaml"
     config.write_text(yaml.safe_dump({"out_dir": str(out), "data": {
-        "embedded_train_scenarios": 6, "heldout": str(heldout), "real_scenario": ""},
+        "embedded_train_scenarios": 6, "heldout": str(heldout), "real": ""},
         "model": {"preset": "test", "vocab_size": 64}, "stages": [{"name": "bc", "kind": "bc"}]}))
     code = ("import sys; sys.path.insert(0, sys.argv[2]); from pathlib import Path; "
             "from smart_r1.config import load_config; from smart_r1.distributed.pipeline import prepare_data; "
