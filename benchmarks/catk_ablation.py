@@ -3,7 +3,7 @@ steps? In-process, no Ray: `--steps` updates of 4 training scenes at `--lr`, the
 metrics on the first `--eval-scen` held-out scenarios (8 rollouts, top-8 sampling).
 
     python benchmarks/catk_ablation.py --ckpt runs/X/bc/model.pt --train runs/X/data/train \
-        --heldout runs/X/data/heldout --mode catk --k 5        # or --mode bc; --steps 0: no update
+        --heldout runs/X/data/sumo_heldout --mode catk --k 5        # or --mode bc; --steps 0: no update
     --target executed: train on the executed CAT-K tokens instead of the corrective targets
 """
 import argparse, json, random, sys, time

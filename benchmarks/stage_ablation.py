@@ -10,7 +10,7 @@ variants are compared on the same scenarios and the same random draws where they
 (`python benchmarks/stage_ablation.py --report OUT`).
 
     python benchmarks/stage_ablation.py --ckpt runs/X/bc/model.pt --train runs/X/data/train \\
-        --heldout runs/X/data/heldout --name catk_k5 --k 5 --seeds 0,1,2 --out ablation.jsonl
+        --heldout runs/X/data/sumo_heldout --name catk_k5 --k 5 --seeds 0,1,2 --out ablation.jsonl
     python benchmarks/stage_ablation.py --report ablation.jsonl --baseline base
 """
 

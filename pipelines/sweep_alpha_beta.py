@@ -2,13 +2,15 @@
 
     python pipelines/sweep_alpha_beta.py                                   # 3 x 2 grid, embedded SUMO data
     python pipelines/sweep_alpha_beta.py --alpha 0.7,0.8 --beta 0.02,0.04 --set rft.steps=6
+    python pipelines/sweep_alpha_beta.py --alpha 0.6,auto,loo --beta 0.04   # fixed, calibrated, leave-one-out
     python pipelines/sweep_alpha_beta.py --sft-checkpoint runs/sft_rft_sft  # reuse a pipeline run's SFT
     ray job submit --working-dir . -- python pipelines/sweep_alpha_beta.py
 
 The search space is in the sweep YAML; `--set SECTION.FIELD=VALUE` overrides the base pipeline
 config. A re-run with the same out_dir resumes the sweep (Tuner.restore): finished trials are
-kept, unfinished ones continue from their last finished stage. The best (alpha, beta) by held-out
-realism meta metric is printed and written to <out_dir>/best.json.
+kept, unfinished ones continue from their last finished stage. Trials are scored on tune splits
+only (real_tune and sumo_tune; the sweep YAML's rank_data): the best (alpha, beta) by realism
+meta metric on the first is printed and written to <out_dir>/best.json.
 """
 
 from __future__ import annotations
@@ -25,13 +27,19 @@ def floats(text: str) -> list[float]:
     return [float(v) for v in text.split(",") if v.strip()]
 
 
+def alphas(text: str) -> list[float | str]:
+    """Comma-separated alpha values: numbers, or the baselines auto and loo (grid search)."""
+    return [v.strip() if v.strip() in ("auto", "loo") else float(v) for v in text.split(",") if v.strip()]
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--config", default=str(HERE / "sweep_alpha_beta.yaml"), help="sweep YAML")
     p.add_argument("--pipeline-config", default=None, help="base pipeline YAML (replaces the sweep YAML's)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE",
                    help="override a value of the base pipeline config (repeatable)")
-    p.add_argument("--alpha", type=floats, default=None, help="comma-separated alpha values (grid) or range ends")
+    p.add_argument("--alpha", type=alphas, default=None,
+                   help="comma-separated alpha values (grid: numbers, auto or loo) or range ends (random)")
     p.add_argument("--beta", type=floats, default=None, help="comma-separated beta values (grid) or range ends")
     p.add_argument("--search", choices=("grid", "random"), default=None)
     p.add_argument("--num-samples", type=int, default=None)

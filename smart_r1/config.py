@@ -204,13 +204,18 @@ class CatKStage(_SupervisedStage):
                 raise ValueError(f"stage {self.name!r}: {name} must be >= 0, got {getattr(self, name)}")
 
 
+BASELINES = ("auto", "loo")  # MPOStage.alpha's words: calibrated fixed baseline, leave-one-out group baseline
+
+
 @dataclass(frozen=True)
 class MPOStage(_Stage):
     """RFT with Metric-oriented Policy Optimization (smart_r1.rl.mpo)."""
 
     steps: int = option(10, "RL updates")
-    alpha: float | str = option(0.77, "fixed baseline, advantage = reward - alpha, on the reward's [0, 1] scale; "
-                                      "'auto' = the starting policy's mean reward on the first RL step's batch")
+    alpha: float | str = option(0.77, "the baseline: a fixed number, advantage = reward - alpha, on the reward's "
+                                      "[0, 1] scale; 'auto' = fixed at the starting policy's mean reward on the "
+                                      "first RL step's batch; 'loo' = each rollout's reward against the mean of the "
+                                      "other rollouts of its scenario (leave-one-out, as RLFTSim)")
     beta: float = option(0.04, "weight of KL(pi || pi_ref)")
     num_rollouts: int = option(8, "rollouts per scenario per RL step (paper: 32)")
     scenarios_per_step: int = option(4, "scenarios per RL step")
@@ -230,8 +235,12 @@ class MPOStage(_Stage):
     def validate(self) -> None:
         super().validate()
         where = f"stage {self.name!r}"
-        if self.alpha != "auto" and not (isinstance(self.alpha, (int, float)) and 0.0 <= self.alpha <= 1.0):
-            raise ValueError(f"{where}: alpha must lie in [0, 1] (the metric's range) or be 'auto', got {self.alpha!r}")
+        if self.alpha not in BASELINES and not (isinstance(self.alpha, (int, float)) and 0.0 <= self.alpha <= 1.0):
+            raise ValueError(f"{where}: alpha must lie in [0, 1] (the metric's range) or be one of {list(BASELINES)}, "
+                             f"got {self.alpha!r}")
+        if self.alpha == "loo" and self.num_rollouts < 2:
+            raise ValueError(f"{where}: alpha 'loo' compares each rollout with the others of its scenario: "
+                             f"num_rollouts must be >= 2, got {self.num_rollouts}")
         if self.beta < 0:
             raise ValueError(f"{where}: beta must be >= 0, got {self.beta}")
         for name in ("steps", "num_rollouts", "scenarios_per_step", "updates_per_batch"):

@@ -54,7 +54,7 @@ def test_each_stage_kind_has_its_own_fields(tmp_path):
 
 @pytest.mark.parametrize("override, message", [
     ("rft.alpha=1.5", "alpha must lie in"),
-    ("rft.alpha=high", "or be 'auto'"),
+    ("rft.alpha=high", "or be one of \\['auto', 'loo'\\]"),
     ("rft.beta=-0.1", "beta must be >= 0"),
     ("sft.catk_k=0", "catk_k"),
     ("sft_final.anchor_weight=-1", "anchor_weight must be >= 0"),

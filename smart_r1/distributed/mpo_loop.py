@@ -229,7 +229,8 @@ def mpo_loop(config: dict) -> None:
                               "stale": stale, "weights_sha256": weights_digest(model)}, rank, world_size)
         means = {k: totals[k] / count for k in TOTALS[4:]}  # over every rank's scenarios
         metrics = {
-            "step": step, "version": version, "alpha": stage.alpha, **stats, **timer.lap(), **means,
+            "step": step, "version": version, **({} if stage.alpha == "loo" else {"alpha": stage.alpha}),
+            **stats, **timer.lap(), **means,
             "rollouts_failed": int(totals["failed"]), "rollouts_stale": int(totals["stale"]),
             "scenarios": int(count), "scenarios_this_rank": len(experiences),
             "nonfinite_skipped": guard.skipped, "peak_rss_mb": peak_rss_mb(),

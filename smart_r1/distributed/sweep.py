@@ -53,7 +53,7 @@ SYNC_PERIOD_S = 15  # Tune's experiment state (KBs) to the storage root at most 
 
 def resolve_shared(checkpoint: str, base: PipelineConfig, rft_stage: str) -> tuple[str, dict[str, str]]:
     """The given shared SFT checkpoint and data paths it comes with: a checkpoint file, or a
-    pipeline run folder (its last finished stage before RFT and its generated data); either a
+    pipeline run folder (its last finished stage before RFT and its generated training data); either a
     local path or a storage URI (`s3://...`), so trials on other nodes can read it."""
     path = root(checkpoint)
     if not exists(path):
@@ -69,7 +69,7 @@ def resolve_shared(checkpoint: str, base: PipelineConfig, rft_stage: str) -> tup
     ckpt = join(path, name, MODEL_NAME)  # where the pipeline puts it
     if not exists(ckpt):
         raise ValueError(f"shared SFT checkpoint: {display(ckpt)} is missing")
-    data = {d: join(path, "data", d) for d in ("train", "heldout") if exists(join(path, "data", d))}
+    data = {"train": join(path, "data", "train")} if exists(join(path, "data", "train")) else {}
     return ckpt, data
 
 
@@ -98,6 +98,7 @@ class TrialSetup:
 
     base: PipelineConfig  # init_checkpoint = the shared SFT checkpoint; absolute data paths
     rft_stage: str
+    datasets: str  # the tune sets trials are scored on (`eval.datasets`), the ranking one first
     trials_dir: str
     tracking_uri: str
     sweep_run_id: str
@@ -106,10 +107,12 @@ class TrialSetup:
 def run_trial(params: dict, setup: TrialSetup) -> None:
     """The Tune function trainable: RFT with this alpha/beta, then the later stages; one
     `tune.report` of held-out metrics per stage."""
-    alpha, beta = float(params["alpha"]), float(params["beta"])
+    alpha = params["alpha"] if isinstance(params["alpha"], str) else float(params["alpha"])
+    beta = float(params["beta"])
     trial_id = tune.get_context().get_trial_id()  # kept by Tuner.restore: a restarted trial finds its folder
     out = trial_dir(setup.trials_dir, trial_id, alpha, beta)
-    config = trial_config(setup.base, setup.rft_stage, alpha, beta, out)
+    config = trial_config(setup.base, setup.rft_stage, alpha, beta, out, setup.datasets)
+    ranked = setup.datasets.split(",")[0]
     # run_pipeline reads the tracking URI from the environment, and a trial's process on a
     # cluster node does not inherit the driver's
     os.environ["MLFLOW_TRACKING_URI"] = setup.tracking_uri
@@ -117,7 +120,7 @@ def run_trial(params: dict, setup: TrialSetup) -> None:
     tracker, new = folder_run(out, f"trial {trial_id}", parent=RunTracker(setup.tracking_uri, setup.sweep_run_id))
     if new:
         tracker.log_params({"alpha": alpha, "beta": beta, "trial_id": trial_id, "config": config.to_dict()})
-    print(f"[sweep] trial {trial_id} starts: alpha={alpha:.4g} beta={beta:.4g} in {display(out)}", flush=True)
+    print(f"[sweep] trial {trial_id} starts: alpha={alpha} beta={beta:.4g} in {display(out)}", flush=True)
     for k, stage in enumerate(config.stages):
         done = join(out, stage.name, "done.json")
         last = k + 1 == len(config.stages)
@@ -125,21 +128,25 @@ def run_trial(params: dict, setup: TrialSetup) -> None:
             # finished before the sweep was interrupted (Tune's state in the storage root can lag
             # by its sync period): its metrics are read back, no actor or learner is started
             print(f"[sweep] trial {trial_id}: {stage.name} already finished", flush=True)
-            held_out = read_json(done)["metrics"]["heldout"]
+            scored = read_json(done)["metrics"][ranked]
         else:
-            held_out = run_pipeline(dataclasses.replace(config, stages=config.stages[: k + 1]))[stage.name]["heldout"]
-        metrics = {key: float(held_out[key]) for key in METRICS}
-        tracker.log_metrics({f"heldout/{key}": v for key, v in metrics.items()}, step=k)
+            scored = run_pipeline(dataclasses.replace(config, stages=config.stages[: k + 1]))[stage.name][ranked]
+        metrics = {key: float(scored[key]) for key in METRICS}
+        tracker.log_metrics({f"{ranked}/{key}": v for key, v in metrics.items()}, step=k)
         tune.report({**metrics, "stage": stage.name, "complete": k + 1 == len(config.stages)})
 
 
 def shared_base(sweep: SweepConfig, base: PipelineConfig, out: str, checkpoint: str, tracker) -> PipelineConfig:
     """The pipeline config trials start from: the shared SFT checkpoint (given, or made here once
-    by the stages before RFT) and absolute data paths or URIs, so that no trial prepares data again."""
+    by the stages before RFT), absolute data paths or URIs, and the shared folder's generated data
+    sets and token shards (`data.generated_root`, `data.tokens_root`), so that no trial prepares
+    data again."""
     before, _ = split_stages(base, sweep.rft_stage)
     base_dir = join(out, "base")
-    data = dataclasses.replace(base.data, **{k: root(v) for k, v in
-                                             (("train", base.data.train), ("heldout", base.data.heldout)) if v})
+    data = dataclasses.replace(base.data, generated_root=base_dir, tokens_root=base_dir,
+                               **{k: root(v) for k, v in (("train", base.data.train), ("heldout", base.data.heldout),
+                                                          ("real", base.data.real_source())) if v})
+    trial_eval = dataclasses.replace(base.eval, datasets=sweep.trial_datasets(base))
     if checkpoint:
         ckpt, found = resolve_shared(checkpoint, base, sweep.rft_stage)
         if not is_local(out) and is_local(ckpt):
@@ -150,9 +157,9 @@ def shared_base(sweep: SweepConfig, base: PipelineConfig, out: str, checkpoint: 
             copy_file(ckpt, stored)
             ckpt = stored
         data = dataclasses.replace(data, **{k: v for k, v in found.items() if not getattr(base.data, k)})
-        datasets = prepare_data(dataclasses.replace(base, data=data), base_dir)
+        datasets = prepare_data(dataclasses.replace(base, data=data, eval=trial_eval), base_dir)
     else:
-        config = dataclasses.replace(base, data=data, out_dir=base_dir, stages=before)
+        config = dataclasses.replace(base, data=data, out_dir=base_dir, stages=before, eval=trial_eval)
         folder_run(base_dir, "shared stages", parent=tracker)
         print(f"[sweep] shared stages {[s.name for s in before]} in {display(base_dir)} (skipped where finished)",
               flush=True)
@@ -161,8 +168,7 @@ def shared_base(sweep: SweepConfig, base: PipelineConfig, out: str, checkpoint: 
         datasets = prepare_data(config, base_dir)
     # The trials' supervised stages train on token shards made once here, under the shared folder
     # (a trial tokenising for itself would redo it per trial, inside its placement group).
-    data = dataclasses.replace(data, train=datasets["train"], heldout=datasets["heldout"], tokens_root=base_dir)
-    shared = dataclasses.replace(base, data=data, init_checkpoint=ckpt).validate()
+    shared = dataclasses.replace(base, data=data, init_checkpoint=ckpt, eval=trial_eval).validate()
     _, trial_stages = split_stages(base, sweep.rft_stage)
     prepare_tokens(dataclasses.replace(shared, out_dir=base_dir, stages=trial_stages), datasets, base_dir, ckpt)
     return shared
@@ -178,7 +184,8 @@ def run_sweep(sweep: SweepConfig, base: PipelineConfig, checkpoint: str = "") ->
     if new:
         tracker.log_params({"sweep": dataclasses.asdict(sweep), "pipeline": base.to_dict()})
     trial_base = shared_base(sweep, base, out, checkpoint, tracker)
-    setup = TrialSetup(trial_base, sweep.rft_stage, join(out, "trials"), tracker.tracking_uri, tracker.run_id)
+    setup = TrialSetup(trial_base, sweep.rft_stage, sweep.trial_datasets(base), join(out, "trials"),
+                       tracker.tracking_uri, tracker.run_id)
     trainable = tune.with_resources(tune.with_parameters(run_trial, setup=setup), trial_resources(base.ray))
     name = f"sweep-{fingerprint(_identity(sweep, base))}"  # a sweep of another space never resumes this one
     # Tune's state lives in the same root: a local folder, or the bucket through its filesystem
@@ -220,22 +227,22 @@ def run_sweep(sweep: SweepConfig, base: PipelineConfig, checkpoint: str = "") ->
                                       failure_config=tune.FailureConfig(max_failures=2)))
     rows = [trial_row(r) for r in tuner.fit()]
     _, stages = split_stages(base, sweep.rft_stage)
-    table = sweep_report(rows, setup.trials_dir, stages[-1].name)
+    table = sweep_report(rows, setup.trials_dir, stages[-1].name, setup.datasets.split(",")[0])
     write_text(join(out, "results.md"), table)
     write_json(join(out, "results.json"), rows)
     tracker.log_artifact(join(out, "results.md"))
     failed = [r for r in rows if r["status"] == "error"]
     best = best_row(rows)
-    record = {**best, "objective": "held-out realism meta metric after the last stage (max); ties at 4 "
-                                   "decimals go to lower collision + off-road rate, then lower minADE",
+    record = {**best, "objective": f"realism meta metric on {setup.datasets.split(',')[0]} after the last stage "
+                                   "(max); ties at 4 decimals go to lower collision + off-road rate, then lower minADE",
               "overrides": [f"{sweep.rft_stage}.alpha={best['alpha']}", f"{sweep.rft_stage}.beta={best['beta']}"],
               "config": trial_config(trial_base, sweep.rft_stage, best["alpha"], best["beta"], "").to_dict()}
     write_json(join(out, "best.json"), record)
     tracker.log_artifact(join(out, "best.json"))
-    tracker.log_metrics({"best_alpha": best["alpha"], "best_beta": best["beta"],
-                         **{f"best_{k}": v for k, v in best["metrics"].items()}})
+    tracker.log_metrics({**({} if isinstance(best["alpha"], str) else {"best_alpha": best["alpha"]}),
+                         "best_beta": best["beta"], **{f"best_{k}": v for k, v in best["metrics"].items()}})
     tracker.finish("FAILED" if failed else "FINISHED")
     print(f"\n[sweep] {len(rows)} trials ({len(failed)} failed); results in {display(out)}\n{table}\n"
-          f"[sweep] best: alpha={best['alpha']:.4g} beta={best['beta']:.4g} "
+          f"[sweep] best: alpha={best['alpha']} beta={best['beta']:.4g} "
           f"meta={best['metrics']['metametric']:.4f} -> {display(join(out, 'best.json'))}", flush=True)
     return rows

@@ -12,7 +12,7 @@ from typing import Any
 import yaml
 from ray import tune
 
-from smart_r1.config import PipelineConfig, StageConfig, check_types
+from smart_r1.config import BASELINES, PipelineConfig, StageConfig, check_types
 
 
 @dataclass(frozen=True)
@@ -22,13 +22,18 @@ class SweepConfig:
     pipeline: str  # the base pipeline YAML (its stages, data, model, eval, ray sections)
     out_dir: str = "runs/sweep_alpha_beta"
     search: str = "grid"  # grid: every (alpha, beta) pair; random: num_samples uniform draws
-    alpha: tuple[float, ...] = (0.77,)  # grid values; random: drawn in [min, max]
+    # grid values: numbers in [0, 1] or the baselines "auto" / "loo" (see MPOStage.alpha); random: drawn in [min, max]
+    alpha: tuple[float | str, ...] = (0.77,)
     beta: tuple[float, ...] = (0.04,)
     num_samples: int = 1  # random: trials; grid: repeats of the whole grid
     rft_stage: str = "rft"  # the MPO stage whose alpha/beta are swept; it and later stages run per trial
     max_concurrent_trials: int = 0  # 0 = as many whole trials as the cluster holds (see module doc)
     asha: bool = False  # ASHA early stopping, a rung after each stage of a trial
     asha_grace_period: int = 1  # stages every trial runs before ASHA may stop it
+    # the data sets trials are scored on, the first ranks them: tune splits only (settings are chosen
+    # there; report splits are read only to write tables); auto = real_tune,sumo_tune with real scenes
+    # (data.real), else sumo_tune
+    rank_data: str = "auto"
 
     def validate(self) -> "SweepConfig":
         if self.search not in ("grid", "random"):
@@ -37,7 +42,12 @@ class SweepConfig:
             values = getattr(self, name)
             if not values:
                 raise ValueError(f"sweep: {name} needs at least one value")
-            bad = [v for v in values if not math.isfinite(v) or v < low or (name == "alpha" and v > 1.0)]
+            words = [v for v in values if isinstance(v, str)]
+            if name == "alpha" and words and (set(words) - set(BASELINES) or self.search != "grid"):
+                raise ValueError(f"sweep space: alpha takes numbers or {list(BASELINES)} (grid search only), got "
+                                 f"{list(values)}")
+            bad = [v for v in values if not isinstance(v, str)
+                   and (not math.isfinite(v) or v < low or (name == "alpha" and v > 1.0))]
             if bad:
                 valid = "[0, 1] (the realism metric's range)" if name == "alpha" else ">= 0"
                 raise ValueError(f"sweep space: {name} must be {valid}, got {bad} in {list(values)}")
@@ -47,7 +57,16 @@ class SweepConfig:
             raise ValueError("sweep: max_concurrent_trials must be >= 0 (0 = automatic)")
         if self.asha_grace_period < 1:
             raise ValueError("sweep: asha_grace_period must be >= 1")
+        if self.rank_data != "auto" and any(not d.strip().endswith("_tune") for d in self.rank_data.split(",")):
+            raise ValueError(f"sweep: rank_data must name tune sets (real_tune, sumo_tune): settings are chosen on "
+                             f"tune data, report sets are only read to write tables; got {self.rank_data!r}")
         return self
+
+    def trial_datasets(self, base: PipelineConfig) -> str:
+        """The data sets a trial is scored on (`eval.datasets`), the ranking one first."""
+        if self.rank_data != "auto":
+            return self.rank_data
+        return "real_tune,sumo_tune" if base.data.real_source() else "sumo_tune"
 
     def space(self) -> dict:
         """The Tune search space."""
@@ -73,7 +92,8 @@ def load_sweep_config(path: str | Path, changes: dict[str, Any] | None = None) -
     raw["pipeline"] = str(pipeline if pipeline.is_absolute() or (changes or {}).get("pipeline") else path.parent / pipeline)
     for name in ("alpha", "beta"):
         value = raw.get(name, getattr(SweepConfig, name))
-        raw[name] = tuple(float(v) for v in (value if isinstance(value, (list, tuple)) else [value]))
+        raw[name] = tuple(v if isinstance(v, str) and name == "alpha" and v in BASELINES else float(v)
+                          for v in (value if isinstance(value, (list, tuple)) else [value]))
     config = SweepConfig(**raw)
     check_types(config, "sweep config")
     return config.validate()
@@ -90,21 +110,26 @@ def split_stages(base: PipelineConfig, rft_stage: str) -> tuple[tuple[StageConfi
     return base.stages[:i], base.stages[i:]
 
 
-def trial_config(base: PipelineConfig, rft_stage: str, alpha: float, beta: float, out_dir: str) -> PipelineConfig:
-    """The pipeline a trial runs: the RFT stage with this alpha/beta and the stages after it."""
+def trial_config(base: PipelineConfig, rft_stage: str, alpha: float | str, beta: float, out_dir: str,
+                 datasets: str = "auto") -> PipelineConfig:
+    """The pipeline a trial runs: the RFT stage with this alpha/beta and the stages after it, scored
+    on `datasets` (the sweep's tune sets)."""
     _, stages = split_stages(base, rft_stage)
     stages = tuple(dataclasses.replace(s, alpha=alpha, beta=beta) if s.name == rft_stage else s for s in stages)
-    return dataclasses.replace(base, stages=stages, out_dir=out_dir)
+    evaluation = dataclasses.replace(base.eval, datasets=datasets)
+    return dataclasses.replace(base, stages=stages, out_dir=out_dir, eval=evaluation)
 
 
 def check_space(sweep: SweepConfig, base: PipelineConfig, checkpoint: str = "") -> None:
     """Every check that can fail before any trial starts (ValueError with a clear message)."""
     sweep.validate()
     before, _ = split_stages(base, sweep.rft_stage)
-    for alpha in (min(sweep.alpha), max(sweep.alpha)):  # grid points and random ranges alike
+    numbers = [a for a in sweep.alpha if not isinstance(a, str)]
+    alphas = [a for a in sweep.alpha if isinstance(a, str)] + ([min(numbers), max(numbers)] if numbers else [])
+    for alpha in alphas:  # grid points and random ranges alike
         for beta in (min(sweep.beta), max(sweep.beta)):
-            dataclasses.replace(trial_config(base, sweep.rft_stage, alpha, beta, base.out_dir),
-                                init_checkpoint="").validate()
+            dataclasses.replace(trial_config(base, sweep.rft_stage, alpha, beta, base.out_dir,
+                                             sweep.trial_datasets(base)), init_checkpoint="").validate()
     if not checkpoint and not before:
         raise ValueError(f"sweep: no stage runs before {sweep.rft_stage!r}; give the shared SFT checkpoint "
                          "(--sft-checkpoint)")

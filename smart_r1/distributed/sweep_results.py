@@ -1,6 +1,7 @@
 """The sweep's results: one row per trial, the ranking that picks the best, and its tables.
 
-Objective: the held-out realism meta metric after the last stage (higher is better). Meta
+Objective: the realism meta metric on the sweep's ranking data set (a tune split: settings are
+chosen there, never on a report split) after the last stage (higher is better). Meta
 metrics that agree to 4 decimals (the table's precision, below the noise of a few rollouts) tie;
 ties go to the lower collision + off-road rate, then the lower minADE.
 
@@ -41,7 +42,7 @@ def format_sweep_table(rows: list[dict]) -> str:
     """Markdown table, best first (finished trials, then stopped or failed ones)."""
     ordered = sorted(rows, key=lambda r: (r["status"] != "complete", rank_key(r) if r["metrics"] else ()))
     return metrics_table(("alpha", "beta"), [
-        ((f"{r['alpha']:.3g}", f"{r['beta']:.3g}",
+        ((_alpha(r["alpha"]), f"{r['beta']:.3g}",
           r["trial_id"] + ("" if r["status"] == "complete" else f" ({r['status']})")), r["metrics"])
         for r in ordered], trailing=("trial",))
 
@@ -56,25 +57,32 @@ def trial_row(result) -> dict:
         status = "complete"
     else:
         status = f"stopped after {m.get('stage', 'start')}"
-    return {"trial_id": m.get("trial_id") or Path(result.path).name, "alpha": float(result.config["alpha"]),
+    alpha = result.config["alpha"]
+    return {"trial_id": m.get("trial_id") or Path(result.path).name,
+            "alpha": alpha if isinstance(alpha, str) else float(alpha),
             "beta": float(result.config["beta"]), "status": status, "metrics": metrics}
 
 
-def trial_dir(trials_dir: str, trial_id: str, alpha: float, beta: float) -> str:
+def _alpha(alpha: float | str) -> str:
+    """An alpha as shown: a number to 3 digits, or its baseline word (auto, loo)."""
+    return alpha if isinstance(alpha, str) else f"{alpha:.3g}"
+
+
+def trial_dir(trials_dir: str, trial_id: str, alpha: float | str, beta: float) -> str:
     """A trial's run folder (its stages, score files and MLflow run id) under the sweep's root."""
-    return join(trials_dir, f"{trial_id}_alpha={alpha:.4g}_beta={beta:.4g}")
+    return join(trials_dir, f"{trial_id}_alpha={alpha if isinstance(alpha, str) else f'{alpha:.4g}'}_beta={beta:.4g}")
 
 
-def _last_scores(row: dict, trials_dir: str, last_stage: str) -> list[dict] | None:
-    path = scores_path(join(trial_dir(trials_dir, row["trial_id"], row["alpha"], row["beta"]), last_stage), "heldout")
+def _last_scores(row: dict, trials_dir: str, last_stage: str, dataset: str) -> list[dict] | None:
+    path = scores_path(join(trial_dir(trials_dir, row["trial_id"], row["alpha"], row["beta"]), last_stage), dataset)
     return read_scores(path)["records"] if row["status"] == "complete" and exists(path) else None
 
 
-def add_intervals(rows: list[dict], trials_dir: str, last_stage: str, n_boot: int = 2000) -> str:
-    """Put each finished trial's `<field>_ci95` (bootstrap over its held-out scenarios) into its
-    row's metrics, and return the markdown table of every other finished trial's paired difference
-    to the best (trial - best; '*' where the interval excludes 0)."""
-    scores = {r["trial_id"]: _last_scores(r, trials_dir, last_stage) for r in rows}
+def add_intervals(rows: list[dict], trials_dir: str, last_stage: str, dataset: str, n_boot: int = 2000) -> str:
+    """Put each finished trial's `<field>_ci95` (bootstrap over the independent units of its scores
+    on `dataset`) into its row's metrics, and return the markdown table of every other finished
+    trial's paired difference to the best (trial - best; '*' where the interval excludes 0)."""
+    scores = {r["trial_id"]: _last_scores(r, trials_dir, last_stage, dataset) for r in rows}
     for r in rows:
         if scores[r["trial_id"]] is not None and r["metrics"] is not None:
             r["metrics"].update(headline_intervals(scores[r["trial_id"]], n_boot))
@@ -88,18 +96,20 @@ def add_intervals(rows: list[dict], trials_dir: str, last_stage: str, n_boot: in
         if reference is not None and records is not None:
             count = len(shared_ids([reference, records]))
             diff = paired_difference(reference, records, DIFFERENCE_FIELDS, n_boot) if count >= 2 else None
-        diffs.append(((f"{r['alpha']:.3g}", f"{r['beta']:.3g}", r["trial_id"], count), diff))
+        diffs.append(((_alpha(r["alpha"]), f"{r['beta']:.3g}", r["trial_id"], count), diff))
     return difference_table(("alpha", "beta"), diffs, trailing=("trial", "scenarios"))
 
 
-def sweep_report(rows: list[dict], trials_dir: str, last_stage: str, n_boot: int = 2000) -> str:
-    """The sweep's results.md: the trial table (best first, with intervals) and the paired
-    differences to the best trial."""
-    diffs = add_intervals(rows, trials_dir, last_stage, n_boot)
+def sweep_report(rows: list[dict], trials_dir: str, last_stage: str, dataset: str, n_boot: int = 2000) -> str:
+    """The sweep's results.md: the trial table on `dataset` (best first, with intervals) and the
+    paired differences to the best trial."""
+    diffs = add_intervals(rows, trials_dir, last_stage, dataset, n_boot)
     best = best_row(rows)
     return "\n\n".join([
-        f"Held-out figures after `{last_stage}` with their 95% interval (bootstrap over the scenarios), best first:",
+        f"Figures on {dataset} after `{last_stage}` with their 95% interval (bootstrap over its scenes or "
+        "networks), best first:",
         format_sweep_table(rows),
-        f"Paired difference of each finished trial to the best (alpha={best['alpha']:.3g}, beta={best['beta']:.3g}), "
+        f"Paired difference of each finished trial to the best (alpha={_alpha(best['alpha'])}, "
+        f"beta={best['beta']:.3g}), "
         "trial - best on the scenarios both scored; * the interval excludes 0:",
         diffs]) + "\n"

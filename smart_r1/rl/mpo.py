@@ -45,8 +45,18 @@ class MPOStats:
     clip_fraction: float
 
 
-def advantages(rewards: torch.Tensor, alpha: float) -> torch.Tensor:
-    """A = R - alpha (eq. MPO-1). rewards: [R] per rollout or [R, S] per agent."""
+def advantages(rewards: torch.Tensor, alpha: float | str) -> torch.Tensor:
+    """A = R - alpha (eq. MPO-1). rewards: [R] per rollout or [R, S] per agent, the R rollouts of one
+    scenario when alpha is "loo": then each rollout's baseline is the mean of the other R - 1
+    (leave-one-out, RLFTSim's group baseline; per agent for [R, S]):
+
+        A_r = R_r - (sum_r' R_r' - R_r) / (R - 1) = R / (R - 1) * (R_r - mean_r' R_r')
+    """
+    if alpha == "loo":
+        n = rewards.shape[0]
+        if n < 2:
+            raise ValueError("a leave-one-out baseline needs at least 2 rollouts of a scenario")
+        return (rewards - rewards.mean(0, keepdim=True)) * (n / (n - 1))
     return rewards - alpha
 
 
@@ -84,7 +94,8 @@ def mpo_loss(log_probs: torch.Tensor, ref_log_probs: torch.Tensor, rewards: torc
         ref_log_probs: [R, S, T] log pi_ref of the same tokens under the frozen reference.
         rewards: [R] per-rollout rewards, or [R, S] per-agent rewards (per-agent credit).
         mask: [R, S, T] bool, the tokens that count (valid agents and steps).
-        alpha: the fixed baseline. beta: the KL weight.
+        alpha: the fixed baseline, or "loo" (`advantages`: rewards are then one scenario's rollouts).
+        beta: the KL weight.
         old_log_probs: [R, S, T] log pi_old at sampling time; with clip_eps, enables MPO-3.
         count: the number of tokens the means are over (default: mask.sum()); with the batch's
             count, the losses and statistics of its parts add up to the batch's.
@@ -133,7 +144,8 @@ def mpo_step(model: torch.nn.Module, ref_model: torch.nn.Module, optimizer: torc
     full = stage.kl_estimator == "full"
     sampling = dataclasses.asdict(stage.sampling)
     off_policy = stage.updates_per_batch > 1 or bool((batch.versions != policy_version).any())
-    parts = batch.per_scene() if per_scene and batch.tokens.shape[0] > 1 else [batch]
+    # a leave-one-out baseline compares rollouts within their scene: always scene by scene
+    parts = batch.per_scene() if (per_scene or stage.alpha == "loo") and batch.tokens.shape[0] > 1 else [batch]
     count = batch.live.sum().clamp_min(1).float()  # the batch's tokens: every part's normaliser
 
     def log_probs(net, part):  # ([B, R, A, 16], [B, R, A, 16, V] or None)

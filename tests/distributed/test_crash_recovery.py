@@ -74,7 +74,7 @@ def test_pipeline_killed_in_every_kind_of_stage_resumes_without_redoing(submitte
     # (one scenario) is not what this test is about
     config = tiny_config(tmp_path / "crash.yaml", out,
                          data={"train": str(done_run / "data" / "train"),
-                               "heldout": str(done_run / "data" / "heldout"), "real": ""},
+                               "heldout": str(done_run / "data" / "sumo_heldout"), "real": ""},
                          eval={"num_rollouts": 2, "max_scenarios": 1},
                          stages=[{"name": "bc", "kind": "bc", "epochs": 2, "batch_scenarios": 4},
                                  {"name": "sft", "kind": "catk_sft", "epochs": 2, "batch_scenarios": 4, "catk_k": 3},

@@ -25,7 +25,7 @@ def test_job_succeeds_with_tables(submitted):
     rows = json.loads((out / "results.json").read_text())
     assert list(rows) == ["bc", "sft", "rft", "sft_final"]
     for stage, by_data in rows.items():
-        m = by_data["heldout"]
+        m = by_data["sumo_heldout"]  # generated SUMO held-out scenes, named for what they are
         assert 0.0 < m["metametric"] < 1.0 and m["scenarios"] == 3
         for key in ("simulated_collision_rate", "simulated_offroad_rate"):
             assert 0.0 <= m[key] <= 1.0
@@ -33,10 +33,10 @@ def test_job_succeeds_with_tables(submitted):
         lo, hi = m["metametric_ci95"]  # 95% bootstrap over the 3 scenarios
         assert lo - 1e-9 <= m["metametric"] <= hi + 1e-9
         assert (out / stage / "done.json").exists()
-        scores = json.loads((out / stage / "scores_heldout.json").read_text())
+        scores = json.loads((out / stage / "scores_sumo_heldout.json").read_text())
         assert len(scores["records"]) == 3 and scores["num_rollouts"] == 2
     results = (out / "results.md").read_text()
-    assert "| rft | heldout |" in results and "| sft -> rft | heldout |" in results
+    assert "| rft | sumo_heldout |" in results and "| sft -> rft | sumo_heldout |" in results
 
 
 def test_learner_failure_resumed_from_checkpoint(submitted):
@@ -50,13 +50,13 @@ def test_learner_failure_resumed_from_checkpoint(submitted):
 def test_supervised_stages_stream_token_shards_made_once(submitted):
     out, proc = submitted
     text = proc.stdout + proc.stderr
-    folders = sorted((out / "tokens").glob("*/*"))  # <vocab hash>/<options>: one per scene kind
+    folders = sorted((out / "tokens").glob("*/train/*"))  # <vocab hash>/<data set>/<options>: one per scene kind
     assert [f.name for f in folders] == ["v1-all64", "v1-sim128"]
     for folder in folders:
         done = json.loads((folder / "done.json").read_text())
         assert done["shards"] == [p.name for p in sorted((out / "data" / "train").glob("*.parquet"))]
         assert sum(pq.read_metadata(folder / name).num_rows for name in done["shards"]) == 8
-    assert text.count("[tokens] 1/1 ") == 1, "tokenised once, before the first stage"
+    assert text.count("[tokens] train 1/1 ") == 1, "tokenised once, before the first stage"
     for stage in ("bc", "sft", "sft_final"):
         assert f"[{stage}] global batch 1 learners x 4 scenarios = 4" in text
         rows = [json.loads(line) for line in (out / stage / "train_log.jsonl").read_text().splitlines()]
@@ -99,7 +99,7 @@ def test_mlflow_holds_the_pipeline_and_its_stages(submitted, mlflow_server):
     rft = by_name["rft"]
     assert rft.data.params["alpha"] == "0.77" and rft.data.params["kind"] == "mpo"
     assert [m.step for m in client.get_metric_history(rft.info.run_id, "reward")] == [0, 1, 2]
-    assert "heldout_metametric" in rft.data.metrics
+    assert "sumo_heldout_metametric" in rft.data.metrics
     assert client.get_metric_history(rft.info.run_id, "time_update_s")
     artifacts = {a.path for a in client.list_artifacts(rft.info.run_id)}
     assert {"checkpoints", "plots", "metrics.json"} <= artifacts

@@ -146,13 +146,13 @@ def test_report_gives_each_trial_its_interval_and_its_paired_difference_to_the_b
     rows = []
     for trial, records in trials.items():
         folder = trial_dir(str(tmp_path), trial, 0.5, 0.04)
-        write_json(join(folder, "sft_final", "scores_heldout.json"), {"dataset": "heldout", "num_rollouts": 4,
-                                                                      "failed": [], "records": records})
+        write_json(join(folder, "sft_final", "scores_sumo_tune.json"), {"dataset": "sumo_tune", "num_rollouts": 4,
+                                                                        "failed": [], "records": records})
         means = {f: float(np.mean([r[f] for r in records])) for f in fields}
         rows.append({"trial_id": trial, "alpha": 0.5, "beta": 0.04, "status": "complete", "metrics": means})
     rows.append({"trial_id": "d", "alpha": 0.9, "beta": 0.04, "status": "stopped after rft",
                  "metrics": dict(rows[0]["metrics"])})
-    report = sweep_report(rows, str(tmp_path), "sft_final", n_boot=500)
+    report = sweep_report(rows, str(tmp_path), "sft_final", "sumo_tune", n_boot=500)
     for r in rows[:3]:
         lo, hi = r["metrics"]["metametric_ci95"]
         assert lo < r["metrics"]["metametric"] < hi
@@ -271,5 +271,5 @@ def test_tiny_sweep_interrupted_then_resumed(submitted, mlflow_server, moto_s3, 
     for t in trial_runs:
         assert {"alpha", "beta", "config.stages.rft.alpha"} <= set(t.data.params)
         assert t.data.params["config.stages.rft.alpha"] == t.data.params["alpha"]
-        assert "heldout_metametric" in t.data.metrics
+        assert "sumo_tune_metametric" in t.data.metrics  # trials are scored on the tune set only
     assert client.get_run(sweep_id).data.metrics["best_alpha"] == best["alpha"]

@@ -37,6 +37,20 @@ def test_advantage_is_reward_minus_fixed_alpha():
     assert torch.allclose(advantages(r, 0.77), torch.tensor([0.13, -0.27, 0.0]))
 
 
+def test_leave_one_out_baseline():
+    """Each rollout against the mean of the other rollouts of its scenario, per agent for per-agent
+    rewards: sums to zero over the rollouts, and a constant shift of every reward changes nothing."""
+    r = torch.tensor([0.9, 0.5, 0.7, 0.3])
+    expected = torch.stack([r[i] - torch.cat([r[:i], r[i + 1:]]).mean() for i in range(4)])
+    assert torch.allclose(advantages(r, "loo"), expected, atol=1e-6)
+    per_agent = torch.tensor([[0.9, 0.1], [0.5, 0.2], [0.7, 0.6]])  # [R, S]
+    a = advantages(per_agent, "loo")
+    assert torch.allclose(a[:, 1], advantages(per_agent[:, 1], "loo")) and a.sum(0).abs().max() < 1e-6
+    assert torch.allclose(advantages(per_agent + 0.3, "loo"), a, atol=1e-6)
+    with pytest.raises(ValueError, match="at least 2 rollouts"):
+        advantages(r[:1], "loo")
+
+
 def test_gradient_sign_follows_advantage():
     logits, tokens = _toy()
     lp = _sampled(logits, tokens)
@@ -138,10 +152,11 @@ def test_experience_holds_the_actor_scene_and_rewards(experience):
     assert batch.live.shape == batch.tokens.shape and batch.live.any()
 
 
-def test_mpo_step_moves_every_trainable_parameter(experience):
+@pytest.mark.parametrize("alpha", [0.3, "loo"])
+def test_mpo_step_moves_every_trainable_parameter(experience, alpha):
     model, exp, sampling = experience
     policy, reference = copy.deepcopy(model), copy.deepcopy(model).requires_grad_(False)
-    stage = MPOStage(name="rft", lr=1e-4, alpha=0.3, beta=0.04, sampling=sampling)
+    stage = MPOStage(name="rft", lr=1e-4, alpha=alpha, beta=0.04, sampling=sampling)
     optimizer = torch.optim.AdamW(policy.parameters(), lr=stage.lr, weight_decay=0.0)
     before = {n: p.detach().clone() for n, p in policy.named_parameters()}
     stats = mpo_step(policy, reference, optimizer, collate_experiences([exp]), stage, policy_version=0)
@@ -149,6 +164,10 @@ def test_mpo_step_moves_every_trainable_parameter(experience):
     assert stats["grad_norm"] > 0 and stats["kl"] < 1e-6  # the policy equals its reference before the step
     unmoved = [n for n, p in policy.named_parameters() if p.requires_grad and torch.equal(p, before[n])]
     assert not unmoved, f"parameters that one MPO step did not move: {unmoved}"
+    if alpha == "loo":  # two rollouts: A_0 = r_0 - r_1 = -A_1, averaged over the batch's tokens
+        n = collate_experiences([exp]).live[0].flatten(1).sum(1).double()  # [R] live tokens per rollout
+        gap = float(exp.rewards[0] - exp.rewards[1])
+        assert stats["mean_advantage"] == pytest.approx(float((n[0] - n[1]) / n.sum()) * gap, abs=1e-6)
 
 
 def test_mpo_step_descends_its_objective(experience):
