@@ -53,11 +53,14 @@ RUN pip install --no-cache-dir --no-deps -e . \
     && python -c "import ray, torch; print('ray', ray.__version__, ray.__file__, 'torch', torch.__version__, 'cuda', torch.version.cuda)" \
     && python pipelines/sft_rft_sft.py --help > /dev/null
 
-# The NVIDIA container runtime exposes the host's GPUs and driver libraries to a container that
-# asks for them (Ray's CPU image, unlike nvidia/cuda-based ones, does not); Kubernetes' device
-# plugin sets NVIDIA_VISIBLE_DEVICES per container itself.
+# What nvidia/cuda-based images set and Ray's CPU image does not: the NVIDIA container runtime
+# (Docker on the launcher's nodes, EKS) mounts the host's GPUs and driver libraries into a container
+# that asks for them (on Kubernetes the device plugin sets NVIDIA_VISIBLE_DEVICES per container);
+# GKE's device plugin mounts the driver's libraries and tools under /usr/local/nvidia instead.
 ENV NVIDIA_VISIBLE_DEVICES=all \
     NVIDIA_DRIVER_CAPABILITIES=compute,utility \
+    LD_LIBRARY_PATH=/usr/local/nvidia/lib:/usr/local/nvidia/lib64${LD_LIBRARY_PATH:+:${LD_LIBRARY_PATH}} \
+    PATH=${PATH}:/usr/local/nvidia/bin \
     MALLOC_MMAP_THRESHOLD_=17179869184 \
     MALLOC_TRIM_THRESHOLD_=17179869184 \
     MALLOC_TOP_PAD_=1073741824 \

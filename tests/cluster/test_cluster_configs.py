@@ -416,6 +416,7 @@ def _cuda_story() -> dict:
     """Everything that states the torch build, the base image or a GPU node's driver."""
     return {"args": dict(a.split("=", 1) for w, a in _instructions() if w == "ARG" and "=" in a),
             "torch_run": _instructions()[_index(lambda w, a: w == "RUN" and "-r /tmp/torch.txt" in a)][1],
+            "env": " ".join(a for w, a in _instructions() if w == "ENV"),
             "base": _dockerfile_base(),
             "pyproject": (REPO / "pyproject.toml").read_text(),
             "launchers": {p.stem: _load(p) for p in LAUNCHER},
@@ -440,6 +441,11 @@ def cuda_disagreements(story: dict) -> list[str]:
         out.append("the Dockerfile does not check the installed torch's version and CUDA build")
     if re.search(r"-(gpu|cu\d+)$", story["base"]):
         out.append(f"the base image {story['base']} brings a CUDA of its own beside torch's")
+    # what a CPU base lacks and nvidia/cuda images set: the container runtime's GPU request, and
+    # the folder where GKE's device plugin mounts the driver's libraries
+    for setting in ("NVIDIA_VISIBLE_DEVICES=all", "NVIDIA_DRIVER_CAPABILITIES=compute", "/usr/local/nvidia/lib64"):
+        if setting not in story["env"]:
+            out.append(f"the image's environment lacks {setting}: its processes would not find the host's driver")
     for name, raw in story["launchers"].items():
         meta, provider = raw["metadata"], raw["provider"]["type"]
         if str(meta["torch_cuda"]) != cuda:
@@ -486,6 +492,7 @@ def test_one_cuda_story():
      "gke RayJob's GPU nodes have driver 570"),
     (lambda s: s["args"].update(TORCH_VERSION="2.12.0"), "pyproject.toml pins torch==2.13.0"),
     (lambda s: s.update(base="rayproject/ray:2.60.0-py311-gpu"), "brings a CUDA of its own"),
+    (lambda s: s.update(env=s["env"].replace("/usr/local/nvidia/lib64", "")), "lacks /usr/local/nvidia/lib64"),
 ])
 def test_one_cuda_story_fails_on_any_disagreement(change, where):
     story = copy.deepcopy(_cuda_story())
