@@ -1,12 +1,15 @@
 """The cluster configs and the image are valid for their tools, fit the GPU pipeline config and
-their machines, keep Ray's dashboard / Jobs API behind token authentication, and assume no shared
-filesystem. Static checks only: no docker, no cloud, no network."""
+their machines, keep Ray's dashboard / Jobs API behind token authentication, assume no shared
+filesystem, retry from the bucket, and tell one CUDA story (torch build, base image, the nodes'
+driver). Static checks only: no docker, no cloud, no network."""
 
 from __future__ import annotations
 
+import copy
 import math
 import re
 import shlex
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -17,9 +20,9 @@ from smart_r1.config import load_config
 
 REPO = Path(__file__).resolve().parents[2]
 LAUNCHER = [REPO / "cluster" / "aws.yaml", REPO / "cluster" / "gcp.yaml"]
-RAYJOB = REPO / "cluster" / "kuberay-rayjob.yaml"
+RAYJOBS = {"eks": REPO / "cluster" / "kuberay-rayjob.yaml", "gke": REPO / "cluster" / "kuberay-rayjob-gke.yaml"}
 DOCKERFILE = REPO / "Dockerfile"
-SCHEME = {"aws": "s3://", "gcp": "gs://", "kuberay": "s3://"}  # the RayJob targets EKS
+SCHEME = {"aws": "s3://", "gcp": "gs://", "eks": "s3://", "gke": "gs://"}
 LOOPBACK = {"127.0.0.1", "localhost", "::1"}
 SHARED_FS = ("/mnt/cluster_storage", "/data/", "/mnt/", "nfs", "efs", "filestore")
 
@@ -38,8 +41,8 @@ def _load(path: Path) -> dict:
     return yaml.safe_load(path.read_text())
 
 
-def _rayjob() -> tuple[dict, list[dict]]:
-    docs = [d for d in yaml.safe_load_all(RAYJOB.read_text()) if d]
+def _rayjob(cloud: str = "eks") -> tuple[dict, list[dict]]:
+    docs = [d for d in yaml.safe_load_all(RAYJOBS[cloud].read_text()) if d]
     jobs = [d for d in docs if d["kind"] == "RayJob"]
     assert len(jobs) == 1
     return jobs[0], docs
@@ -113,7 +116,6 @@ def _index(predicate) -> int:
 
 
 def _project() -> dict:
-    import tomllib
     return tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
 
 
@@ -121,7 +123,7 @@ def test_dockerfile_one_ray_dependencies_before_code_no_test_extra():
     ins = _instructions()
     text = DOCKERFILE.read_text()
     base = _dockerfile_base()
-    assert re.fullmatch(r"rayproject/ray:2\.60\.\d+-py311(-gpu)?", base), base
+    assert re.fullmatch(r"rayproject/ray:2\.60\.\d+-py311-cpu", base), base  # no CUDA beside torch's
     # The base image's Ray is the only one: it satisfies pyproject's pin, no venv beside it, and
     # no pip install names Ray (the dependency install holds it at the base image's version).
     ray_req = next(Requirement(r) for r in _project()["dependencies"] if Requirement(r).name == "ray")
@@ -166,8 +168,9 @@ def test_launcher_configs(path):
 
     raw = _load(path)
     validate_config(prepare_config(_load(path)))  # Ray's own schema
-    assert raw["docker"]["image"] == _rayjob()[0]["spec"]["rayClusterSpec"]["headGroupSpec"][
-        "template"]["spec"]["containers"][0]["image"]
+    for cloud in RAYJOBS:  # one image everywhere
+        assert raw["docker"]["image"] == _rayjob(cloud)[0]["spec"]["rayClusterSpec"]["headGroupSpec"][
+            "template"]["spec"]["containers"][0]["image"]
     assert raw["docker"]["image"].endswith("smart-r1:latest")
     types = raw["available_node_types"]
     assert types[raw["head_node_type"]]["resources"]["CPU"] == 0
@@ -251,15 +254,16 @@ def _pods(cluster: dict) -> list[tuple[str, dict, dict]]:
         (g["groupName"], g["rayStartParams"], g["template"]["spec"]) for g in cluster["workerGroupSpecs"]]
 
 
-def test_kuberay_rayjob():
-    job, _ = _rayjob()
+@pytest.mark.parametrize("cloud", RAYJOBS)
+def test_kuberay_rayjob(cloud):
+    job, _ = _rayjob(cloud)
     assert (job["apiVersion"], job["kind"]) == ("ray.io/v1", "RayJob")
     spec = job["spec"]
     cluster = spec["rayClusterSpec"]
     assert cluster["enableInTreeAutoscaling"] is True
     assert cluster["rayVersion"] == _dockerfile_base().split(":")[1].split("-")[0]
     pipeline = _pipeline_from_entrypoint(spec["entrypoint"])
-    _check_bucket_paths(pipeline, SCHEME["kuberay"])
+    _check_bucket_paths(pipeline, SCHEME[cloud])
     nodes = {}
     for group in cluster["workerGroupSpecs"]:
         assert group["minReplicas"] == 0
@@ -280,14 +284,31 @@ def test_kuberay_rayjob():
             assert container["workingDir"] == _workdir()
 
 
-def test_kuberay_token_auth_and_in_cluster_dashboard():
-    job, _ = _rayjob()
+@pytest.mark.parametrize("cloud", RAYJOBS)
+def test_kuberay_rayjob_retries_resume_from_the_bucket(cloud):
+    """KubeRay >= 1.2 retries a failed RayJob on a new RayCluster (`spec.backoffLimit`; the
+    submitter Job's own retries are `spec.submitterConfig.backoffLimit`). A retry runs the same
+    entrypoint, which resumes from out_dir in the bucket: it must not start over or branch."""
+    job, _ = _rayjob(cloud)
+    spec = job["spec"]
+    assert isinstance(spec["backoffLimit"], int) and 1 <= spec["backoffLimit"] <= 5
+    assert spec["shutdownAfterJobFinishes"] is True  # no idle GPUs after the last attempt
+    assert "clusterSelector" not in spec  # a RayCluster of its own, made anew for each attempt
+    args = shlex.split(spec["entrypoint"])
+    assert not {"--restart", "--branch"} & set(args), "a retry would redo finished stages"
+    pipeline = _pipeline_from_entrypoint(spec["entrypoint"])
+    assert "://" in pipeline.out_dir and "://" in pipeline.ray.storage_path
+
+
+@pytest.mark.parametrize("cloud", RAYJOBS)
+def test_kuberay_token_auth_and_in_cluster_dashboard(cloud):
+    job, docs = _rayjob(cloud)
     cluster = job["spec"]["rayClusterSpec"]
     # KubeRay's authOptions: RAY_AUTH_MODE=token and the Secret's token on every Ray container,
     # the autoscaler and the job submitter. The Secret is made by the user, never committed.
     auth = cluster["authOptions"]
     assert auth["mode"] == "token" and auth["secretName"]
-    assert not any(d["kind"] == "Secret" for d in _rayjob()[1])
+    assert not any(d["kind"] == "Secret" for d in docs)
     for name, _, pod in _pods(cluster):
         for container in pod["containers"]:
             env = {e["name"]: e for e in container.get("env", [])}
@@ -302,8 +323,9 @@ def test_kuberay_token_auth_and_in_cluster_dashboard():
     assert "headService" not in head
 
 
-def test_kuberay_pods_fit_their_machines():
-    job, _ = _rayjob()
+@pytest.mark.parametrize("cloud", RAYJOBS)
+def test_kuberay_pods_fit_their_machines(cloud):
+    job, _ = _rayjob(cloud)
     cluster = job["spec"]["rayClusterSpec"]
     for name, params, pod in _pods(cluster):
         machine = pod["nodeSelector"]["node.kubernetes.io/instance-type"]
@@ -322,16 +344,25 @@ def test_kuberay_pods_fit_their_machines():
         assert mem <= memory * KUBE_MEMORY_FRACTION, f"{name}: {mem:.1f} GiB on a {memory} GiB {machine}"
         if gpus:
             assert any(t.get("key") == "nvidia.com/gpu" for t in pod.get("tolerations", []))
+            if cloud == "gke":  # GKE's GPU node pools by accelerator
+                assert pod["nodeSelector"]["cloud.google.com/gke-accelerator"] == "nvidia-l4", name
 
 
-def test_kuberay_object_storage_access_and_secrets():
-    job, docs = _rayjob()
+@pytest.mark.parametrize("cloud", RAYJOBS)
+def test_kuberay_object_storage_access_and_secrets(cloud):
+    """Every pod reaches the bucket as the Kubernetes service account defined beside it: an IAM role
+    on EKS (IRSA), a Google service account on GKE (Workload Identity)."""
+    job, docs = _rayjob(cloud)
     cluster = job["spec"]["rayClusterSpec"]
     accounts = {d["metadata"]["name"]: d for d in docs if d["kind"] == "ServiceAccount"}
     for name, _, pod in _pods(cluster):
-        account = accounts[pod["serviceAccountName"]]  # defined in the same file
-        role = account["metadata"]["annotations"]["eks.amazonaws.com/role-arn"]
-        assert re.fullmatch(r"arn:aws:iam::<ACCOUNT_ID>:role/<[A-Z_]+>", role), name
+        annotations = accounts[pod["serviceAccountName"]]["metadata"]["annotations"]  # same file
+        if cloud == "eks":
+            role = annotations["eks.amazonaws.com/role-arn"]
+            assert re.fullmatch(r"arn:aws:iam::<ACCOUNT_ID>:role/<[A-Z_]+>", role), name
+        else:
+            account = annotations["iam.gke.io/gcp-service-account"]
+            assert re.fullmatch(r"<[A-Z_]+>@<PROJECT>\.iam\.gserviceaccount\.com", account), name
         for container in pod["containers"]:
             for env in container.get("env", []):
                 if re.search("PASSWORD|TOKEN|SECRET", env["name"]):
@@ -350,11 +381,120 @@ def test_no_shared_filesystem_pretended():
         assert not any(re.search(r"\bmount\b", c) for c in commands), path.name
         assert set(raw["file_mounts"]) == {"~/.ray/auth_token"}, path.name
         assert not any(p in raw["metadata"]["entrypoint"] for p in SHARED_FS), path.name
-    job, _ = _rayjob()
-    assert not any(p in job["spec"]["entrypoint"] for p in SHARED_FS)
-    for name, _, pod in _pods(job["spec"]["rayClusterSpec"]):
-        for volume in pod.get("volumes", []):
-            assert not set(volume) & {"hostPath", "nfs", "persistentVolumeClaim", "csi"}, (name, volume)
+    for cloud in RAYJOBS:
+        job, _ = _rayjob(cloud)
+        assert not any(p in job["spec"]["entrypoint"] for p in SHARED_FS)
+        for name, _, pod in _pods(job["spec"]["rayClusterSpec"]):
+            for volume in pod.get("volumes", []):
+                assert not set(volume) & {"hostPath", "nfs", "persistentVolumeClaim", "csi"}, (name, volume)
     # The GPU pipeline config's own storage root is a bucket too.
     storage = load_config(REPO / "pipelines" / "womd_gpu.yaml").ray.storage_path
     assert storage.startswith(("s3://", "gs://")), storage
+
+
+# -- one CUDA story: the torch build, the base image and every node's driver agree ----------------
+
+def _driver_branch(text) -> int:
+    """'595.71.05', '580' or 'R580' -> the driver branch (595, 580)."""
+    return int(str(text).lstrip("R").split(".")[0])
+
+
+def _node_image(provider: str, node_config: dict) -> str:
+    if provider == "aws":
+        return node_config["ImageId"]
+    (boot,) = [d for d in node_config["disks"] if d.get("boot")]
+    return boot["initializeParams"]["sourceImage"]
+
+
+def _readme_cluster_section() -> str:
+    text = (REPO / "README.md").read_text()
+    start = text.index("\n## Launching on a cluster")
+    return text[start:text.index("\n## ", start + 1)]
+
+
+def _cuda_story() -> dict:
+    """Everything that states the torch build, the base image or a GPU node's driver."""
+    return {"args": dict(a.split("=", 1) for w, a in _instructions() if w == "ARG" and "=" in a),
+            "torch_run": _instructions()[_index(lambda w, a: w == "RUN" and "-r /tmp/torch.txt" in a)][1],
+            "env": " ".join(a for w, a in _instructions() if w == "ENV"),
+            "base": _dockerfile_base(),
+            "pyproject": (REPO / "pyproject.toml").read_text(),
+            "launchers": {p.stem: _load(p) for p in LAUNCHER},
+            "rayjobs": {cloud: _rayjob(cloud)[0] for cloud in RAYJOBS},
+            "readme": _readme_cluster_section()}
+
+
+def cuda_disagreements(story: dict) -> list[str]:
+    """Where the configs, pyproject.toml, the README and the Dockerfile disagree on the torch build
+    (version, CUDA) or where a node image's stated driver is below the build's minimum."""
+    out = []
+    args, readme = story["args"], story["readme"]
+    version, cuda, min_driver = args["TORCH_VERSION"], args["TORCH_CUDA"], int(args["MIN_NVIDIA_DRIVER"])
+    pin = next(r for r in tomllib.loads(story["pyproject"])["project"]["dependencies"] if r.startswith("torch"))
+    if pin != f"torch=={version}":
+        out.append(f"pyproject.toml pins {pin}, the Dockerfile builds torch {version}")
+    comment = " ".join(line.lstrip("# ") for line in story["pyproject"].splitlines() if line.startswith("#"))
+    for phrase in (f"CUDA {cuda} build", f"driver >= {min_driver}"):
+        if phrase not in comment:
+            out.append(f"pyproject.toml's comment does not say {phrase!r}")
+    if not all(s in story["torch_run"] for s in ("torch.version.cuda", "${TORCH_CUDA}", "${TORCH_VERSION}")):
+        out.append("the Dockerfile does not check the installed torch's version and CUDA build")
+    if re.search(r"-(gpu|cu\d+)$", story["base"]):
+        out.append(f"the base image {story['base']} brings a CUDA of its own beside torch's")
+    # what a CPU base lacks and nvidia/cuda images set: the container runtime's GPU request, and
+    # the folder where GKE's device plugin mounts the driver's libraries
+    for setting in ("NVIDIA_VISIBLE_DEVICES=all", "NVIDIA_DRIVER_CAPABILITIES=compute", "/usr/local/nvidia/lib64"):
+        if setting not in story["env"]:
+            out.append(f"the image's environment lacks {setting}: its processes would not find the host's driver")
+    for name, raw in story["launchers"].items():
+        meta, provider = raw["metadata"], raw["provider"]["type"]
+        if str(meta["torch_cuda"]) != cuda:
+            out.append(f"{name}.yaml states torch CUDA {meta['torch_cuda']}, the Dockerfile builds {cuda}")
+        if _driver_branch(meta["nvidia_driver"]) < min_driver:
+            out.append(f"{name}.yaml's node image has driver {meta['nvidia_driver']}, CUDA {cuda} needs >= {min_driver}")
+        images = {_node_image(provider, t["node_config"]) for t in raw["available_node_types"].values()}
+        if images != {meta["node_image"]}:
+            out.append(f"{name}.yaml's nodes boot {sorted(images)}, its metadata states {meta['node_image']}")
+        family = re.search(r"-nvidia-(\d+)$", meta["node_image"])
+        if family and int(family.group(1)) != _driver_branch(meta["nvidia_driver"]):
+            out.append(f"{name}.yaml: the image family's driver {family.group(1)} is not the stated one")
+        for text in (meta["node_image"], str(meta["nvidia_driver"])):
+            if text not in readme:
+                out.append(f"the README's cluster section does not name {name}.yaml's {text}")
+    for cloud, job in story["rayjobs"].items():
+        notes = job["metadata"]["annotations"]
+        if str(notes["smart-r1/torch-cuda"]) != cuda:
+            out.append(f"the {cloud} RayJob states torch CUDA {notes['smart-r1/torch-cuda']}, the Dockerfile builds {cuda}")
+        if _driver_branch(notes["smart-r1/nvidia-driver"]) < min_driver:
+            out.append(f"the {cloud} RayJob's GPU nodes have driver {notes['smart-r1/nvidia-driver']}, "
+                       f"CUDA {cuda} needs >= {min_driver}")
+        if notes["smart-r1/gpu-node-image"] not in readme:
+            out.append(f"the README's cluster section does not name the {cloud} GPU node image")
+    for phrase in (f"torch {version}", f"CUDA {cuda}", f">= {min_driver}", story["base"]):
+        if phrase not in readme:
+            out.append(f"the README's cluster section does not say {phrase!r}")
+    return out
+
+
+def test_one_cuda_story():
+    story = _cuda_story()
+    assert story["args"]["TORCH_CUDA"] == "13.0" and story["args"]["MIN_NVIDIA_DRIVER"] == "580"
+    assert cuda_disagreements(story) == []
+
+
+@pytest.mark.parametrize("change, where", [
+    (lambda s: s["launchers"]["gcp"]["metadata"].update(nvidia_driver="550"), "gcp.yaml's node image has driver 550"),
+    (lambda s: s["launchers"]["aws"]["available_node_types"]["gpu_learner"]["node_config"].update(ImageId="ami-0123"),
+     "aws.yaml's nodes boot"),
+    (lambda s: s["rayjobs"]["eks"]["metadata"]["annotations"].update({"smart-r1/torch-cuda": "12.8"}),
+     "eks RayJob states torch CUDA 12.8"),
+    (lambda s: s["rayjobs"]["gke"]["metadata"]["annotations"].update({"smart-r1/nvidia-driver": "570"}),
+     "gke RayJob's GPU nodes have driver 570"),
+    (lambda s: s["args"].update(TORCH_VERSION="2.12.0"), "pyproject.toml pins torch==2.13.0"),
+    (lambda s: s.update(base="rayproject/ray:2.60.0-py311-gpu"), "brings a CUDA of its own"),
+    (lambda s: s.update(env=s["env"].replace("/usr/local/nvidia/lib64", "")), "lacks /usr/local/nvidia/lib64"),
+])
+def test_one_cuda_story_fails_on_any_disagreement(change, where):
+    story = copy.deepcopy(_cuda_story())
+    change(story)
+    assert any(where in message for message in cuda_disagreements(story)), cuda_disagreements(story)
