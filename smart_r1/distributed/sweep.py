@@ -131,7 +131,7 @@ def run_trial(params: dict, setup: TrialSetup) -> None:
             scored = read_json(done)["metrics"][ranked]
         else:
             scored = run_pipeline(dataclasses.replace(config, stages=config.stages[: k + 1]))[stage.name][ranked]
-        metrics = {key: float(scored[key]) for key in METRICS}
+        metrics = {key: float(scored[key]) for key in METRICS if key in scored}
         tracker.log_metrics({f"{ranked}/{key}": v for key, v in metrics.items()}, step=k)
         tune.report({**metrics, "stage": stage.name, "complete": k + 1 == len(config.stages)})
 

@@ -50,7 +50,7 @@ def format_sweep_table(rows: list[dict]) -> str:
 def trial_row(result) -> dict:
     """One trial of a ResultGrid as a plain row (its last report)."""
     m = result.metrics or {}
-    metrics = {k: float(m[k]) for k in METRICS} if all(k in m for k in METRICS) else None
+    metrics = {k: float(m[k]) for k in METRICS if k in m} if all(k in m for k in METRICS[:4]) else None
     if result.error is not None:
         status = "error"
     elif m.get("complete"):

@@ -41,12 +41,13 @@ import numpy as np
 from scipy import stats
 
 from smart_r1.data.splits import independent_unit
+from smart_r1.metrics.leaderboard import CATEGORY_FIELDS, with_categories
 from smart_r1.metrics.tables import HEADLINE, difference_table, markdown_table, metrics_table
 from smart_r1.storage import display, exists, join, read_json, read_text
 
 Records = Sequence[Mapping[str, object]]  # per-scenario metric dicts, each with a scenario_id
 HEADLINE_FIELDS = tuple(name for _, name, _ in HEADLINE)
-DIFFERENCE_FIELDS = HEADLINE_FIELDS[:3]  # metametric, collision, off-road
+DIFFERENCE_FIELDS = HEADLINE_FIELDS  # realism, collision, off-road, minADE, kinematic
 SCORES_FILE = "scores_{dataset}.json"
 
 
@@ -68,6 +69,8 @@ def scenario_matrix(per_scenario: Records, fields: Sequence[str]) -> np.ndarray:
     a missing field or a non-finite value (naming the scenario's position)."""
     values = np.empty((len(per_scenario), len(fields)))
     for i, metrics in enumerate(per_scenario):
+        if any(f in CATEGORY_FIELDS.values() and f not in metrics for f in fields):
+            metrics = with_categories(metrics)  # a score file's record: the buckets from its likelihoods
         missing = [f for f in fields if f not in metrics]
         if missing:
             raise ValueError(f"scenario {i}: metrics lack the field {missing[0]!r}")

@@ -30,6 +30,9 @@ CATEGORIES: dict[str, tuple[str, ...]] = {
     "map_based": ("distance_to_road_edge", "offroad_indication", "traffic_light_violation"),
 }
 RATE_FIELDS = ("simulated_collision_rate", "simulated_offroad_rate", "simulated_traffic_light_violation_rate")
+# The category scores' names in the official `SimAgentsBucketedMetrics`.
+CATEGORY_FIELDS = {category: f"{category}_metrics" for category in CATEGORIES}
+_WEIGHTS: dict[str, float] = {}  # the 2025 config's metametric weights, read once
 
 
 def metametric_weights(config=None) -> dict[str, float]:
@@ -41,9 +44,20 @@ def metametric_weights(config=None) -> dict[str, float]:
     return {name: float(getattr(config, name).metametric_weight) for name in FEATURE_NAMES}
 
 
+def with_categories(metrics: Mapping[str, float]) -> dict[str, float]:
+    """`metrics` (one scenario's, or a data set's means) plus its category scores under their
+    official names (kinematic_metrics, interactive_metrics, map_based_metrics), with the 2025
+    config's weights. The categories are linear in the likelihoods, so the mean over scenarios of a
+    scenario's category score is the data set's."""
+    if not _WEIGHTS:
+        _WEIGHTS.update(metametric_weights())
+    return {**metrics, **{CATEGORY_FIELDS[c]: v for c, v in category_scores(metrics, _WEIGHTS).items()}}
+
+
 def aggregate_metrics(per_scenario: Sequence[Mapping[str, float]]) -> dict[str, float]:
     """Dataset-level metrics as the official `aggregate_scenario_metrics` computes them: the plain
-    mean over scenarios of every `SimAgentMetrics` field (the metametric too, not recomputed).
+    mean over scenarios of every `SimAgentMetrics` field (the metametric too, not recomputed), and
+    the category scores of those means (`with_categories`).
 
     Raises ValueError on no scenario, a missing field or a non-finite value (naming the scenario's
     position), since one NaN would silently turn the whole table into NaN.
@@ -61,7 +75,7 @@ def aggregate_metrics(per_scenario: Sequence[Mapping[str, float]]) -> dict[str, 
                 raise ValueError(f"scenario {i}: {name} is {value}")
             values.append(value)
         out[name] = sum(values) / len(values)
-    return out
+    return with_categories(out)
 
 
 @dataclass(frozen=True)

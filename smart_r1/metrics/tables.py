@@ -6,14 +6,17 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
-# The headline columns: (header, SimAgentMetrics field, format).
+# The headline columns: (header, SimAgentMetrics field or WOSAC bucket, format). The kinematic
+# bucket (speed and acceleration likelihoods) sits beside minADE: together they show whether agents
+# move like the log, which realism alone can hide (a policy that slows down avoids collisions).
 HEADLINE = (("realism meta", "metametric", "{:.4f}"),
             ("collision rate", "simulated_collision_rate", "{:.4f}"),
             ("off-road rate", "simulated_offroad_rate", "{:.4f}"),
-            ("minADE (m)", "min_average_displacement_error", "{:.3f}"))
+            ("minADE (m)", "min_average_displacement_error", "{:.3f}"),
+            ("kinematic", "kinematic_metrics", "{:.4f}"))
 # Interval bounds one digit coarser than the value: they are less certain than its last digit.
 CI_FORMAT = {"metametric": "{:.3f}", "simulated_collision_rate": "{:.3f}", "simulated_offroad_rate": "{:.3f}",
-             "min_average_displacement_error": "{:.2f}"}
+             "min_average_displacement_error": "{:.2f}", "kinematic_metrics": "{:.3f}"}
 
 
 def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
@@ -27,7 +30,7 @@ def headline_cells(metrics: Mapping[str, float] | None) -> list[str]:
     if metrics is None:
         return ["-"] * len(HEADLINE)
     return [with_interval(fmt.format(metrics[name]), metrics.get(f"{name}_ci95"), CI_FORMAT[name])
-            for _, name, fmt in HEADLINE]
+            if name in metrics else "-" for _, name, fmt in HEADLINE]  # '-': a record from before the field
 
 
 def with_interval(value: str, ci: Sequence[float] | None, fmt: str) -> str:
@@ -50,9 +53,9 @@ def metrics_table(labels: Sequence[str], rows: Sequence[tuple[Sequence[str], Map
 def difference_table(labels: Sequence[str], rows: Sequence[tuple[Sequence[str], Mapping | None]],
                      trailing: Sequence[str] = ()) -> str:
     """One row per (label cells, {field: Interval} of a difference, or None): the signed mean
-    difference of the first three headline fields with its interval, '*' where the interval
-    excludes 0; `trailing` cells follow the label cells as in `metrics_table`."""
-    columns = HEADLINE[:3]
+    difference of each headline field with its interval, '*' where the interval excludes 0;
+    `trailing` cells follow the label cells as in `metrics_table`."""
+    columns = HEADLINE
     header = [*labels, *(f"d {h}" for h, _, _ in columns), *trailing]
     body = []
     for cells, diff in rows:

@@ -136,9 +136,10 @@ def test_report_gives_each_trial_its_interval_and_its_paired_difference_to_the_b
     scenario (a difference with no spread), c = a with two scenarios' realism swapped (a's mean,
     but the pairing with b now spreads); a stopped trial gets no interval and no difference."""
     rng = np.random.default_rng(0)
-    fields = ("metametric", "simulated_collision_rate", "simulated_offroad_rate", "min_average_displacement_error")
+    fields = ("metametric", "simulated_collision_rate", "simulated_offroad_rate", "min_average_displacement_error",
+              "kinematic_metrics")
     base = [{"scenario_id": f"s{i}", **dict(zip(fields, (0.5 + 0.2 * rng.random(), 0.1 * rng.random(),
-                                                           0.1 * rng.random(), 5 + rng.random())))}
+                                                           0.1 * rng.random(), 5 + rng.random(), rng.random())))}
             for i in range(12)]
     trials = {"a": base, "b": [{**r, "metametric": r["metametric"] + 0.05} for r in base],
               "c": [{**r, "metametric": base[(i + 1) % 12 if i < 2 else i]["metametric"]} for i, r in enumerate(base)]}
@@ -161,7 +162,7 @@ def test_report_gives_each_trial_its_interval_and_its_paired_difference_to_the_b
     first = [line for line in trial_table.splitlines() if line.startswith("| 0.")][0]
     assert first.endswith("| b |") and "0.04 | 0." in first and "[" in first  # best first, with its interval
     assert "best (alpha=0.5, beta=0.04)" in diff_table
-    diffs = {cells[5].strip(): cells for cells in (line.strip("|").split("|") for line in diff_table.splitlines()
+    diffs = {cells[7].strip(): cells for cells in (line.strip("|").split("|") for line in diff_table.splitlines()
                                                    if line.startswith("| 0."))}
     assert diffs["a"][2].strip() == "-0.0500 [-0.050, -0.050] *"  # a - best(b): the same 0.05 on every scenario
     mean, lo, hi = (float(x) for x in diffs["c"][2].replace("[", " ").replace("]", " ").replace(",", " ").split()[:3])

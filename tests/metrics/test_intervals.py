@@ -14,6 +14,7 @@ from smart_r1.metrics import (
     METRIC_FIELDS, aggregate_metrics, bootstrap_ci, compute_metrics_batch, log_replay_states, paired_difference,
     seed_bootstrap,
 )
+from smart_r1.metrics.leaderboard import with_categories
 from smart_r1.metrics.intervals import (
     HEADLINE_FIELDS, crossed_t_interval, draw_counts, headline_intervals, paired_seed_difference, resampled_means,
     scenario_matrix, scores_path, stage_differences, unit_labels,
@@ -33,7 +34,7 @@ def records(womd_record) -> list[dict]:
         s[..., :2] += np.cumsum(rng.normal(0, 0.04 * (k + 1), s[..., :2].shape), axis=2)
         states.append(s)
     metrics = compute_metrics_batch([womd_record] * NUM_SCENARIOS, states)
-    return [{"scenario_id": f"{womd_record.scenario_id}-{k}", **m} for k, m in enumerate(metrics)]
+    return [{"scenario_id": f"{womd_record.scenario_id}-{k}", **with_categories(m)} for k, m in enumerate(metrics)]
 
 
 def _width(ci: tuple[float, float]) -> float:
@@ -181,9 +182,9 @@ def test_stage_differences_from_score_files(records, tmp_path):
                               ["heldout", "real"])
     lines = table.splitlines()
     assert lines[2] == "| bc -> rft | heldout | +0.0000 [0.000, 0.000] | -0.2500 [-0.250, -0.250] * | " \
-                       "+0.0000 [0.000, 0.000] | 8 |"
-    assert lines[3] == "| rft -> sft | heldout | - | - | - | 0 |"  # sft has no score file
-    assert lines[4] == "| bc -> rft | real | - | - | - | 1 |"  # one scenario: no interval
+                       "+0.0000 [0.000, 0.000] | +0.0000 [0.00, 0.00] | +0.0000 [0.000, 0.000] | 8 |"
+    assert lines[3] == "| rft -> sft | heldout | - | - | - | - | - | 0 |"  # sft has no score file
+    assert lines[4] == "| bc -> rft | real | - | - | - | - | - | 1 |"  # one scenario: no interval
 
 
 # -- smart-r1 compare-runs ---------------------------------------------------------------------
@@ -222,7 +223,7 @@ def test_compare_runs_cli(records, tmp_path, capsys):
     diff_row = next(line for line in report.splitlines() if line.startswith("| bc -> sft |"))
     cells = [c.strip() for c in diff_row.strip("|").split("|")]
     assert cells[1] == "+0.0500 [0.050, 0.050] *"  # excludes 0
-    assert cells[2] == "+0.0000 [0.000, 0.000]" and cells[4] == "8"
+    assert cells[2] == "+0.0000 [0.000, 0.000]" and cells[6] == "8"
 
     # A folder that is not a run: one line, exit status 2.
     assert main(["compare-runs", runs[0], str(tmp_path / "nothing")]) == 2
@@ -250,7 +251,7 @@ def test_compare_runs_against_a_baseline_configuration(records, tmp_path, capsys
     against = lines[next(i for i, x in enumerate(lines) if x.startswith("Against the baseline runs")):]
     cells = {x.split("|")[1].strip(): [c.strip() for c in x.strip("|").split("|")] for x in against if x.startswith("| ")}
     assert cells["bc"][1] == "+0.0000 [0.000, 0.000]"
-    assert cells["sft"][1] == "+0.0300 [0.030, 0.030] *" and cells["sft"][4] == "8"
+    assert cells["sft"][1] == "+0.0300 [0.030, 0.030] *" and cells["sft"][6] == "8"
     assert cells["rft"][1] == "+0.0000 [0.000, 0.000]"
     # one baseline run per run, in the same seed order
     assert main(["compare-runs", *runs, "--against", *base[:2]]) == 2
