@@ -259,8 +259,9 @@ def score_checkpoint(workers: list, checkpoint: str, version: int, dataset: str,
         write_json(join(stage_dir, SCORES_FILE.format(dataset=dataset)),
                    {"dataset": dataset, "checkpoint": display(checkpoint), "num_rollouts": cfg.num_rollouts,
                     "failed": failed, "records": scored})
+    ratios = [r["travel_ratio"] for r in scored if r.get("travel_ratio") is not None]
     return {**summary, **headline_intervals(scored), "scenarios": len(scored), "failed": len(failed),
-            "num_rollouts": cfg.num_rollouts}
+            "num_rollouts": cfg.num_rollouts, "travel_ratio": sum(ratios) / len(ratios) if ratios else None}
 
 
 def render_stage(checkpoint: str, data: str, out_path: str | Path, cfg: EvalConfig, seed: int = 0) -> str:

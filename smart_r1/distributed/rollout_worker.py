@@ -22,6 +22,7 @@ import torch
 from smart_r1.config import MPOStage, SamplingConfig
 from smart_r1.data.index import scenario_index
 from smart_r1.metrics import compute_scenario_metrics
+from smart_r1.metrics.signals import travel_ratio
 from smart_r1.distributed.worker_kit import peak_rss_mb, weights_ref
 from smart_r1.model.checkpoint import load_checkpoint
 from smart_r1.rl.experience import make_experience, reference_log_probs
@@ -177,7 +178,8 @@ class RolloutWorker:
         def finish(item: _Ready, sim: _Simulated) -> dict:
             (rollout,) = to_rollouts(item.scene, sim.tensors)
             return {"scenario_id": item.record.scenario_id,
-                    **compute_scenario_metrics(item.record, torch.as_tensor(rollout.states))}
+                    **compute_scenario_metrics(item.record, torch.as_tensor(rollout.states)),
+                    "travel_ratio": travel_ratio(item.record, rollout.states)}
         return self._run(dataset, indices, spec, finish, need_sim_agents=True)
 
     def _run(self, dataset: str, indices: list[int], spec: RolloutSpec, finish,

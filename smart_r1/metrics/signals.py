@@ -128,3 +128,25 @@ def step_events(record: ScenarioRecord, rollout: np.ndarray) -> StepEvents:
         features = sim_features(build_context([record], "cpu"), padded, every_agent)
     return StepEvents(collision=features.collision_per_step[0, 0].numpy(),
                       offroad=features.offroad_per_step[0, 0].numpy())
+
+
+def travel_ratio(record: ScenarioRecord, states) -> float | None:
+    """How far the sim agents travel in the 8 s future against the log, a diagnostic of slowing
+    down (not a WOSAC metric): the simulated path length summed over rollouts and agents, counted
+    on the steps where the agent's logged path is valid, over R times the logged path length on
+    the same steps. 1: as far as the log; below 1: slower. None when the logged agents barely move
+    (under 1 m in all).
+
+    states: [R, S, 80, 4] (x, y, z, heading) of the sim agents at steps 11..90.
+    """
+    sim = torch.as_tensor(np.asarray(states))[..., :2].double()  # [R, S, 80, 2]
+    agents, c = record.sim_agent_mask, record.current_time_index
+    log = torch.as_tensor(record.xyz[agents][:, c:, :2]).double()  # [S, 81, 2]: now, then the future
+    valid = torch.as_tensor(record.valid[agents][:, c:])  # [S, 81]
+    counted = valid[:, 1:] & valid[:, :-1]  # [S, 80]: steps whose logged displacement is known
+    log_length = ((log[:, 1:] - log[:, :-1]).norm(dim=-1) * counted).sum()
+    if log_length < 1.0:
+        return None
+    path = torch.cat([log[None, :, :1].expand(sim.shape[0], -1, -1, -1), sim], dim=2)  # [R, S, 81, 2]
+    sim_length = ((path[:, :, 1:] - path[:, :, :-1]).norm(dim=-1) * counted).sum()
+    return float(sim_length / (sim.shape[0] * log_length))

@@ -95,3 +95,16 @@ def test_cuda_matches_cpu(womd_record, states):
         assert cuda[k] == pytest.approx(cpu[k], abs=1e-4), k
     signals = rollout_signals(womd_record, torch.as_tensor(states, device="cuda"))
     assert signals.realism.device.type == "cuda"
+
+
+def test_travel_ratio_measures_how_far_agents_go_against_the_log(womd_record):
+    from smart_r1.metrics.signals import travel_ratio
+
+    states = log_replay_states(womd_record, 2)
+    assert travel_ratio(womd_record, states) == pytest.approx(1.0, abs=1e-9)
+    now = states[..., :1, :2]  # each agent at its first simulated step, from then on at half the pace
+    slow = states.copy()
+    slow[..., :2] = now + 0.5 * (states[..., :2] - now)
+    assert 0.45 < travel_ratio(womd_record, slow) < 0.6
+    parked = womd_record.replace(xyz=np.repeat(womd_record.xyz[:, :1], womd_record.num_steps, axis=1))
+    assert travel_ratio(parked, states) is None  # the log does not move: no ratio
