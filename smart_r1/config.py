@@ -226,6 +226,8 @@ class MPOStage(_Stage):
                                           "(false: the rollout's fractions, shared by all its agents)")
     collision_weight: float = option(1.0, "weight of the collision-free fraction in the reward (0 = realism only)")
     offroad_weight: float = option(1.0, "weight of the on-road fraction in the reward (0 = realism only)")
+    progress_weight: float = option(0.0, "weight of each agent's progress, min(1, simulated / logged path length), "
+                                         "in the reward: keeps RFT from buying safety by slowing agents down")
     max_staleness: int = option(1, "drop rollouts made with weights older than this many updates")
     min_rollout_fraction: float = option(0.5, "least fraction of a step's scenarios with usable rollouts; "
                                               "below it the step is sampled again once, then the stage stops")
@@ -254,8 +256,8 @@ class MPOStage(_Stage):
             raise ValueError(f"{where}: max_staleness must be >= 0")
         if not 0.0 < self.min_rollout_fraction <= 1.0:
             raise ValueError(f"{where}: min_rollout_fraction must lie in (0, 1], got {self.min_rollout_fraction}")
-        if self.collision_weight < 0 or self.offroad_weight < 0:
-            raise ValueError(f"{where}: collision_weight and offroad_weight must be >= 0")
+        if self.collision_weight < 0 or self.offroad_weight < 0 or self.progress_weight < 0:
+            raise ValueError(f"{where}: collision_weight, offroad_weight and progress_weight must be >= 0")
         self.sampling.validate(f"stage {self.name!r}: sampling")
 
     def check_learners(self, num_learners: int) -> None:

@@ -70,7 +70,8 @@ def test_each_stage_kind_has_its_own_fields(tmp_path):
     ("ray.cpus_per_learner=0", "must be > 0"),
     ("eval.max_scenarios=0", "max_scenarios must be >= 1"),
     ("rft.grad_clip=0", "grad_clip must be > 0"),
-    ("rft.collision_weight=-1", "collision_weight and offroad_weight must be >= 0"),
+    ("rft.collision_weight=-1", "collision_weight, offroad_weight and progress_weight must be >= 0"),
+    ("rft.progress_weight=-0.5", "progress_weight must be >= 0"),
 ])
 def test_invalid_values_fail_clearly(override, message):
     with pytest.raises(ValueError, match=message):

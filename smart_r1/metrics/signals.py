@@ -130,23 +130,37 @@ def step_events(record: ScenarioRecord, rollout: np.ndarray) -> StepEvents:
                       offroad=features.offroad_per_step[0, 0].numpy())
 
 
-def travel_ratio(record: ScenarioRecord, states) -> float | None:
-    """How far the sim agents travel in the 8 s future against the log, a diagnostic of slowing
-    down (not a WOSAC metric): the simulated path length summed over rollouts and agents, counted
-    on the steps where the agent's logged path is valid, over R times the logged path length on
-    the same steps. 1: as far as the log; below 1: slower. None when the logged agents barely move
-    (under 1 m in all).
-
-    states: [R, S, 80, 4] (x, y, z, heading) of the sim agents at steps 11..90.
-    """
-    sim = torch.as_tensor(np.asarray(states))[..., :2].double()  # [R, S, 80, 2]
+def path_lengths(record: ScenarioRecord, states) -> tuple[torch.Tensor, torch.Tensor]:
+    """(simulated [R, S], logged [S]) path lengths of the sim agents over the 8 s future, each
+    counted on the steps where the agent's logged displacement is known (both ends log-valid), the
+    simulated path starting from the logged current position. states: [R, S, 80, 4]."""
+    sim = torch.as_tensor(np.asarray(states) if not isinstance(states, torch.Tensor) else states)
+    sim = sim[..., :2].double().cpu()  # [R, S, 80, 2]
     agents, c = record.sim_agent_mask, record.current_time_index
     log = torch.as_tensor(record.xyz[agents][:, c:, :2]).double()  # [S, 81, 2]: now, then the future
     valid = torch.as_tensor(record.valid[agents][:, c:])  # [S, 81]
-    counted = valid[:, 1:] & valid[:, :-1]  # [S, 80]: steps whose logged displacement is known
-    log_length = ((log[:, 1:] - log[:, :-1]).norm(dim=-1) * counted).sum()
-    if log_length < 1.0:
-        return None
+    counted = valid[:, 1:] & valid[:, :-1]  # [S, 80]
+    log_length = ((log[:, 1:] - log[:, :-1]).norm(dim=-1) * counted).sum(-1)  # [S]
     path = torch.cat([log[None, :, :1].expand(sim.shape[0], -1, -1, -1), sim], dim=2)  # [R, S, 81, 2]
-    sim_length = ((path[:, :, 1:] - path[:, :, :-1]).norm(dim=-1) * counted).sum()
-    return float(sim_length / (sim.shape[0] * log_length))
+    sim_length = ((path[:, :, 1:] - path[:, :, :-1]).norm(dim=-1) * counted).sum(-1)  # [R, S]
+    return sim_length, log_length
+
+
+def progress(record: ScenarioRecord, states, min_log_metres: float = 1.0) -> torch.Tensor:
+    """float [R, S] in [0, 1]: how much of its logged distance each sim agent travels,
+    min(1, simulated / logged path length); 1 for an agent whose log moves under `min_log_metres`
+    (nothing to keep up with). A reward term that stops RFT from buying safety by standing still."""
+    sim, log = path_lengths(record, states)
+    moving = log >= min_log_metres
+    return torch.where(moving, (sim / log.clamp_min(min_log_metres)).clamp(max=1.0), torch.ones_like(sim)).float()
+
+
+def travel_ratio(record: ScenarioRecord, states) -> float | None:
+    """How far the sim agents travel in the 8 s future against the log, a diagnostic of slowing
+    down (not a WOSAC metric): the simulated path length summed over rollouts and agents over R
+    times the logged path length (`path_lengths`). 1: as far as the log; below 1: slower. None when
+    the logged agents barely move (under 1 m in all). states: [R, S, 80, 4]."""
+    sim, log = path_lengths(record, states)
+    if log.sum() < 1.0:
+        return None
+    return float(sim.sum() / (sim.shape[0] * log.sum()))

@@ -17,6 +17,7 @@ import torch
 
 from smart_r1.config import SamplingConfig
 from smart_r1.metrics import rollout_signals
+from smart_r1.metrics.signals import progress
 from smart_r1.rl.rewards import RewardConfig, rollout_rewards
 from smart_r1.rollout.closed_loop import RolloutTensors, to_rollouts, token_log_probs
 from smart_r1.tokens.scene import SceneBatch, collate, unpad
@@ -36,7 +37,8 @@ def make_experience(scenario_index: int, record: ScenarioRecord, scene: SceneBat
     t0 = time.perf_counter()
     (rollout,) = to_rollouts(scene, tensors)
     signals = rollout_signals(record, rollout.states)
-    rewards = rollout_rewards(signals.realism.float(), signals.collision, signals.offroad, reward)
+    kept = progress(record, rollout.states) if reward.progress_weight else None  # [R, S]
+    rewards = rollout_rewards(signals.realism.float(), signals.collision, signals.offroad, reward, kept)
     if not torch.isfinite(rewards).all():
         raise FloatingPointError("non-finite reward")
     return Experience(

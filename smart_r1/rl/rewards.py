@@ -9,6 +9,11 @@ Per-agent credit (option `per_agent_credit`): each agent is charged only for its
 
     R_{r,a} = (realism_r + w_c * (1 - collision_{r,a}) + w_o * (1 - offroad_{r,a})) / (1 + w_c + w_o)
 
+With a progress weight w_p > 0 each agent is also credited for keeping up with the log,
+progress_{r,a} = min(1, its simulated / logged path length) (`smart_r1.metrics.signals.progress`),
+added as `w_p * progress` (per rollout: the mean over agents) and normalised by 1 + w_c + w_o + w_p.
+Without it an agent can buy the collision and off-road terms by slowing down.
+
 `realism_r` is the per-rollout realism score of `smart_r1.metrics.rollout_signals`, the WOSAC
 metametric of that rollout alone, in [0, 1]. The reward is a weighted mean of it and of the
 fractions of agents free of collision and off-road, so it stays on the metric's [0, 1] scale, where
@@ -33,26 +38,32 @@ class RewardConfig:
     collision_weight: float = 1.0
     offroad_weight: float = 1.0
     per_agent_credit: bool = False
+    progress_weight: float = 0.0
 
     @classmethod
     def of_stage(cls, stage) -> "RewardConfig":
-        return cls(stage.collision_weight, stage.offroad_weight, stage.per_agent_credit)
+        return cls(stage.collision_weight, stage.offroad_weight, stage.per_agent_credit, stage.progress_weight)
 
 
 def rollout_rewards(realism: torch.Tensor, collision: torch.Tensor, offroad: torch.Tensor,
-                    cfg: RewardConfig = RewardConfig()) -> torch.Tensor:
+                    cfg: RewardConfig = RewardConfig(), progress: torch.Tensor | None = None) -> torch.Tensor:
     """Rewards in [0, 1], [R] per rollout or [R, S] per agent.
 
     Args:
         realism: [R] per-rollout realism score.
         collision, offroad: [R, S] bool, whether each agent collided / left the road.
+        progress: [R, S] in [0, 1], each agent's share of its logged distance (needed when
+            cfg.progress_weight > 0).
     """
-    w_c, w_o = cfg.collision_weight, cfg.offroad_weight
+    w_c, w_o, w_p = cfg.collision_weight, cfg.offroad_weight, cfg.progress_weight
     free_col = 1.0 - collision.to(realism.dtype)  # [R, S]
     free_off = 1.0 - offroad.to(realism.dtype)
-    norm = 1.0 + w_c + w_o
+    if w_p and progress is None:
+        raise ValueError("a progress weight needs each agent's progress")
+    kept = progress.to(realism.dtype) if w_p else torch.zeros_like(free_col)  # [R, S]
+    norm = 1.0 + w_c + w_o + w_p
     if cfg.per_agent_credit:
-        return (realism[:, None] + w_c * free_col + w_o * free_off) / norm
+        return (realism[:, None] + w_c * free_col + w_o * free_off + w_p * kept) / norm
     if free_col.shape[1] == 0:  # no agents: nothing to charge
         return realism
-    return (realism + w_c * free_col.mean(1) + w_o * free_off.mean(1)) / norm
+    return (realism + w_c * free_col.mean(1) + w_o * free_off.mean(1) + w_p * kept.mean(1)) / norm

@@ -28,3 +28,27 @@ def test_zero_weights_give_the_realism_score_alone():
     assert torch.allclose(rollout_rewards(realism, events, events, RewardConfig(0.0, 0.0)), realism)
     assert torch.allclose(rollout_rewards(realism, torch.zeros(2, 0, dtype=torch.bool),
                                           torch.zeros(2, 0, dtype=torch.bool), RewardConfig(1.0, 1.0)), realism)
+
+
+def test_progress_term_rewards_keeping_up_with_the_log(womd_record):
+    """An agent that stops short of its logged distance earns less; the log's own pace earns the
+    full term; per-agent progress averages to the per-rollout reward."""
+    from smart_r1.metrics import log_replay_states
+    from smart_r1.metrics.signals import progress
+
+    states = log_replay_states(womd_record, 2)
+    now = states[..., :1, :2]
+    states[1, ..., :2] = now[1] + 0.5 * (states[1, ..., :2] - now[1])  # rollout 1: every agent at half pace
+    kept = progress(womd_record, states)  # [R, S]
+    moving = kept[1] < 0.99
+    assert torch.allclose(kept[0], torch.ones_like(kept[0]), atol=1e-6) and moving.any()
+    # about half (the first step, from the logged current position, is not slowed)
+    assert ((kept[1][moving] > 0.45) & (kept[1][moving] < 0.8)).all() and abs(kept[1][moving].median() - 0.5) < 0.05
+    realism = torch.tensor([0.6, 0.6])
+    none = torch.zeros_like(kept, dtype=torch.bool)
+    cfg = RewardConfig(1.0, 1.0, per_agent_credit=True, progress_weight=1.0)
+    per_agent = rollout_rewards(realism, none, none, cfg, kept)
+    assert torch.allclose(per_agent[0], torch.full_like(per_agent[0], 3.6 / 4))
+    assert (per_agent[1][moving] < per_agent[0][moving]).all()
+    per_rollout = rollout_rewards(realism, none, none, RewardConfig(1.0, 1.0, progress_weight=1.0), kept)
+    assert torch.allclose(per_agent.mean(1), per_rollout)
