@@ -280,7 +280,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("compare-runs", help="stage table over pipeline runs that differ by seed, "
                                             "with t-intervals over seeds and independent units (scenes, networks)")
     p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="pipeline out_dir of each seed's run: a folder or a bucket URI")
-    p.add_argument("--data", default="heldout", help="evaluation set: heldout or real")
+    p.add_argument("--data", default=None, help="evaluation set (real_report, heldout, sumo_heldout, real_tune, "
+                                                "sumo_tune); default: the first of these the runs were scored on")
     p.add_argument("--against", nargs="+", metavar="BASE_DIR", default=None,
                    help="baseline runs of another configuration, one per RUN_DIR in the same seed order: adds "
                         "each stage's paired difference (runs - baseline)")

@@ -309,7 +309,20 @@ def _stage_records(runs: Sequence[str], dataset: str) -> tuple[list[dict], list[
     return configs, per_run, {s: [p[s]["records"] for p in per_run] for s in stages}
 
 
-def compare_runs(runs: Sequence[str | Path], dataset: str = "heldout", against: Sequence[str | Path] = ()) -> str:
+REPORT_ORDER = ("real_report", "heldout", "sumo_heldout", "real_tune", "sumo_tune")  # compare-runs' default data
+
+
+def default_dataset(run: str) -> str:
+    """The data set a run's report is on when none is named: the first of REPORT_ORDER that its
+    first stage was scored on."""
+    stages = [s["name"] for s in _run_config(run).get("stages", [])]
+    for dataset in REPORT_ORDER:
+        if any(exists(scores_path(join(run, s), dataset)) for s in stages):
+            return dataset
+    raise FileNotFoundError(f"{display(run)}: no stage has a score file of {list(REPORT_ORDER)}")
+
+
+def compare_runs(runs: Sequence[str | Path], dataset: str | None = None, against: Sequence[str | Path] = ()) -> str:
     """The multi-seed report of pipeline runs that differ only by their seed: per stage the mean
     over seeds of the headline figures with the seed-and-unit t-interval, then the paired
     differences between consecutive stages and between the first and the last stage, '*' where
@@ -320,6 +333,7 @@ def compare_runs(runs: Sequence[str | Path], dataset: str = "heldout", against: 
     table gives each stage's paired difference (these runs - the baseline), pairing the i-th run
     with the i-th baseline run on the scenarios both scored, the same interval."""
     runs = [str(r) for r in runs]
+    dataset = dataset or default_dataset(runs[0])
     configs, per_run, records = _stage_records(runs, dataset)
     seeds = [c.get("seed") for c in configs]
     # Named, not refused: a run may differ harmlessly (Ray resources, paths).
