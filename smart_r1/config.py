@@ -181,6 +181,10 @@ class MPOStage(_Stage):
     max_staleness: int = option(1, "drop rollouts made with weights older than this many updates")
     min_rollout_fraction: float = option(0.5, "least fraction of a step's scenarios with usable rollouts; "
                                               "below it the step is sampled again once, then the stage stops")
+    checkpoint_every: int = option(10, "RL steps between checkpoints (rank 0 writes <stage>/last_state.pt, ~66 MB "
+                                       "for SMART-tiny with AdamW, and the logs); the last step is always saved; "
+                                       "a resumed stage redoes at most this many steps. Not part of the stage's "
+                                       "fingerprint. 10: BENCHMARKS.md, 'RL checkpoint cadence'")
     sampling: SamplingConfig = option(SamplingConfig(), "how the rollouts sample tokens (the policy pi)")
     kind: str = field(default="mpo", init=False, metadata={"help": "mpo"})
 
@@ -202,9 +206,15 @@ class MPOStage(_Stage):
             raise ValueError(f"{where}: max_staleness must be >= 0")
         if not 0.0 < self.min_rollout_fraction <= 1.0:
             raise ValueError(f"{where}: min_rollout_fraction must lie in (0, 1], got {self.min_rollout_fraction}")
+        if self.checkpoint_every < 1:
+            raise ValueError(f"{where}: checkpoint_every must be >= 1, got {self.checkpoint_every}")
         if self.collision_weight < 0 or self.offroad_weight < 0:
             raise ValueError(f"{where}: collision_weight and offroad_weight must be >= 0")
         self.sampling.validate(f"stage {self.name!r}: sampling")
+
+    def saves_after(self, step: int) -> bool:
+        """Whether RL step `step` (0-based) ends with a checkpoint: every `checkpoint_every`-th, and the last."""
+        return (step + 1) % self.checkpoint_every == 0 or step + 1 == self.steps
 
     def check_learners(self, num_learners: int) -> None:
         """Every learner rank samples its own share of a step's scenarios: none may get nothing."""
@@ -220,7 +230,9 @@ STAGE_CLASSES: dict[str, type] = {"bc": BCStage, "catk_sft": CatKStage, "mpo": M
 STAGE_KINDS = tuple(STAGE_CLASSES)
 # Keys of the one flat stage config this replaced, with where they went.
 _RENAMED = {"top_k": "catk_k (CAT-K's K) or sampling.top_k (MPO's sampling)",
-            "top_k_sampling": "sampling.top_k", "temperature": "sampling.temperature"}
+            "top_k_sampling": "sampling.top_k", "temperature": "sampling.temperature",
+            "keep_checkpoints": "gone: one training state, <stage>/last_state.pt, is kept (an MPO stage's "
+                                "checkpoint_every sets how often)"}
 
 
 @dataclass(frozen=True)
@@ -243,8 +255,7 @@ class RayConfig:
                                                  "(BENCHMARKS.md), larger batches are meant for GPU actors")
     task_timeout_s: float = option(1800.0, "longest wait for one rollout or scoring task before the run stops "
                                            "with an error naming the actor and its scenarios")
-    storage_path: str = option("", "Ray Train / Tune storage; '' = <out_dir>/ray")
-    keep_checkpoints: int = option(2, "Ray Train checkpoints kept per stage (the newest)")
+    storage_path: str = option("", "Ray Train / Tune storage (their run records); '' = <out_dir>/ray")
 
     def validate(self) -> None:
         if self.num_rollout_workers < 1 or self.num_learners < 1:
@@ -257,8 +268,6 @@ class RayConfig:
             raise ValueError(f"ray.learner_threads must be >= 0 (0 = the learner's CPUs), got {self.learner_threads}")
         if self.max_learner_failures < 0 or self.max_actor_restarts < 0:
             raise ValueError("ray.max_learner_failures and ray.max_actor_restarts must be >= 0")
-        if self.keep_checkpoints < 1:
-            raise ValueError(f"ray.keep_checkpoints must be >= 1, got {self.keep_checkpoints}")
         if self.scenarios_per_rollout_batch < 1:
             raise ValueError(f"ray.scenarios_per_rollout_batch must be >= 1, got {self.scenarios_per_rollout_batch}")
         if not self.task_timeout_s > 0:

@@ -106,3 +106,11 @@ def test_wrong_types_and_names_fail_clearly(tmp_path, text, message):
     bad.write_text(text)
     with pytest.raises(ValueError, match=message):
         load_config(bad)
+
+
+def test_mpo_checkpoints_every_n_steps_and_the_last():
+    stage = MPOStage(name="rft", steps=25, checkpoint_every=10)
+    assert [s for s in range(25) if stage.saves_after(s)] == [9, 19, 24]
+    assert all(MPOStage(name="rft", steps=3, checkpoint_every=1).saves_after(s) for s in range(3))
+    with pytest.raises(ValueError, match="checkpoint_every must be >= 1"):
+        MPOStage(name="rft", checkpoint_every=0).validate()
