@@ -243,7 +243,11 @@ class RayConfig:
     cpus_per_rollout_worker: float = option(1.0, "CPUs per rollout actor (fractions share a core)")
     gpus_per_rollout_worker: float = option(0.0, "GPUs per rollout actor (fractions share a GPU)")
     num_learners: int = option(1, "Ray Train workers (data-parallel)")
-    use_gpu: bool = option(False, "one GPU per learner")
+    use_gpu: bool = option(False, "learners on GPUs (gpus_per_learner each)")
+    gpus_per_learner: float = option(1.0, "GPU share of a learner with use_gpu; below 1, rollout actors with "
+                                          "gpus_per_rollout_worker > 0 share the learners' GPUs (each learner's GPU "
+                                          "holds it and up to its share of the actors; README, 'Rollouts on the "
+                                          "learners' GPUs'). Above 0.5 with several learners: two ranks never share one")
     cpus_per_learner: float = option(1.0, "CPUs per learner")
     # More threads than CPUs pay off on a small machine: the rollout workers sit idle during BC
     # and SFT, and their cores would go unused.
@@ -266,6 +270,8 @@ class RayConfig:
             raise ValueError("ray.cpus_per_rollout_worker and ray.cpus_per_learner must be > 0")
         if self.gpus_per_rollout_worker < 0:
             raise ValueError("ray.gpus_per_rollout_worker must be >= 0")
+        if self.use_gpu:
+            self._check_gpu_sharing()
         if self.learner_threads < 0:
             raise ValueError(f"ray.learner_threads must be >= 0 (0 = the learner's CPUs), got {self.learner_threads}")
         if self.max_learner_failures < 0 or self.max_actor_restarts < 0:
@@ -274,6 +280,27 @@ class RayConfig:
             raise ValueError(f"ray.scenarios_per_rollout_batch must be >= 1, got {self.scenarios_per_rollout_batch}")
         if not self.task_timeout_s > 0:
             raise ValueError(f"ray.task_timeout_s must be > 0, got {self.task_timeout_s}")
+
+    def _check_gpu_sharing(self) -> None:
+        """Learners on fractions of GPUs: no two learners on one GPU (NCCL refuses two ranks on a
+        device; Ray fills a GPU's fractions first, so two shares of 0.5 would land on the same one),
+        and GPU rollout actors fit in what the learners leave of their GPUs."""
+        g, a = self.gpus_per_learner, self.gpus_per_rollout_worker
+        if not 0 < g <= 1:
+            raise ValueError(f"ray.gpus_per_learner must lie in (0, 1], got {g}")
+        if g >= 1:
+            return
+        if self.num_learners > 1 and g <= 0.5:
+            raise ValueError(f"ray.gpus_per_learner {g} with {self.num_learners} learners: Ray could put two "
+                             "learners on one GPU, which NCCL refuses; give each more than 0.5")
+        if a > 0:
+            beside = math.floor((1 - g) / a + 1e-9)  # actors that fit beside one learner on its GPU
+            if self.num_rollout_workers > self.num_learners * beside:
+                raise ValueError(
+                    f"ray: {self.num_rollout_workers} rollout actors of {a:g} GPU do not fit beside "
+                    f"{self.num_learners} learners of {g:g} GPU ({beside} per learner's GPU); lower "
+                    "gpus_per_rollout_worker or num_rollout_workers, or give the actors GPUs of their own "
+                    "(gpus_per_learner: 1)")
 
 
 @dataclass(frozen=True)

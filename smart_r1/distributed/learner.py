@@ -122,7 +122,7 @@ def run_learner(job: LearnerJob, ray_cfg: RayConfig, storage_path: str) -> str:
         torch_config=torch_config(),
         scaling_config=ScalingConfig(num_workers=ray_cfg.num_learners, use_gpu=ray_cfg.use_gpu,
                                      resources_per_worker={"CPU": ray_cfg.cpus_per_learner,
-                                                           **({"GPU": 1} if ray_cfg.use_gpu else {})}),
+                                                           **({"GPU": ray_cfg.gpus_per_learner} if ray_cfg.use_gpu else {})}),
         run_config=RunConfig(name=job.run_name or f"{base_name(parent(job.stage_dir))}-{job.stage.name}",
                              **ray_storage(storage_path),
                              failure_config=FailureConfig(max_failures=ray_cfg.max_learner_failures)),
