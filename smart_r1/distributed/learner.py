@@ -142,8 +142,8 @@ def _model_from_last_state(job: LearnerJob, out: str) -> None:
     state = read_last_state(job.stage_dir)
     last = (job.stage.steps if job.stage.kind == "mpo" else job.stage.epochs) - 1
     if state is None or state["progress"] != last:
-        raise RuntimeError(f"stage {job.stage.name}: the learners finished but {join(job.stage_dir, LAST_NAME)} "
-                           f"{'is missing' if state is None else 'holds unit %d, not the last, %d' % (state['progress'], last)}")
+        found = "is missing" if state is None else f"holds unit {state['progress']}, not the last ({last})"
+        raise RuntimeError(f"stage {job.stage.name}: the learners finished but {join(job.stage_dir, LAST_NAME)} {found}")
     model = load_checkpoint(ray.get(job.init_checkpoint))
     model.load_state_dict(state["model"])
     with tempfile.TemporaryDirectory() as d:
