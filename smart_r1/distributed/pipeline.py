@@ -10,7 +10,7 @@ release its CPU nodes during BC and SFT (`RolloutActors`). Everything a stage pr
 continues an unfinished one from its last checkpoint.
 
 `out_dir` is the run's storage root: a local folder or a URI (`s3://bucket/prefix?...`, `gs://`,
-`file://`). Every artefact of the run (data, `init.pt`, stage folders, Ray Train's checkpoints
+`file://`). Every artefact of the run (data, `init.pt`, stage folders, Ray Train's run records
 under `<out_dir>/ray`, tables, run records) is read and written there through `smart_r1.storage`,
 so a new driver, from any machine and working directory, resumes from what the root holds.
 
@@ -291,7 +291,7 @@ def run_pipeline(config: PipelineConfig, fail_once_at: dict[str, int] | None = N
         return refs[path]
 
     actors = RolloutActors(config, datasets)
-    storage = r.storage_path or join(out, "ray")  # Ray Train's checkpoints: in the same root by default
+    storage = r.storage_path or join(out, "ray")  # Ray Train's run records: in the same root by default
     rows: dict[str, dict] = {}
     reference = current
     for i, stage in enumerate(config.stages):

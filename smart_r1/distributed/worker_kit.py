@@ -1,6 +1,7 @@
 """What every learner loop of a Ray Train worker uses: the job it is handed, rank and world size,
 the stage's model and optimiser resumed from the newest state, progress lines with an ETA, and the
-per-epoch / per-RL-step report (metrics to MLflow and the stage's log, a Ray Train checkpoint).
+per-epoch / per-RL-step report (metrics to MLflow, Ray Train and the stage's log; the training
+state to the stage's folder, every epoch and every `checkpoint_every` RL steps).
 
 The loops themselves are `supervised_loop.py` (BC, CAT-K SFT) and `mpo_loop.py` (RFT); the
 TorchTrainer that runs them is `learner.py`. The method (losses, the MPO step, the optimiser

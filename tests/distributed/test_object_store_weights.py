@@ -1,6 +1,6 @@
 """Weights travel through Ray's object store, never as paths: the driver reads a checkpoint once
 (CRC-checked) and puts its bytes there; rollout actors (also after a restart) and learners load
-them from there, and the stage's final model reaches the driver through Ray Train's checkpoint."""
+them from there, and the stage's final model reaches the driver through the stage's last state."""
 
 from __future__ import annotations
 
