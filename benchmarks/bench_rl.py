@@ -3,6 +3,8 @@ idle fraction and the weight-sync time per update.
 
     python benchmarks/bench_rl.py [--scenarios 16] [--rollouts 8] [--preset cpu] [--steps 6]
     python benchmarks/bench_rl.py --batching 1,4 [--scenarios 8]   # scenarios per closed-loop batch only
+    python benchmarks/bench_rl.py --preset default --rollouts-only [--actor-gpus 0.25 --scenes-per-batch 4]
+                                       # actors' rollouts/s only; on a GPU node, actors on GPU shares
 
 Data: SUMO scenarios generated into a temporary folder (seed 0). Model: an untrained SMART-tiny of
 the given preset (rollout cost does not depend on the weights). The MPO part runs the real RFT
@@ -21,14 +23,15 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
-def rollouts_per_second(checkpoint: str, datasets: dict, num_actors: int, scenarios: int, rollouts: int) -> float:
+def rollouts_per_second(checkpoint: str, datasets: dict, num_actors: int, scenarios: int, rollouts: int,
+                        gpus: float = 0.0, scenes_per_batch: int = 1) -> float:
     import ray
 
     from smart_r1.distributed.rollout_tasks import split
     from smart_r1.distributed.rollout_worker import RolloutSpec, start_workers
 
-    workers = start_workers(checkpoint, datasets, num_actors, cpus=1, gpus=0)
-    spec = RolloutSpec(num_rollouts=rollouts)
+    workers = start_workers(checkpoint, datasets, num_actors, cpus=1, gpus=gpus)
+    spec = RolloutSpec(num_rollouts=rollouts, scenes_per_batch=scenes_per_batch)
     warm = [w.rollout.remote(0, [], "train", [0], spec) for w in workers]  # load data, build scenes
     ray.get(warm)
     indices = list(range(scenarios))
@@ -71,6 +74,9 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=6)
     p.add_argument("--batching", default="", help="only this: scenarios per closed-loop batch to compare, e.g. 1,4")
     p.add_argument("--repeats", type=int, default=2, help="--batching: turns of each size (best kept)")
+    p.add_argument("--rollouts-only", action="store_true", help="only the actors' rollouts/s (no MPO stage)")
+    p.add_argument("--actor-gpus", type=float, default=0.0, help="GPU share of each rollout actor (0: CPU actors)")
+    p.add_argument("--scenes-per-batch", type=int, default=1, help="scenarios per closed-loop batch in an actor")
     args = p.parse_args()
 
     from smart_r1.config import DataConfig, ModelSection, MPOStage, PipelineConfig, RayConfig
@@ -95,10 +101,16 @@ def main() -> None:
         return
     ensure_ray(num_cpus=2)
 
-    one = rollouts_per_second(checkpoint, datasets, 1, args.scenarios, args.rollouts)
-    two = rollouts_per_second(checkpoint, datasets, 2, args.scenarios, args.rollouts)
+    speed = dict(gpus=args.actor_gpus, scenes_per_batch=args.scenes_per_batch)
+    one = rollouts_per_second(checkpoint, datasets, 1, args.scenarios, args.rollouts, **speed)
+    two = rollouts_per_second(checkpoint, datasets, 2, args.scenarios, args.rollouts, **speed)
     efficiency = two / (2 * one)
-    print(f"rollouts/s  1 actor {one:.2f}  2 actors {two:.2f}  scaling efficiency {efficiency:.2f}")
+    print(f"rollouts/s  1 actor {one:.2f}  2 actors {two:.2f}  scaling efficiency {efficiency:.2f} "
+          f"({args.preset} preset, 1 CPU{f' and {args.actor_gpus:g} GPU' if args.actor_gpus else ''} per actor, "
+          f"{args.scenes_per_batch} scenarios per closed-loop batch)")
+    if args.rollouts_only:
+        print(f"rollouts_per_s_1 {one:.2f} rollouts_per_s_2 {two:.2f} scaling {efficiency:.2f}")
+        return
 
     stage = MPOStage(name="rft", steps=args.steps, num_rollouts=args.rollouts,
                         scenarios_per_step=4, lr=1e-4)

@@ -231,6 +231,12 @@ class MPOStage(_Stage):
     max_staleness: int = option(1, "drop rollouts made with weights older than this many updates")
     min_rollout_fraction: float = option(0.5, "least fraction of a step's scenarios with usable rollouts; "
                                               "below it the step is sampled again once, then the stage stops")
+    checkpoint_every: int = option(10, "RL steps between checkpoints (rank 0 writes <stage>/last_state.pt and the "
+                                       "logs); the last step is always saved; a resumed stage redoes at most this "
+                                       "many steps. 10: SMART-tiny's state (66 MB with AdamW) took 0.7 s to upload "
+                                       "to S3, 7% of the shortest RL step measured (10 s) if saved every step, 0.7% "
+                                       "every 10 (BENCHMARKS.md, 'RL checkpoint cadence'). Not part of the stage's "
+                                       "fingerprint")
     sampling: SamplingConfig = option(SamplingConfig(), "how the rollouts sample tokens (the policy pi)")
     kind: str = field(default="mpo", init=False, metadata={"help": "mpo"})
 
@@ -256,9 +262,15 @@ class MPOStage(_Stage):
             raise ValueError(f"{where}: max_staleness must be >= 0")
         if not 0.0 < self.min_rollout_fraction <= 1.0:
             raise ValueError(f"{where}: min_rollout_fraction must lie in (0, 1], got {self.min_rollout_fraction}")
+        if self.checkpoint_every < 1:
+            raise ValueError(f"{where}: checkpoint_every must be >= 1, got {self.checkpoint_every}")
         if self.collision_weight < 0 or self.offroad_weight < 0 or self.progress_weight < 0:
             raise ValueError(f"{where}: collision_weight, offroad_weight and progress_weight must be >= 0")
         self.sampling.validate(f"stage {self.name!r}: sampling")
+
+    def saves_after(self, step: int) -> bool:
+        """Whether RL step `step` (0-based) ends with a checkpoint: every `checkpoint_every`-th, and the last."""
+        return (step + 1) % self.checkpoint_every == 0 or step + 1 == self.steps
 
     def check_learners(self, num_learners: int) -> None:
         """Every learner rank samples its own share of a step's scenarios: none may get nothing."""
@@ -276,7 +288,9 @@ STAGE_KINDS = tuple(STAGE_CLASSES)
 _RENAMED = {"top_k": "catk_k (CAT-K's K) or sampling.top_k (MPO's sampling)",
             "top_k_sampling": "sampling.top_k", "temperature": "sampling.temperature",
             "real_scenario": "data.real (a folder of real WOMD TFRecords, split into real_train / real_tune / "
-                             "real_report)"}
+                             "real_report)",
+            "keep_checkpoints": "gone: one training state, <stage>/last_state.pt, is kept (an MPO stage's "
+                                "checkpoint_every sets how often)"}
 
 
 @dataclass(frozen=True)
@@ -285,7 +299,11 @@ class RayConfig:
     cpus_per_rollout_worker: float = option(1.0, "CPUs per rollout actor (fractions share a core)")
     gpus_per_rollout_worker: float = option(0.0, "GPUs per rollout actor (fractions share a GPU)")
     num_learners: int = option(1, "Ray Train workers (data-parallel)")
-    use_gpu: bool = option(False, "one GPU per learner")
+    use_gpu: bool = option(False, "learners on GPUs (gpus_per_learner each)")
+    gpus_per_learner: float = option(1.0, "GPU share of a learner with use_gpu; below 1, rollout actors with "
+                                          "gpus_per_rollout_worker > 0 share the learners' GPUs (each learner's GPU "
+                                          "holds it and up to its share of the actors; README, 'Rollouts on the "
+                                          "learners' GPUs'). Above 0.5 with several learners: two ranks never share one")
     cpus_per_learner: float = option(1.0, "CPUs per learner")
     # More threads than CPUs pay off on a small machine: the rollout workers sit idle during BC
     # and SFT, and their cores would go unused.
@@ -299,8 +317,7 @@ class RayConfig:
                                                  "(BENCHMARKS.md), larger batches are meant for GPU actors")
     task_timeout_s: float = option(1800.0, "longest wait for one rollout or scoring task before the run stops "
                                            "with an error naming the actor and its scenarios")
-    storage_path: str = option("", "Ray Train / Tune storage; '' = <out_dir>/ray")
-    keep_checkpoints: int = option(2, "Ray Train checkpoints kept per stage (the newest)")
+    storage_path: str = option("", "Ray Train / Tune storage (their run records); '' = <out_dir>/ray")
 
     def validate(self) -> None:
         if self.num_rollout_workers < 1 or self.num_learners < 1:
@@ -309,16 +326,37 @@ class RayConfig:
             raise ValueError("ray.cpus_per_rollout_worker and ray.cpus_per_learner must be > 0")
         if self.gpus_per_rollout_worker < 0:
             raise ValueError("ray.gpus_per_rollout_worker must be >= 0")
+        if self.use_gpu:
+            self._check_gpu_sharing()
         if self.learner_threads < 0:
             raise ValueError(f"ray.learner_threads must be >= 0 (0 = the learner's CPUs), got {self.learner_threads}")
         if self.max_learner_failures < 0 or self.max_actor_restarts < 0:
             raise ValueError("ray.max_learner_failures and ray.max_actor_restarts must be >= 0")
-        if self.keep_checkpoints < 1:
-            raise ValueError(f"ray.keep_checkpoints must be >= 1, got {self.keep_checkpoints}")
         if self.scenarios_per_rollout_batch < 1:
             raise ValueError(f"ray.scenarios_per_rollout_batch must be >= 1, got {self.scenarios_per_rollout_batch}")
         if not self.task_timeout_s > 0:
             raise ValueError(f"ray.task_timeout_s must be > 0, got {self.task_timeout_s}")
+
+    def _check_gpu_sharing(self) -> None:
+        """Learners on fractions of GPUs: no two learners on one GPU (NCCL refuses two ranks on a
+        device; Ray fills a GPU's fractions first, so two shares of 0.5 would land on the same one),
+        and GPU rollout actors fit in what the learners leave of their GPUs."""
+        g, a = self.gpus_per_learner, self.gpus_per_rollout_worker
+        if not 0 < g <= 1:
+            raise ValueError(f"ray.gpus_per_learner must lie in (0, 1], got {g}")
+        if g >= 1:
+            return
+        if self.num_learners > 1 and g <= 0.5:
+            raise ValueError(f"ray.gpus_per_learner {g} with {self.num_learners} learners: Ray could put two "
+                             "learners on one GPU, which NCCL refuses; give each more than 0.5")
+        if a > 0:
+            beside = math.floor((1 - g) / a + 1e-9)  # actors that fit beside one learner on its GPU
+            if self.num_rollout_workers > self.num_learners * beside:
+                raise ValueError(
+                    f"ray: {self.num_rollout_workers} rollout actors of {a:g} GPU do not fit beside "
+                    f"{self.num_learners} learners of {g:g} GPU ({beside} per learner's GPU); lower "
+                    "gpus_per_rollout_worker or num_rollout_workers, or give the actors GPUs of their own "
+                    "(gpus_per_learner: 1)")
 
 
 @dataclass(frozen=True)

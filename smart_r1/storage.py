@@ -8,6 +8,11 @@ Other URIs (`s3://`, `gs://`, ...) go through `pyarrow.fs` in one upload, where 
 appears only once its upload completes. Folders of an object store are key prefixes: writing a
 file "creates" them, and nothing here needs them made first.
 
+Logs (JSON lines, one row per epoch or RL step) are the exception to whole-file writes: a local
+log is appended to, a row at a time, and a reader leaves out a last row cut short by a crash;
+an object store has no append, so a process batches its rows and uploads them with its
+checkpoints (`write_log_row`, `flush_logs`).
+
 Credentials: an object store's come from the environment (AWS_* variables, an instance role, a
 GCS service account) or from the URI (`s3://KEY:SECRET@bucket/...`); a URI is written into the
 run's records as given (config.json, MLflow params), so keep secrets out of it outside tests.
@@ -16,6 +21,7 @@ run's records as given (config.json, MLflow params), so keep secrets out of it o
 from __future__ import annotations
 
 import fnmatch
+import functools
 import glob
 import io
 import json
@@ -24,6 +30,7 @@ import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote
 
 import pyarrow.fs as pafs
 import torch
@@ -33,13 +40,33 @@ def is_uri(path: str | Path) -> bool:
     return "://" in str(path)
 
 
+# Object stores whose URIs read `scheme://[KEY:SECRET@]bucket/key?options`: one filesystem per
+# (bucket, options), built once per process (building one may look up the bucket's region).
+_BUCKET_SCHEMES = ("s3", "gs", "gcs")
+
+
+@functools.lru_cache(maxsize=64)
+def _bucket_filesystem(bucket_uri: str) -> tuple[pafs.FileSystem, str]:
+    """`pyarrow.fs.FileSystem.from_uri` of a bucket's URI (no key), cached per process."""
+    return pafs.FileSystem.from_uri(bucket_uri)
+
+
 def resolve(path: str | Path) -> tuple[pafs.FileSystem | None, str]:
     """(filesystem, path inside it) of a URI (`s3://bucket/key?endpoint_override=...`, `gs://`,
     `file://`, through `pyarrow.fs.FileSystem.from_uri`), or (None, path) for a local path.
-    A `file://` URI resolves to the local filesystem, so writes to it stay atomic renames."""
+    A `file://` URI resolves to the local filesystem, so writes to it stay atomic renames. A
+    bucket's filesystem is built once per process and reused for every key in it."""
     if not is_uri(path):
         return None, str(path)
-    fs, key = pafs.FileSystem.from_uri(str(path))
+    text = str(path)
+    scheme, _, rest = text.partition("://")
+    if scheme in _BUCKET_SCHEMES:
+        head, sep, query = rest.partition("?")
+        authority, _, key = head.partition("/")
+        fs, bucket = _bucket_filesystem(f"{scheme}://{authority}{sep}{query}")
+        key = unquote(key).rstrip("/")
+        return fs, f"{bucket}/{key}" if key else bucket
+    fs, key = pafs.FileSystem.from_uri(text)
     if isinstance(fs, pafs.LocalFileSystem):
         return None, key
     return fs, key
@@ -298,25 +325,68 @@ def copy_file(source: str | Path, target: str | Path) -> None:
     os.replace(tmp, target)
 
 
-def read_jsonl(path: str | Path) -> list[dict]:
-    """The rows of a JSON-lines file ([] when absent)."""
+def _log_rows(path: str | Path) -> tuple[list[dict], bool]:
+    """(rows, whole) of a JSON-lines log ([] when absent); whole is False when the last line was
+    cut short (a local append stopped by a crash: every row is written as one line ending in a
+    newline, so a last line without one is a torn row, left out)."""
     try:
         text = read_text(path)
     except FileNotFoundError:
-        return []
-    return [json.loads(line) for line in text.splitlines() if line.strip()]
+        return [], True
+    whole = text.endswith("\n") or not text
+    lines = text.splitlines() if whole else text.splitlines()[:-1]
+    return [json.loads(line) for line in lines if line.strip()], whole
 
 
-def write_log_row(path: str | Path, row: dict, key: str = "progress") -> None:
-    """Put `row` into the JSON-lines log at `path`, replacing rows whose `key` is not below the
-    row's (a step redone after a crash is logged once), atomically."""
-    rows = [r for r in read_jsonl(path) if r.get(key, -1) < row[key]] + [row]
-    write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
+def read_jsonl(path: str | Path) -> list[dict]:
+    """The rows of a JSON-lines log ([] when absent; a torn last row, see `_log_rows`, left out)."""
+    return _log_rows(path)[0]
+
+
+# Rows of object-store logs not uploaded yet, by path (write_log_row / flush_logs).
+_PENDING: dict[str, list[dict]] = {}
+
+
+def write_log_row(path: str | Path, row: dict) -> None:
+    """Add `row` to the JSON-lines log at `path`, without rewriting it.
+
+    A local file gets the row appended at once, as one write of a whole line, flushed to disk. An
+    object store has no append: its rows wait in this process until `flush_logs` uploads them
+    (the learners flush with each checkpoint; rows logged after the newest checkpoint belong to
+    work a resumed run redoes and logs again). Rows of work redone after a crash are dropped
+    first with `truncate_log`, so each unit is logged once."""
+    fs, key = resolve(path)
+    if fs is not None:
+        _PENDING.setdefault(str(path), []).append(row)
+        return
+    file = Path(key)
+    file.parent.mkdir(parents=True, exist_ok=True)
+    with open(file, "a") as f:
+        f.write(json.dumps(row) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def flush_logs(key: str = "progress") -> None:
+    """Upload the rows `write_log_row` holds for object-store logs: each log is rewritten once
+    with them (replacing rows whose `key` is not below its first new row's: a unit is logged once),
+    in one upload, so a reader sees the log before or after, never a part. Local logs have nothing
+    pending."""
+    while _PENDING:
+        path, rows = next(iter(_PENDING.items()))
+        kept = [r for r in read_jsonl(path) if r.get(key, -1) < rows[0][key]]
+        write_text(path, "".join(json.dumps(r) + "\n" for r in kept + rows))
+        del _PENDING[path]
 
 
 def truncate_log(path: str | Path, first_redone: int, key: str = "progress") -> None:
-    """Drop the rows of steps from `first_redone` on (a resumed stage redoes them)."""
-    rows = read_jsonl(path)
+    """Drop the rows of units from `first_redone` on (a resumed stage redoes them), and a torn last
+    row, rewriting the log atomically; rows not uploaded yet are dropped alike."""
+    rows, whole = _log_rows(path)
     kept = [r for r in rows if r.get(key, -1) < first_redone]
-    if len(kept) != len(rows):
+    if len(kept) != len(rows) or not whole:
         write_text(path, "".join(json.dumps(r) + "\n" for r in kept))
+    if str(path) in _PENDING:
+        _PENDING[str(path)] = [r for r in _PENDING[str(path)] if r.get(key, -1) < first_redone]
+        if not _PENDING[str(path)]:
+            del _PENDING[str(path)]

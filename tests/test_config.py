@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from pathlib import Path
 
@@ -163,3 +164,30 @@ def test_womd_presets_cite_sections_that_exist(path):
     assert cited
     for title in cited:
         assert title in docs, title
+
+
+def test_mpo_checkpoints_every_n_steps_and_the_last():
+    stage = MPOStage(name="rft", steps=25, checkpoint_every=10)
+    assert [s for s in range(25) if stage.saves_after(s)] == [9, 19, 24]
+    assert all(MPOStage(name="rft", steps=3, checkpoint_every=1).saves_after(s) for s in range(3))
+    with pytest.raises(ValueError, match="checkpoint_every must be >= 1"):
+        MPOStage(name="rft", checkpoint_every=0).validate()
+
+
+def test_rollout_actors_may_share_the_learners_gpus_when_they_fit():
+    from smart_r1.config import RayConfig
+    from smart_r1.distributed.resources import resources_needed
+
+    shared = RayConfig(use_gpu=True, num_learners=2, gpus_per_learner=0.6, num_rollout_workers=4,
+                       gpus_per_rollout_worker=0.2)
+    shared.validate()  # each learner's GPU: 0.6 + 2 actors x 0.2
+    assert resources_needed(shared)["GPU"] == pytest.approx(2.0)
+    RayConfig(use_gpu=True, gpus_per_learner=0.5, num_rollout_workers=2, gpus_per_rollout_worker=0.25).validate()
+    for changes, message in (({"num_rollout_workers": 5}, "5 rollout actors of 0.2 GPU do not fit beside 2 learners"),
+                             ({"gpus_per_learner": 0.5}, "two learners on one GPU"),
+                             ({"gpus_per_learner": 1.5}, r"gpus_per_learner must lie in \(0, 1\]"),
+                             ({"gpus_per_learner": 0.0}, r"gpus_per_learner must lie in \(0, 1\]")):
+        with pytest.raises(ValueError, match=message):
+            dataclasses.replace(shared, **changes).validate()
+    # whole GPUs for the learners: GPU actors go wherever the cluster has GPUs (not checked here)
+    dataclasses.replace(shared, gpus_per_learner=1.0, num_rollout_workers=16).validate()

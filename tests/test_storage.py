@@ -39,15 +39,39 @@ def test_a_writer_killed_mid_write_leaves_the_old_file(tmp_path):
     assert path.read_bytes() in (b"old", b"x" * 200_000_000)
 
 
-def test_log_rows_of_redone_steps_replace_the_old_ones(tmp_path):
+def test_local_logs_are_appended_and_rows_of_redone_steps_dropped(tmp_path):
     log = tmp_path / "train_log.jsonl"
+    sizes = []
     for step in range(4):
         write_log_row(log, {"progress": step, "loss": float(step)})
+        sizes.append(log.stat().st_size)
+    inode = log.stat().st_ino
+    assert log.read_text().startswith('{"progress": 0') and sizes == sorted(set(sizes))
+    assert log.stat().st_ino == inode, "appended in place, never rewritten"
     truncate_log(log, 2)  # resumed after step 1: steps 2 and 3 are redone
     assert [r["progress"] for r in read_jsonl(log)] == [0, 1]
     write_log_row(log, {"progress": 2, "loss": 20.0})
-    write_log_row(log, {"progress": 2, "loss": 21.0})  # logged, crashed before its checkpoint, redone
-    assert [(r["progress"], r["loss"]) for r in read_jsonl(log)] == [(0, 0.0), (1, 1.0), (2, 21.0)]
+    with open(log, "a") as f:  # a crash in the middle of appending step 3's row
+        f.write('{"progress": 3, "lo')
+    assert [(r["progress"], r["loss"]) for r in read_jsonl(log)] == [(0, 0.0), (1, 1.0), (2, 20.0)]
+    truncate_log(log, 3)  # the resumed run drops the torn row before it appends again
+    write_log_row(log, {"progress": 3, "loss": 30.0})
+    assert [r["progress"] for r in read_jsonl(log)] == [0, 1, 2, 3]
+
+
+def test_a_buckets_filesystem_is_built_once_and_keys_match_pyarrows():
+    import pyarrow.fs as pafs
+
+    from smart_r1.storage import resolve
+
+    query = "endpoint_override=127.0.0.1:9&scheme=http&region=us-east-1"
+    uris = [f"s3://bucket/runs/a/bc/done.json?{query}", f"s3://bucket/runs/a/?{query}", f"s3://bucket?{query}",
+            f"s3://KEY:SECRET@bucket/runs/with%20space?{query}", f"s3://bucket/a//b?{query}"]
+    for uri in uris[:4]:
+        assert resolve(uri)[1] == pafs.FileSystem.from_uri(uri)[1], uri
+    assert resolve(uris[0])[0] is resolve(uris[1])[0], "one filesystem per bucket and options"
+    assert resolve(uris[0])[0] is not resolve(uris[3])[0], "other credentials: another filesystem"
+    assert resolve(uris[4])[1] == "bucket/a//b"
 
 
 def test_paths_and_uris_join_name_and_hide_secrets(tmp_path):

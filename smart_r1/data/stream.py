@@ -9,13 +9,16 @@ than world_size row groups, i.e. below ~32 x world_size scenarios), rank r takes
 some units are read by several ranks in that epoch; each rank still shuffles its rows with its
 own RNG. A rank draws as many rows as it is asked for (`count`, the same on every rank, since
 their gradients are all-reduced step by step), going round its units again when it needs more
-rows than they hold.
+rows than they hold. Its next unit is read (and decoded) in a background thread while the rows of
+the current one are used (`read_ahead`): reading a row group from a bucket overlaps training, and
+a rank holds two decoded units at most.
 """
 
 from __future__ import annotations
 
 import random
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
 
 T = TypeVar("T")
@@ -49,15 +52,31 @@ def shuffle_buffer(items: Iterable[T], size: int, rng: random.Random) -> Iterato
     yield from buffer
 
 
+def read_ahead(read_unit: Callable[[int], Sequence[T]], units: Sequence[int]) -> Iterator[Sequence[T]]:
+    """The rows of each unit in turn; while the caller uses one unit's rows, the next unit is read
+    by `read_unit` in a background thread (one at a time, so `read_unit` is never called twice at
+    once). Holds the unit given out and the one being read; a read's error is raised here, in order."""
+    units = list(units)
+    if not units:
+        return
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="read_ahead") as reader:
+        pending = reader.submit(read_unit, units[0])
+        for unit in units[1:]:
+            rows = pending.result()
+            pending = reader.submit(read_unit, unit)
+            yield rows
+        yield pending.result()
+
+
 def epoch_rows(read_unit: Callable[[int], Sequence[T]], units: Sequence[int], count: int,
                buffer: int, rng: random.Random) -> Iterator[T]:
-    """Exactly `count` rows of `units`: pass after pass over the units (read in order), each pass
-    through a fresh shuffle buffer of `buffer` rows, so that within a pass every row comes once.
+    """Exactly `count` rows of `units`: pass after pass over the units (read in order, one ahead),
+    each pass through a fresh shuffle buffer of `buffer` rows, so that within a pass every row comes once.
     ValueError when a whole pass gives no row."""
     drawn = 0
     while drawn < count:
         given = 0
-        for row in shuffle_buffer((row for unit in units for row in read_unit(unit)), buffer, rng):
+        for row in shuffle_buffer((row for rows in read_ahead(read_unit, units) for row in rows), buffer, rng):
             if drawn == count:
                 return
             yield row

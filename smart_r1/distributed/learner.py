@@ -1,14 +1,14 @@
 """The Ray Train learner: a `TorchTrainer` (Train V2) whose workers run one stage's training loop.
 
-Ray Train checkpoints are reported every epoch / RL step, resumed after a worker failure through
-`FailureConfig`, and copied to the stage folder so that a re-run of the pipeline resumes too.
-Ray Train's storage is a local folder or a URI (the run's storage root by default); an object
-store's URI is handed to Ray Train as its `pyarrow.fs` filesystem and the path inside it, so its
-options (`endpoint_override`, `region`, ...) reach every worker.
-Weights go in through Ray's object store (the starting and reference checkpoints' bytes) and come
-out through Ray Train's checkpoint, which the driver reads to write the stage's `model.pt`. The
-loops are `supervised_loop` (BC, CAT-K SFT) and `mpo_loop` (RFT); what they share is
-`worker_kit`.
+The training state is written by rank 0 to the stage folder (`last_state.pt`, every epoch and
+every `checkpoint_every` RL steps, `worker_kit.report`): a worker group that Ray Train restarts
+after a failure (`FailureConfig`: a lost node, a crashed worker) resumes from it, and so does a
+re-run of the pipeline from a new driver. Ray Train gets metrics only; its storage (a local folder
+or a URI, the run's storage root by default; an object store's URI is handed to it as its
+`pyarrow.fs` filesystem and the path inside it, so its options reach every worker) keeps its run
+records. Weights go in through Ray's object store (the starting and reference checkpoints' bytes)
+and come out through `last_state.pt`, from which the driver writes the stage's `model.pt`. The
+loops are `supervised_loop` (BC, CAT-K SFT) and `mpo_loop` (RFT); what they share is `worker_kit`.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from pathlib import Path
 
 import ray
 import torch.distributed as dist
-from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train import FailureConfig, RunConfig, ScalingConfig
 from ray.train.backend import Backend
 from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -108,8 +108,8 @@ def ray_storage(storage_path: str) -> dict:
 def run_learner(job: LearnerJob, ray_cfg: RayConfig, storage_path: str) -> str:
     """Run the stage's loop on a TorchTrainer; returns the path of the final SMART-tiny checkpoint,
     `<stage_dir>/model.pt` (a local path or a URI, as `job.stage_dir`), which this process (the
-    driver) writes from the run's last Ray Train checkpoint (read from `storage_path`, a local
-    folder or a URI): no worker writes it.
+    driver) writes from the stage's last training state: no worker writes it. `storage_path` (a
+    local folder or a URI) holds Ray Train's run records.
 
     The starting and reference weights reach the learners through the object store (a path in
     `job` is read here and sent as bytes), so no learner reads a path on the driver's disk."""
@@ -122,33 +122,28 @@ def run_learner(job: LearnerJob, ray_cfg: RayConfig, storage_path: str) -> str:
         torch_config=torch_config(),
         scaling_config=ScalingConfig(num_workers=ray_cfg.num_learners, use_gpu=ray_cfg.use_gpu,
                                      resources_per_worker={"CPU": ray_cfg.cpus_per_learner,
-                                                           **({"GPU": 1} if ray_cfg.use_gpu else {})}),
+                                                           **({"GPU": ray_cfg.gpus_per_learner} if ray_cfg.use_gpu else {})}),
         run_config=RunConfig(name=job.run_name or f"{base_name(parent(job.stage_dir))}-{job.stage.name}",
                              **ray_storage(storage_path),
-                             failure_config=FailureConfig(max_failures=ray_cfg.max_learner_failures),
-                             checkpoint_config=CheckpointConfig(num_to_keep=ray_cfg.keep_checkpoints)),
+                             failure_config=FailureConfig(max_failures=ray_cfg.max_learner_failures)),
     )
     result = trainer.fit()
     if result.error is not None:
         raise RuntimeError(f"stage {job.stage.name}: learner failed") from result.error
     out = join(job.stage_dir, MODEL_NAME)
-    if result.checkpoint is None:
-        # The learners resumed after their last unit (a driver killed between the stage's last
-        # checkpoint and its done marker) and reported nothing new: the model is the saved state.
-        _model_from_last_state(job, out)
-        return out
-    with result.checkpoint.as_directory() as d:  # a download when storage_path is a URI
-        write_bytes(out, checkpoint_bytes(Path(d) / MODEL_NAME))  # CRC-checked, written atomically
+    _model_from_last_state(job, out)
     return out
 
 
 def _model_from_last_state(job: LearnerJob, out: str) -> None:
     """Write the stage's checkpoint `out` from its last training state (`last_state.pt`, written
-    by rank 0 with every report) on the stage's starting model (its config and vocabulary)."""
+    by rank 0 after the stage's last unit) on the stage's starting model (its config and
+    vocabulary), CRC-checked and atomically."""
     state = read_last_state(job.stage_dir)
-    if state is None:
-        raise RuntimeError(f"stage {job.stage.name}: the learner reported no checkpoint and "
-                           f"{join(job.stage_dir, LAST_NAME)} is missing")
+    last = (job.stage.steps if job.stage.kind == "mpo" else job.stage.epochs) - 1
+    if state is None or state["progress"] != last:
+        found = "is missing" if state is None else f"holds unit {state['progress']}, not the last ({last})"
+        raise RuntimeError(f"stage {job.stage.name}: the learners finished but {join(job.stage_dir, LAST_NAME)} {found}")
     model = load_checkpoint(ray.get(job.init_checkpoint))
     model.load_state_dict(state["model"])
     with tempfile.TemporaryDirectory() as d:

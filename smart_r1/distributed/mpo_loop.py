@@ -238,4 +238,4 @@ def mpo_loop(config: dict) -> None:
         progress.line(step + 1, f"reward {metrics['reward']:.3f} realism {metrics['realism']:.3f} "
                                 f"coll {metrics['collision_rate']:.3f} off {metrics['offroad_rate']:.3f} "
                                 f"kl {stats['kl']:.4f} | {format_phases({k: v for k, v in metrics.items() if k.startswith('time_')})}")
-        report(job, model, optimizer, step, metrics, rank)
+        report(job, model, optimizer, step, metrics, rank, save=stage.saves_after(step))

@@ -1,13 +1,16 @@
 """The stage DAG: BC -> closed-loop SFT (CAT-K) -> RFT (MPO) -> closed-loop SFT, on Ray.
 
 The driver prepares data (the embedded SUMO set unless a path is given), the motion vocabulary
-and an initial model, starts the rollout workers once, then runs each stage on a Ray Train
-learner and scores its checkpoint on held-out scenarios with the rollout workers. Everything a
-stage produces lives in `<out_dir>/<stage>/`; `done.json` marks a finished stage, so a re-run
-skips finished stages and continues an unfinished one from its last checkpoint.
+and an initial model, then runs each stage on a Ray Train learner and scores its checkpoint on
+held-out scenarios with the rollout workers. Rollout actors live only while a stage uses them (an
+MPO stage and the evaluation after it, the evaluation after a supervised stage): they are started
+for it and killed before a supervised stage's learners start, so an autoscaling cluster can
+release its CPU nodes during BC and SFT (`RolloutActors`). Everything a stage produces lives in
+`<out_dir>/<stage>/`; `done.json` marks a finished stage, so a re-run skips finished stages and
+continues an unfinished one from its last checkpoint.
 
 `out_dir` is the run's storage root: a local folder or a URI (`s3://bucket/prefix?...`, `gs://`,
-`file://`). Every artefact of the run (data, `init.pt`, stage folders, Ray Train's checkpoints
+`file://`). Every artefact of the run (data, `init.pt`, stage folders, Ray Train's run records
 under `<out_dir>/ray`, tables, run records) is read and written there through `smart_r1.storage`,
 so a new driver, from any machine and working directory, resumes from what the root holds.
 
@@ -289,6 +292,44 @@ def stage_table(rows: dict[str, dict[str, dict]]) -> str:
                          trailing=("scenarios", "rollouts"))
 
 
+class RolloutActors:
+    """The pipeline's rollout actors, started when a stage needs them and killed when the next one
+    does not (their CPUs, or GPU shares, go back to the cluster). Each set's peak resident memory
+    is read before it is killed, for `<out_dir>/rollout_workers.json`."""
+
+    def __init__(self, config: PipelineConfig, datasets: dict[str, str]):
+        self.config, self.datasets = config, datasets
+        self.handles: list = []
+        self.peaks: list[list[float]] = []  # per set started: each actor's peak RSS (MB)
+
+    def get(self, weights: ray.ObjectRef) -> list:
+        """The actors, started now (holding `weights`) unless they are alive."""
+        if not self.handles:
+            r = self.config.ray
+            self.handles = start_workers(weights, self.datasets, r.num_rollout_workers, r.cpus_per_rollout_worker,
+                                         r.gpus_per_rollout_worker, self.config.seed, r.max_actor_restarts)
+        return self.handles
+
+    def release(self) -> None:
+        """Record the actors' peak memory, then kill them (nothing when none is alive)."""
+        if not self.handles:
+            return
+        try:  # a record for sizing the actors; a lost actor must not fail the run
+            infos = ray.get([w.info.remote() for w in self.handles], timeout=self.config.ray.task_timeout_s)
+            self.peaks.append([i["peak_rss_mb"] for i in infos])
+        except ray.exceptions.RayError as e:
+            print(f"[memory] rollout workers' peak memory not recorded: {type(e).__name__}", flush=True)
+        for w in self.handles:
+            ray.kill(w)
+        self.handles = []
+
+    def record(self, out: str) -> None:
+        """`<out>/rollout_workers.json`: each actor's peak over the sets this driver started, and each set's."""
+        if self.peaks:
+            write_json(join(out, WORKERS_FILE), {"peak_rss_mb": [max(p) for p in zip(*self.peaks)],
+                                                 "per_start": self.peaks})
+
+
 def run_pipeline(config: PipelineConfig, fail_once_at: dict[str, int] | None = None) -> dict:
     """Run (or resume) every stage; returns {stage: {dataset: metrics}}."""
     started = time.perf_counter()
@@ -326,9 +367,8 @@ def run_pipeline(config: PipelineConfig, fail_once_at: dict[str, int] | None = N
             refs[path] = ray.put(checkpoint_bytes(path))
         return refs[path]
 
-    workers = start_workers(weights(current), datasets, r.num_rollout_workers, r.cpus_per_rollout_worker,
-                            r.gpus_per_rollout_worker, config.seed, r.max_actor_restarts)
-    storage = r.storage_path or join(out, "ray")  # Ray Train's checkpoints: in the same root by default
+    actors = RolloutActors(config, datasets)
+    storage = r.storage_path or join(out, "ray")  # Ray Train's run records: in the same root by default
     rows: dict[str, dict] = {}
     reference = current
     for i, stage in enumerate(config.stages):
@@ -350,10 +390,14 @@ def run_pipeline(config: PipelineConfig, fail_once_at: dict[str, int] | None = N
         stage_tracker.log_params(asdict(stage))
         print(f"[{stage.name}] {stage.kind} from {display(current)}", flush=True)
         t0 = time.perf_counter()
+        if stage.kind != "mpo":  # the learners alone: the actors' resources go back to the cluster
+            actors.release()
         job = LearnerJob(stage=stage, stage_dir=stage_dir, init_checkpoint=weights(current), datasets=datasets,
                          scenes=scenes.get(stage.name, []),
                          seed=config.seed, ref_checkpoint=weights(reference) if stage.kind == "mpo" else "",
-                         rollout_workers=workers if stage.kind == "mpo" else [], tracker=stage_tracker,
+                         # MPO samples through the actors (kept for the evaluation after it)
+                         rollout_workers=actors.get(weights(current)) if stage.kind == "mpo" else [],
+                         tracker=stage_tracker,
                          threads=r.learner_threads or max(1, int(r.cpus_per_learner)),
                          fail_once_at=(fail_once_at or {}).get(stage.name, -1),
                          run_name=f"{base_name(out)}-{stage.name}-{fingerprint}", task_timeout_s=r.task_timeout_s,
@@ -361,6 +405,7 @@ def run_pipeline(config: PipelineConfig, fail_once_at: dict[str, int] | None = N
         with timer.phase(f"stage_{stage.name}"):
             current = run_learner(job, r, storage)
         with timer.phase("eval"):
+            workers = actors.get(weights(current))
             rows[stage.name] = {d: score_checkpoint(workers, current, 10**6 + i + 1, d, config.eval,
                                                     r.task_timeout_s, stage_dir, r.scenarios_per_rollout_batch,
                                                     seed=config.seed)
@@ -390,13 +435,8 @@ def run_pipeline(config: PipelineConfig, fail_once_at: dict[str, int] | None = N
     tracker.log_artifact(join(out, "results.md"))
     tracker.log_metrics({k: v for k, v in timer.lap().items()})
     tracker.finish()
-    try:  # a record for sizing the actors; a lost actor must not fail a finished run
-        peaks = [i["peak_rss_mb"] for i in ray.get([w.info.remote() for w in workers], timeout=r.task_timeout_s)]
-        write_json(join(out, WORKERS_FILE), {"peak_rss_mb": peaks})
-    except ray.exceptions.RayError as e:
-        print(f"[memory] rollout workers' peak memory not recorded: {type(e).__name__}", flush=True)
-    for w in workers:
-        ray.kill(w)
+    actors.release()
+    actors.record(out)
     print(f"\nSFT-RFT-SFT finished in {time.perf_counter() - started:.0f}s; results in {display(out)}\n{table}",
           flush=True)
     return rows

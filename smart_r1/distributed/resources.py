@@ -22,7 +22,7 @@ from smart_r1.config import RayConfig
 def resources_needed(r: RayConfig) -> dict[str, float]:
     """CPUs and GPUs of the rollout actors plus the learners."""
     return {"CPU": r.num_rollout_workers * r.cpus_per_rollout_worker + r.num_learners * r.cpus_per_learner,
-            "GPU": r.num_rollout_workers * r.gpus_per_rollout_worker + (r.num_learners if r.use_gpu else 0)}
+            "GPU": r.num_rollout_workers * r.gpus_per_rollout_worker + (r.num_learners * r.gpus_per_learner if r.use_gpu else 0)}
 
 
 def check_resources(r: RayConfig) -> None:

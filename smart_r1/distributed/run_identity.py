@@ -2,13 +2,19 @@
 a local folder or a URI, read and written through `smart_r1.storage`).
 
 What a stage produces depends on the data, the model, the seed, the starting checkpoint, the
-number of rollout workers and learners (they seed and split the sampling), the evaluation (its
-metrics), and the stages up to and including it. The hash of those is the stage's fingerprint,
-recorded in `<out_dir>/run.json` when the stage starts (the initial model is the pseudo-stage
-"init"). A re-run whose fingerprint of a recorded stage differs is refused, naming the keys that
-differ, unless asked to start over from the first differing stage (`restart`), or to branch into
-a new folder (`branch`: the matching stages are copied, the rest is redone there). Resource
-settings that do not change results (CPUs, threads, storage) are not part of it.
+evaluation (its metrics), and the stages up to and including it. The hash of those is the stage's
+fingerprint, recorded in `<out_dir>/run.json` with those inputs when the stage starts (the
+initial model is the pseudo-stage "init"). A re-run whose inputs of a recorded stage differ is
+refused, naming the keys that differ, unless asked to start over from the first differing stage
+(`restart`), or to branch into a new folder (`branch`: the matching stages are copied, the rest is
+redone there).
+
+Resource settings are not part of it: the whole `ray` section (rollout workers, learners, GPUs,
+CPUs, threads, storage) and how often a stage saves its state (`checkpoint_every`). A run resized
+after days of BC (more learners, fewer rollout actors) keeps its BC. The learners' data split and
+the rollout actors' sampling streams change with them, as any resumed stage's draws do; the
+method, its data and its seeds do not. Records written before this rule (their inputs hold
+`ray.num_rollout_workers`, `ray.num_learners`, `ray.use_gpu`) are compared without those keys.
 """
 
 from __future__ import annotations
@@ -26,6 +32,8 @@ INIT = "init"
 # fingerprint, so a code upgrade does not make every earlier run redo its stages (a crashed WOMD
 # run resumed by a newer version keeps its BC). Add each new stage option here with its default.
 LATER_OPTIONS = {"token_noise_top_k": 1, "train_data": "train", "progress_weight": 0.0}
+# Stage options that change how a stage runs, not what it makes: never part of a fingerprint.
+RUN_OPTIONS = ("checkpoint_every",)
 
 
 def _flat(d, prefix: str = "") -> dict[str, object]:
@@ -41,16 +49,21 @@ def _flat(d, prefix: str = "") -> dict[str, object]:
 def stage_inputs(config: PipelineConfig, upto: int) -> dict:
     """What decides the results of stage `upto` (-1: the initial model), as plain values."""
     full = config.to_dict()
-    r = config.ray
     common = {"data": full["data"], "model": full["model"], "seed": config.seed,
-              "init_checkpoint": config.init_checkpoint,
-              "ray": {"num_rollout_workers": r.num_rollout_workers, "num_learners": r.num_learners,
-                      "use_gpu": r.use_gpu}}
+              "init_checkpoint": config.init_checkpoint}
     if upto < 0:
-        return {k: common[k] for k in ("data", "model", "seed", "init_checkpoint")}
-    stages = [{k: v for k, v in s.items() if k not in LATER_OPTIONS or v != LATER_OPTIONS[k]}
+        return common
+    stages = [{k: v for k, v in s.items() if k not in RUN_OPTIONS and (k not in LATER_OPTIONS or v != LATER_OPTIONS[k])}
               for s in full["stages"][: upto + 1]]
     return {**common, "eval": full["eval"], "stages": {s["name"]: s for s in stages}}
+
+
+def comparable(inputs: dict) -> dict:
+    """Recorded inputs as `stage_inputs` makes them now: records of earlier versions held the
+    resource keys (`ray`) and may hold run options; both are dropped."""
+    stages = {name: {k: v for k, v in s.items() if k not in RUN_OPTIONS}
+              for name, s in inputs.get("stages", {}).items()}
+    return {**{k: v for k, v in inputs.items() if k != "ray"}, **({"stages": stages} if "stages" in inputs else {})}
 
 
 def fingerprint(inputs: dict) -> str:
@@ -83,10 +96,10 @@ def check_run(config: PipelineConfig, restart: bool = False) -> None:
     for name, index in _order(config):
         if name not in recorded:
             continue
-        current = stage_inputs(config, index)
-        if recorded[name]["fingerprint"] == fingerprint(current):
+        current, made_with = stage_inputs(config, index), comparable(recorded[name]["inputs"])
+        if fingerprint(made_with) == fingerprint(current):
             continue
-        keys = _differences(recorded[name]["inputs"], current)
+        keys = _differences(made_with, current)
         if not restart:
             raise ValueError(
                 f"{storage.display(out)} holds results of another config: stage {name!r} was made with different "

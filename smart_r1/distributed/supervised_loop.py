@@ -8,7 +8,8 @@ Each rank streams its own part of the training scenes (`smart_r1.data.stream`): 
 row groups of the token shards are shuffled (the same seeded order on every rank) and dealt to the
 ranks; a rank reads its row groups in turn through a shuffle buffer of `SHUFFLE_SCENES` scenes and
 batches them by size window by window (`size_bucketed`). Its memory holds the buffer, one window
-and one decoded row group, never the dataset. Every rank takes the same number of steps per epoch
+and two decoded row groups (the next is read in the background while the current one trains:
+`stream.read_ahead`), never the dataset. Every rank takes the same number of steps per epoch
 (their gradients are all-reduced): ceil(scenes / world_size / batch_scenarios), or the stage's
 `steps_per_epoch`; a rank whose row groups hold fewer scenes goes round them again.
 

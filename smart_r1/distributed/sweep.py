@@ -76,7 +76,8 @@ def resolve_shared(checkpoint: str, base: PipelineConfig, rft_stage: str) -> tup
 def _identity(sweep: SweepConfig, base: PipelineConfig) -> dict:
     """What must not change between an interrupted sweep and its resumption."""
     space = {k: v for k, v in dataclasses.asdict(sweep).items() if k not in ("out_dir", "max_concurrent_trials")}
-    pipeline = {k: v for k, v in base.to_dict().items() if k != "out_dir"}
+    # resources (the ray section) change no result, as in the runs' fingerprints (run_identity)
+    pipeline = {k: v for k, v in base.to_dict().items() if k not in ("out_dir", "ray")}
     return json.loads(json.dumps({"sweep": space, "pipeline": pipeline}))
 
 
@@ -86,6 +87,8 @@ def preflight(sweep: SweepConfig, base: PipelineConfig, checkpoint: str = "") ->
     if checkpoint:
         resolve_shared(checkpoint, base, sweep.rft_stage)
     saved = read_json(join(root(sweep.out_dir), "sweep.json"), None)
+    if saved is not None:  # a sweep.json written before resources left the identity still compares
+        saved = {**saved, "pipeline": {k: v for k, v in saved.get("pipeline", {}).items() if k != "ray"}}
     if saved is not None and saved != _identity(sweep, base):
         raise ValueError(f"{display(sweep.out_dir)} holds a sweep with a different search space or pipeline "
                          "config (sweep.json); resume it with the same config or pick a new --out-dir")

@@ -1,6 +1,7 @@
 """What every learner loop of a Ray Train worker uses: the job it is handed, rank and world size,
 the stage's model and optimiser resumed from the newest state, progress lines with an ETA, and the
-per-epoch / per-RL-step report (metrics to MLflow and the stage's log, a Ray Train checkpoint).
+per-epoch / per-RL-step report (metrics to MLflow, Ray Train and the stage's log; the training
+state to the stage's folder, every epoch and every `checkpoint_every` RL steps).
 
 The loops themselves are `supervised_loop.py` (BC, CAT-K SFT) and `mpo_loop.py` (RFT); the
 TorchTrainer that runs them is `learner.py`. The method (losses, the MPO step, the optimiser
@@ -12,24 +13,22 @@ from __future__ import annotations
 import io
 import resource
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import ray
 import ray.train
 import torch
-from ray.train import Checkpoint
 
 from smart_r1.config import StageConfig
-from smart_r1.model.checkpoint import checkpoint_bytes, load_checkpoint, save_checkpoint
-from smart_r1.storage import copy_file, exists, join, read_bytes, truncate_log, write_bytes, write_log_row
+from smart_r1.model.checkpoint import checkpoint_bytes, load_checkpoint
+from smart_r1.storage import exists, flush_logs, join, read_bytes, save_torch, truncate_log, write_bytes, write_log_row
 from smart_r1.tracking.mlflow_runs import RunTracker
 
-STATE_NAME = "state.pt"  # inside a Ray Train checkpoint: model, optimizer, progress
 MODEL_NAME = "model.pt"  # a plain SMART-tiny checkpoint (smart_r1.model.checkpoint)
-LAST_NAME = "last_state.pt"  # in the stage folder: the newest state, for re-runs of the pipeline
+# In the stage folder: the newest training state (model, optimizer, progress), the one copy a
+# restarted learner group (Ray Train's FailureConfig) and a re-run of the pipeline resume from.
+LAST_NAME = "last_state.pt"
 TRAIN_LOG = "train_log.jsonl"  # in the stage folder: metrics of every epoch / RL step
 FAILURE_MARKER = ".injected_failure"  # in the stage folder: the fault drill has fired
 
@@ -97,22 +96,20 @@ def world() -> tuple[int, int]:
     return ctx.get_world_rank(), ctx.get_world_size()
 
 
-def load_state(job: LearnerJob) -> dict | None:
-    """The newest training state: Ray Train's (after a worker failure) or the stage folder's."""
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:
-        with checkpoint.as_directory() as d:
-            return torch.load(Path(d) / STATE_NAME, map_location="cpu", weights_only=True)
-    return read_last_state(job.stage_dir)
-
-
 def read_last_state(stage_dir: str) -> dict | None:
     """The stage folder's newest training state (`last_state.pt`, rank 0 writes it with every
-    report), or None."""
+    checkpoint), or None."""
     last = join(stage_dir, LAST_NAME)
     if exists(last):
         return torch.load(io.BytesIO(read_bytes(last)), map_location="cpu", weights_only=True)
     return None
+
+
+def training_state(model, optimizer, progress: int) -> dict:
+    """What a checkpoint holds: the weights, AdamW's state and the last unit done (plain tensors)."""
+    core = getattr(model, "module", model)
+    return {"model": {k: v.detach().cpu() for k, v in core.state_dict().items()},
+            "optimizer": optimizer.state_dict(), "progress": progress}
 
 
 _KEPT_WEIGHTS: list = []  # ObjectRefs weights_ref made from paths: alive as long as this process
@@ -147,7 +144,7 @@ def start_training(job: LearnerJob, unit: str) -> tuple:
     model = load_checkpoint(fetch_checkpoint(job.init_checkpoint), map_location=device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=job.stage.lr, weight_decay=job.stage.weight_decay)
     start = 0
-    state = load_state(job)
+    state = read_last_state(job.stage_dir)
     if state is not None:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
@@ -159,12 +156,15 @@ def start_training(job: LearnerJob, unit: str) -> tuple:
     return model, optimizer, device, rank, world_size, start
 
 
-def report(job: LearnerJob, model, optimizer, progress: int, metrics: dict, rank: int) -> None:
-    """Report metrics and a checkpoint (rank 0 writes it) to Ray Train; log to MLflow.
+def report(job: LearnerJob, model, optimizer, progress: int, metrics: dict, rank: int, save: bool = True) -> None:
+    """Log metrics (MLflow, the stage's log, Ray Train) and, with `save`, write the training state.
 
-    Crash consistency: the stage's log row is written first (replacing any row of this or a later
-    unit, left by a run that crashed after logging), then the state, atomically. A crash between
-    the two leaves a row whose unit is redone on resume and logged again, once.
+    One copy of the state is kept: rank 0 writes `<stage_dir>/last_state.pt` (model, optimizer,
+    progress), atomically; a restarted learner group and a new driver both resume from it, and the
+    driver makes the stage's `model.pt` from it (Ray Train gets metrics only). Crash consistency:
+    the log's rows are flushed first (an object store's wait in the process until then), then the
+    state is written; rows after the newest state are dropped on resume (`start_training`) and
+    their units redone, so each unit is logged once.
     """
     core = getattr(model, "module", model)
     bad = [name for name, p in core.state_dict().items() if p.is_floating_point() and not torch.isfinite(p).all()]
@@ -173,17 +173,12 @@ def report(job: LearnerJob, model, optimizer, progress: int, metrics: dict, rank
                                  "not saved")
     if job.tracker is not None:
         job.tracker.for_rank(rank).log_metrics(metrics, step=progress)
-    if rank != 0:
-        ray.train.report(metrics, checkpoint=None)
-        return
-    write_log_row(join(job.stage_dir, TRAIN_LOG), {"progress": progress, **metrics})
-    with tempfile.TemporaryDirectory() as d:
-        state = {"model": {k: v.detach().cpu() for k, v in core.state_dict().items()},
-                 "optimizer": optimizer.state_dict(), "progress": progress}
-        torch.save(state, Path(d) / STATE_NAME)
-        save_checkpoint(Path(d) / MODEL_NAME, core, {"stage": job.stage.name, "progress": progress})
-        copy_file(Path(d) / STATE_NAME, join(job.stage_dir, LAST_NAME))
-        ray.train.report(metrics, checkpoint=Checkpoint.from_directory(d))
+    if rank == 0:
+        write_log_row(join(job.stage_dir, TRAIN_LOG), {"progress": progress, **metrics})
+        if save:
+            flush_logs()
+            save_torch(training_state(model, optimizer, progress), join(job.stage_dir, LAST_NAME))
+    ray.train.report(metrics, checkpoint=None)
 
 
 def maybe_fail(job: LearnerJob, progress: int) -> None:

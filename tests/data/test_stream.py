@@ -50,3 +50,29 @@ def test_epoch_rows_gives_the_count_each_row_once_per_pass():
     assert list(epoch_rows(units.__getitem__, [1], 0, 4, random.Random(2))) == []
     with pytest.raises(ValueError, match="no rows"):
         list(epoch_rows(units.__getitem__, [2], 1, 4, random.Random(2)))
+
+
+def test_the_next_unit_is_read_in_the_background_while_the_current_one_is_used():
+    import threading
+
+    from smart_r1.data.stream import read_ahead
+
+    calls, asked = [], {u: threading.Event() for u in range(4)}
+
+    def read_unit(unit):
+        calls.append((unit, threading.current_thread().name))
+        asked[unit].set()
+        if unit == 3:
+            raise OSError("row group 3 unreadable")
+        return [unit * 10, unit * 10 + 1]
+
+    units = read_ahead(read_unit, [0, 1, 2, 3])
+    assert next(units) == [0, 1]
+    assert asked[1].wait(5), "unit 1 is read while unit 0 is in use"
+    assert not asked[2].wait(0.2), "one unit ahead, no more"
+    assert next(units) == [10, 11] and asked[2].wait(5)
+    assert all(name.startswith("read_ahead") for _, name in calls)
+    assert next(units) == [20, 21]
+    with pytest.raises(OSError, match="row group 3"):  # a failed read surfaces where its rows are asked for
+        next(units)
+    assert [u for u, _ in calls] == [0, 1, 2, 3]

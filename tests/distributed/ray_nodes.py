@@ -111,6 +111,30 @@ def stop_ray_nodes(*procs: subprocess.Popen) -> None:
         proc.wait()
 
 
+def kill_ray_node(proc: subprocess.Popen) -> None:
+    """Take a node away at once, as a cloud provider takes spot capacity back: SIGKILL to every
+    process of its tree (its raylet, agents and workers; no drain, nothing saved), then reap it."""
+    for pid, started in {pid: _started(pid) for pid in descendants(proc.pid)}.items():
+        if started and _started(pid) == started:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    proc.wait()
+
+
+def raylet_node_id(proc: subprocess.Popen) -> str:
+    """The Ray node id of a `ray start` process (its raylet's `--node_id`), '' before the raylet runs."""
+    for pid in descendants(proc.pid):
+        try:
+            args = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
+        except OSError:
+            continue
+        if Path(args[0]).name == "raylet":
+            return next((a.split("=", 1)[1] for a in args if a.startswith("--node_id=")), "")
+    return ""
+
+
 @dataclass(frozen=True)
 class RayHead:
     address: str  # the dashboard's: where `ray job submit` goes

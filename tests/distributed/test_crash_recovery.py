@@ -79,7 +79,7 @@ def test_pipeline_killed_in_every_kind_of_stage_resumes_without_redoing(submitte
                          stages=[{"name": "bc", "kind": "bc", "epochs": 2, "batch_scenarios": 4},
                                  {"name": "sft", "kind": "catk_sft", "epochs": 2, "batch_scenarios": 4, "catk_k": 3},
                                  {"name": "rft", "kind": "mpo", "steps": 2, "num_rollouts": 2,
-                                  "scenarios_per_step": 2, "lr": 1e-3}])
+                                  "scenarios_per_step": 2, "lr": 1e-3, "checkpoint_every": 1}])
     env = _local_env()
     env["MLFLOW_TRACKING_URI"] = f"sqlite:///{tmp_path / 'mlflow.db'}"
     log = tmp_path / "driver.log"

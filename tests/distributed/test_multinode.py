@@ -5,10 +5,13 @@ its venv stay visible, as an image would be. The run's storage root and its data
 moto's S3 server (127.0.0.1), MLflow a tracking server.
 
 `ray job submit` runs the tiny pipeline's BC and RFT: every stage ends with its checkpoint and
-metrics in the bucket. A second run (another prefix) has its driver killed mid-RFT and is submitted
-again from another working folder: it resumes from the bucket, redoing no finished stage, epoch or step.
-Before that, a Ray task pinned to each worker node shows it cannot see the driver's folders; after,
-Ray's state API shows that the learners and rollout actors ran on the worker nodes."""
+metrics in the bucket, although the worker node that runs its learner is taken away (every process
+SIGKILLed, as spot capacity goes) once in BC and once in RFT: Ray Train restarts the learners on the
+nodes left and they resume from the stage's last state; a replacement node joins. A second run
+(another prefix) has its driver killed mid-RFT and is submitted again from another working folder:
+it resumes from the bucket, redoing no finished stage, epoch or step. Before that, a Ray task pinned
+to each worker node shows it cannot see the driver's folders; after, Ray's state API shows that the
+learners and rollout actors ran on the worker nodes."""
 
 from __future__ import annotations
 
@@ -19,6 +22,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,7 +31,8 @@ import yaml
 
 from smart_r1.storage import base_name, exists, join, list_names, read_bytes, read_json, read_jsonl, resolve
 
-from ray_nodes import RAY_CLI, RayHead, descendants, free_ports, job_env, start_head, start_ray_node, stop_ray_nodes
+from ray_nodes import (RAY_CLI, RayHead, descendants, free_ports, job_env, kill_ray_node, raylet_node_id, start_head,
+                       start_ray_node, stop_ray_nodes)
 
 pytestmark = pytest.mark.slow
 
@@ -40,8 +45,11 @@ WORKERS = 2
 @dataclass(frozen=True)
 class Cluster:
     head: RayHead
-    workers: list[str]  # the worker nodes' Ray node ids
+    workers: list[str]  # the live worker nodes' Ray node ids (a node taken away leaves the list)
     hidden: tuple[Path, ...]  # folders the worker nodes see as empty tmpfs mounts
+    nodes: list[subprocess.Popen]  # the live worker nodes' `ray start --block`, every process below it
+    launch_worker: Callable[[], subprocess.Popen]  # one more worker node, started (not yet joined)
+    joined: Callable[[subprocess.Popen], str]  # a started worker node's id once it is alive
 
 
 def _ray_list(head: RayHead, kind: str) -> list[dict]:
@@ -61,7 +69,8 @@ def cluster(bucket, tmp_path_factory) -> Cluster:
     folder (where the job's driver runs). Every node is stopped, and with it its namespace, even
     when the start fails. `bucket` first: the nodes inherit its credentials (an instance role)."""
     logs = tmp_path_factory.mktemp("multinode")
-    procs: list[subprocess.Popen] = []
+    procs: list[subprocess.Popen] = []  # the head's
+    nodes: list[subprocess.Popen] = []  # the live worker nodes' (a node taken away leaves it)
     temps: list[Path] = []
     try:
         # As on a real cluster, the nodes reach each other at this machine's address (Ray gives a
@@ -74,7 +83,9 @@ def cluster(bucket, tmp_path_factory) -> Cluster:
         temps.append(head.temp)
         hidden = (tmp_path_factory.getbasetemp(), head.temp)
         env = {**token, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
-        for i in range(WORKERS):
+
+        def launch_worker() -> subprocess.Popen:
+            i = len(temps) - 1
             # its own Ray folder, outside the hidden ones: this process can read its logs
             temp = Path(f"{head.temp}-w{i}")
             temps.append(temp)
@@ -87,21 +98,29 @@ def cluster(bucket, tmp_path_factory) -> Cluster:
                             ("node-manager-port", "object-manager-port", "metrics-export-port",
                              "dashboard-agent-listen-port", "dashboard-agent-grpc-port", "runtime-env-agent-port"),
                             ports))]
-            procs.append(start_ray_node(args, logs / f"worker{i}.log", env, hide=hidden))
-        deadline = time.time() + 180
-        while True:
-            alive = [n for n in _ray_list(head, "nodes") if n["state"] == "ALIVE"]
-            if len(alive) == WORKERS + 1:
-                break
-            for p in procs:
-                assert p.poll() is None, "a Ray node exited:\n" + "\n".join(
+            nodes.append(start_ray_node(args, logs / f"worker{i}.log", env, hide=hidden))
+            return nodes[-1]
+
+        def joined(proc: subprocess.Popen) -> str:
+            """The node's id once it is alive. A node that exits while starting (on a loaded
+            machine Ray's own 30 s start-up wait can run out) is started again, once."""
+            deadline, retried = time.time() + 180, False
+            while True:
+                node = raylet_node_id(proc)
+                if node and any(n["node_id"] == node and n["state"] == "ALIVE" for n in _ray_list(head, "nodes")):
+                    return node
+                if proc.poll() is not None and not retried:
+                    nodes.remove(proc)
+                    proc, retried = launch_worker(), True
+                assert proc.poll() is None, "a Ray node exited:\n" + "\n".join(
                     f.read_text()[-2000:] for f in sorted(logs.glob("*.log")))
-            assert time.time() < deadline, f"{len(alive)} of {WORKERS + 1} nodes joined in 180 s"
-            time.sleep(2)
-        workers = [n["node_id"] for n in alive if not n["is_head_node"]]
-        yield Cluster(head, workers, hidden)
+                assert time.time() < deadline, "a worker node did not join in 180 s"
+                time.sleep(2)
+
+        workers = [joined(proc) for proc in [launch_worker() for _ in range(WORKERS)]]
+        yield Cluster(head, workers, hidden, nodes, launch_worker, joined)
     finally:
-        stop_ray_nodes(*procs)
+        stop_ray_nodes(*procs, *nodes)
         for temp in temps:
             shutil.rmtree(temp, ignore_errors=True)
 
@@ -202,23 +221,58 @@ def _wait(proc: subprocess.Popen, head: RayHead, sid: str, timeout_s: float = 90
     return log
 
 
-def _check_finished(out: str, rft_steps: int) -> None:
-    """Every stage with its checkpoint, metrics, scores and log (each unit once) in the bucket."""
+def _check_finished(out: str, bc_epochs: int, rft_steps: int) -> None:
+    """Every stage with its checkpoint, metrics, scores and logs (each unit once) in the bucket."""
     from smart_r1.model.checkpoint import load_checkpoint
 
-    for stage, units in (("bc", 1), ("rft", rft_steps)):
+    for stage, units in (("bc", bc_epochs), ("rft", rft_steps)):
         assert read_json(join(out, stage, "done.json"))["checkpoint"] == "model.pt"
         assert read_json(join(out, stage, "metrics.json"))["heldout"]["scenarios"] == 1
         assert len(read_json(join(out, stage, "scores_heldout.json"))["records"]) == 1
         assert [r["progress"] for r in read_jsonl(join(out, stage, "train_log.jsonl"))] == list(range(units)), stage
         load_checkpoint(read_bytes(join(out, stage, "model.pt")))  # whole and CRC-clean
         assert exists(join(out, stage, "last_state.pt")) and exists(join(out, stage, "rollout.png"))
+    assert [r["progress"] for r in read_jsonl(join(out, "rft", "rollouts.jsonl"))] == list(range(rft_steps))
     assert read_json(join(out, "rft", "alpha.json"))["auto"] is True
     assert list(read_json(join(out, "results.json"))) == ["bc", "rft"]
     for name in ("config.json", "run.json", "init.pt", "mlflow_run_id", "results.md"):
         assert exists(join(out, name)), name
     runs = list_names(join(out, "ray"))  # Ray Train's storage, in the root: <run>-<stage>-<fingerprint>
     assert any(n.startswith(f"{base_name(out)}-rft-") for n in runs), runs
+
+
+RUN_VAR = "SMR1_TEST_RUN"  # in each job's runtime env: which run a Ray worker process belongs to
+
+
+def _in_the_middle(out: str, stage: str) -> bool:
+    """The stage has saved a state (its log's rows come with it) and is not finished."""
+    rows = read_jsonl(join(out, stage, "train_log.jsonl"))
+    return bool(rows) and exists(join(out, stage, "last_state.pt")) and not exists(join(out, stage, "done.json"))
+
+
+def _host(cluster: Cluster, run: str, title: str) -> subprocess.Popen | None:
+    """The worker node running a process of job `run` whose title starts with `title`."""
+    for node in cluster.nodes:
+        for pid in descendants(node.pid):
+            try:
+                name = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
+                env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if name.startswith(title) and f"{RUN_VAR}={run}".encode() in env:
+                return node
+    return None
+
+
+def _take_away(cluster: Cluster, node: subprocess.Popen) -> None:
+    """The node is gone as spot capacity goes (every process SIGKILLed) and a replacement is started."""
+    lost = raylet_node_id(node)
+    kill_ray_node(node)
+    cluster.nodes.remove(node)
+    if lost in cluster.workers:  # else a replacement that had not been counted yet
+        cluster.workers.remove(lost)
+    cluster.launch_worker()
+    print(f"worker node {lost[:8]} taken away; a replacement is starting", flush=True)
 
 
 def test_pipeline_keeps_its_state_in_the_bucket_and_resumes_from_another_folder(cluster, bucket, mlflow_server,
@@ -231,43 +285,74 @@ def test_pipeline_keeps_its_state_in_the_bucket_and_resumes_from_another_folder(
     # the data in the bucket too (the real WOMD scenario as one shard)
     data = bucket("multinode/data")
     write_shard(join(data, "one.parquet"), [womd_record])
-    # pipelines/tiny.yaml's BC and RFT stages, one batch per epoch, one scenario a step; half a CPU
-    # a learner or rollout actor, so two runs fit the two one-CPU worker nodes side by side
+    # pipelines/tiny.yaml's BC and RFT stages, one batch per epoch, one scenario a step, a state
+    # saved every RL step; half a CPU a learner or rollout actor, so two runs fit the two one-CPU
+    # worker nodes side by side
     config = yaml.safe_load((REPO / "pipelines" / "tiny.yaml").read_text())
     config["stages"] = [s for s in config["stages"] if s["name"] in ("bc", "rft")]
     argv = ["--config", "tiny.yaml", "--set", f"data.train={data}", "--set", f"data.heldout={data}",
-            "--set", "eval.num_rollouts=2", "--set", "bc.steps_per_epoch=1",
+            "--set", "eval.num_rollouts=2", "--set", "bc.steps_per_epoch=1", "--set", "rft.checkpoint_every=1",
             "--set", "rft.scenarios_per_step=1", "--set", "rft.num_rollouts=2", "--set", "rft.alpha=auto"]
-    env_vars = {"MLFLOW_TRACKING_URI": mlflow_server}
     folders = {}
     for name in ("first", "second", "third"):  # the drivers' working folders: their config only
         folders[name] = tmp_path / name
         folders[name].mkdir()
         (folders[name] / "tiny.yaml").write_text(yaml.safe_dump(config))
 
-    # one run to its end and, beside it, another (its own prefix) whose driver is killed during RFT,
-    # as soon as its first step's state is in the bucket ...
+    def env_vars(run: str) -> dict:
+        return {"MLFLOW_TRACKING_URI": mlflow_server, RUN_VAR: run}
+
+    # one run to its end, whose learner's worker node is taken away in the middle of BC and again
+    # in the middle of RFT, and beside it another (its own prefix) whose driver is killed during
+    # RFT, as soon as its first step's state is in the bucket ...
     whole, out = bucket("multinode/whole"), bucket("multinode/resumed")
-    first = _submit(head, folders["first"], "whole", [*argv, "--out-dir", whole, "--set", "rft.steps=1"], env_vars)
+    ever = set(cluster.workers)  # every worker node the runs had
+    first = _submit(head, folders["first"], "whole",
+                    [*argv, "--out-dir", whole, "--set", "bc.epochs=4", "--set", "rft.steps=3"], env_vars("whole"))
     argv = [*argv, "--out-dir", out, "--set", "rft.steps=2"]
-    proc = _submit(head, folders["second"], "killed", argv, env_vars)
-    rft = join(out, "rft")
+    proc = _submit(head, folders["second"], "killed", argv, env_vars("killed"))
+    pending = {"whole bc": (whole, "bc"), "whole rft": (whole, "rft"), "killed rft": (out, "rft")}
     deadline = time.time() + 900
-    while not (read_jsonl(join(rft, "train_log.jsonl")) and exists(join(rft, "last_state.pt"))):
-        assert proc.poll() is None, f"the job ended before RFT:\n{_driver_log(head, 'killed')[-4000:]}"
-        assert time.time() < deadline, f"RFT did not start in time:\n{_driver_log(head, 'killed')[-4000:]}"
-        time.sleep(0.5)
-    _kill_driver(head, out)
+    while pending:
+        for node in [n for n in cluster.nodes if n.poll() is not None]:  # a replacement that failed to start
+            cluster.nodes.remove(node)
+            cluster.launch_worker()
+        for event, (root, stage) in list(pending.items()):
+            if not _in_the_middle(root, stage):
+                continue
+            if event == "killed rft":
+                _kill_driver(head, out)
+                del pending[event]
+                continue
+            if not all(raylet_node_id(n) for n in cluster.nodes):
+                continue  # a replacement is still starting: never take the last worker node away
+            node = _host(cluster, "whole", "ray::RayTrainWorker")  # the learner's node
+            if node is not None:
+                ever.add(raylet_node_id(node))
+                _take_away(cluster, node)
+                del pending[event]
+        assert first.poll() is None, f"the whole run ended with {sorted(pending)} to come:\n" \
+                                     f"{_driver_log(head, 'whole')[-4000:]}"
+        assert proc.poll() is None or "killed rft" not in pending, \
+            f"the job ended before RFT:\n{_driver_log(head, 'killed')[-4000:]}"
+        assert time.time() < deadline, f"{sorted(pending)} not reached in time:\n{_driver_log(head, 'whole')[-4000:]}"
+        time.sleep(0.3)
     proc.wait(timeout=120)  # the job has failed
-    assert not exists(join(rft, "done.json"))
-    _wait(first, head, "whole")
-    _check_finished(whole, rft_steps=1)
+    assert not exists(join(out, "rft", "done.json"))
+    log = _wait(first, head, "whole")
+    _check_finished(whole, bc_epochs=4, rft_steps=3)
+    # the learners lost with their node were restarted by Ray Train on the nodes left and resumed
+    # from the stage's last state (in the same job: no resubmission)
+    assert "[bc] resuming after epoch" in log and "[rft] resuming after step" in log, log[-4000:]
+    cluster.workers.extend(cluster.joined(node) for node in list(cluster.nodes) if raylet_node_id(node) not in ever)
+    ever.update(cluster.workers)
+    assert len(cluster.workers) == WORKERS, "the replacements joined"
     finished = _mtime(join(out, "bc", "model.pt"))
 
     # ... and submitted again from another working folder: it resumes from the bucket
-    text = _driver_log(head, "killed") + _wait(_submit(head, folders["third"], "resumed", argv, env_vars), head,
-                                                "resumed")
-    _check_finished(out, rft_steps=2)
+    text = _driver_log(head, "killed") + _wait(_submit(head, folders["third"], "resumed", argv, env_vars("resumed")),
+                                                head, "resumed")
+    _check_finished(out, bc_epochs=1, rft_steps=2)
     resumed = _driver_log(head, "resumed")
     assert "[bc] already finished" in resumed and text.count("[bc] bc from") == 1
     assert _mtime(join(out, "bc", "model.pt")) == finished, "BC was redone"
@@ -290,10 +375,12 @@ def test_pipeline_keeps_its_state_in_the_bucket_and_resumes_from_another_folder(
                                   filter_string=f"tags.mlflow.parentRunId = '{run_id}'")
     assert {r.info.run_name for r in children} == {"bc", "rft"}
 
-    # the learners and rollout actors of all three jobs ran on the worker nodes, never the head
+    # the learners and rollout actors of all three jobs ran on the worker nodes (the ones taken
+    # away and their replacements), never the head
     actors = [a for a in _ray_list(head, "actors") if a["class_name"] in ("RolloutWorker", "RayTrainWorker")]
     kinds = {a["class_name"] for a in actors}
     assert kinds == {"RolloutWorker", "RayTrainWorker"}, kinds
     nodes = {a["node_id"] for a in actors}
-    assert nodes and nodes <= set(cluster.workers), (nodes, cluster.workers)
-    print(f"learners and rollout actors on {len(nodes)} of the {WORKERS} worker nodes", flush=True)
+    assert nodes and nodes <= ever, (nodes, ever)
+    print(f"learners and rollout actors on {len(nodes)} worker nodes, {len(ever) - WORKERS} of them replacements",
+          flush=True)

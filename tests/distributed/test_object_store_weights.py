@@ -1,6 +1,6 @@
 """Weights travel through Ray's object store, never as paths: the driver reads a checkpoint once
 (CRC-checked) and puts its bytes there; rollout actors (also after a restart) and learners load
-them from there, and the stage's final model reaches the driver through Ray Train's checkpoint."""
+them from there, and the stage's final model reaches the driver through the stage's last state."""
 
 from __future__ import annotations
 
@@ -98,13 +98,13 @@ def test_learner_starts_from_an_object_ref_and_the_driver_writes_the_stage_model
     out = run_learner(job, RayConfig(num_learners=1, cpus_per_learner=1, max_learner_failures=0),
                       str(tmp_path / "ray"))
     assert out == str(tmp_path / "bc" / "model.pt")
-    trained = load_checkpoint(out)  # whole and CRC-clean: written by the driver from Ray Train's checkpoint
+    trained = load_checkpoint(out)  # whole and CRC-clean: written by the driver from the stage's last state
     assert checkpoint_extra(out)["stage"] == "bc"
     assert not _equal(trained.state_dict(), model.state_dict()), "one BC step changed the weights"
 
-    # A driver killed after rank 0 saved the stage's last state, before Ray Train kept its
-    # checkpoint: the re-run's learner resumes after its last unit from last_state.pt and reports
-    # nothing; the stage model is that saved state.
+    # A driver killed after rank 0 saved the stage's last state, before it wrote model.pt: the
+    # re-run's learner resumes after its last unit from last_state.pt and reports nothing; the
+    # stage model is that saved state.
     Path(out).unlink()
     shutil.rmtree(tmp_path / "ray")
     again = run_learner(job, RayConfig(num_learners=1, cpus_per_learner=1, max_learner_failures=0),

@@ -33,6 +33,39 @@ def test_unchanged_or_resource_only_changes_resume(tmp_path):
     check_run(load_config(TINY, [f"out_dir={config.out_dir}", "ray.cpus_per_learner=1", "ray.learner_threads=2"]))
 
 
+def test_resizing_after_bc_keeps_bc(tmp_path):
+    """More learners and rollout actors (and GPUs, and another checkpoint cadence) after BC: no
+    recorded stage is refused or redone, not even with --restart."""
+    config, out = _finished_run(tmp_path)
+    (out / "sft").rename(out / "sft_unfinished")  # BC done; the rest to come
+    resized = load_config(TINY, [f"out_dir={out}", "ray.num_learners=2", "ray.num_rollout_workers=3",
+                                 "ray.use_gpu=true", "ray.cpus_per_rollout_worker=2", "rft.checkpoint_every=1"])
+    assert stage_fingerprint(resized, "bc") == stage_fingerprint(config, "bc")
+    check_run(resized)
+    check_run(resized, restart=True)
+    assert (out / "bc" / "model.pt").read_text() == "bc" and (out / "init.pt").exists()
+
+
+def test_records_made_with_resource_keys_still_resume(tmp_path):
+    """A run.json written before resources left the fingerprint (its inputs hold `ray`, its
+    fingerprints hash them) resumes after any resize, and a real change is still refused, naming
+    only that key."""
+    import json
+
+    from smart_r1.distributed.run_identity import RUN_FILE, fingerprint
+
+    config, out = _finished_run(tmp_path)
+    record = json.loads((out / RUN_FILE).read_text())
+    for name, stage in record["stages"].items():
+        if name != INIT:
+            stage["inputs"]["ray"] = {"num_rollout_workers": 1, "num_learners": 1, "use_gpu": False}
+            stage["fingerprint"] = fingerprint(stage["inputs"])
+    (out / RUN_FILE).write_text(json.dumps(record))
+    check_run(load_config(TINY, [f"out_dir={out}", "ray.num_learners=2", "ray.num_rollout_workers=4"]))
+    with pytest.raises(ValueError, match=r"stage 'rft' was made with different stages\.rft\.beta\. Re-run"):
+        check_run(load_config(TINY, [f"out_dir={out}", "ray.num_learners=2", "rft.beta=0.1"]))
+
+
 def test_a_changed_stage_is_refused_naming_the_keys(tmp_path):
     config, out = _finished_run(tmp_path)
     changed = load_config(TINY, [f"out_dir={out}", "rft.alpha=0.5", "rft.beta=0.1"])

@@ -11,8 +11,8 @@ import pytest
 
 from smart_r1.config import load_config
 from smart_r1.distributed.run_identity import INIT, branch, check_run, record_stage
-from smart_r1.storage import (copy_tree, exists, join, list_names, read_bytes, read_json, read_jsonl,
-                              write_bytes, write_log_row)
+from smart_r1.storage import (copy_tree, exists, flush_logs, join, list_names, read_bytes, read_json, read_jsonl,
+                              truncate_log, write_bytes, write_log_row)
 
 TINY = Path(__file__).resolve().parents[2] / "pipelines" / "tiny.yaml"
 
@@ -38,10 +38,18 @@ def test_run_records_log_rows_and_branches_in_a_bucket(bucket, tmp_path):
     assert read_bytes(join(new, "rft", "model.pt")) == b"rft" and not exists(join(new, "sft_final"))
     assert not exists(join(new, "ray")), "Ray Train's state stays with its run"
     assert exists(join(out, "sft_final", "model.pt")), "the old run is untouched"
+    # a bucket has no append: rows wait in the process until flushed (with each checkpoint)
     log = join(out, "bc", "train_log.jsonl")
-    for step in (0, 1, 1):
+    for step in (0, 1):
         write_log_row(log, {"progress": step, "loss": float(step)})
+    assert read_jsonl(log) == []
+    flush_logs()
     assert [r["progress"] for r in read_jsonl(log)] == [0, 1]
+    write_log_row(log, {"progress": 2, "loss": 2.0})
+    truncate_log(log, 1)  # resumed after step 0: steps 1 and 2 are redone, pending or uploaded
+    write_log_row(log, {"progress": 1, "loss": 10.0})
+    flush_logs()
+    assert [(r["progress"], r["loss"]) for r in read_jsonl(log)] == [(0, 0.0), (1, 10.0)]
     copy_tree(out, tmp_path / "local", skip=("ray",))
     assert (tmp_path / "local" / "bc" / "train_log.jsonl").exists()
 
