@@ -15,7 +15,6 @@ import json
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from smart_r1.data.dataset import iter_scenarios
@@ -24,22 +23,9 @@ from smart_r1.model.checkpoint import load_checkpoint
 from smart_r1.data.dataset import data_source
 from smart_r1.rollout.closed_loop import rollout_records
 from smart_r1.rollout.sampling import Sampler
-from smart_r1.types import NUM_FUTURE_STEPS, STEP_SECONDS
+from smart_r1.metrics.rollouts_io import constant_velocity_states
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "womd" / "motion_data_one_scenario.tfrecord"
-
-
-def constant_velocity_states(record, num_rollouts: int) -> np.ndarray:
-    """float32 [R, S, 80, 4]: each sim agent moves on at its current velocity, heading and height."""
-    now, sim = record.current_time_index, record.sim_agent_mask
-    xyz = record.xyz[sim, now]  # [S, 3]
-    vel = record.velocity[sim, now].astype(np.float64)  # [S, 2]
-    t = np.arange(1, NUM_FUTURE_STEPS + 1) * STEP_SECONDS  # [80]
-    xy = xyz[:, None, :2] + vel[:, None] * t[None, :, None]  # [S, 80, 2]
-    z = np.broadcast_to(xyz[:, None, 2:], xy.shape[:2] + (1,))  # [S, 80, 1]
-    h = np.broadcast_to(record.heading[sim, now][:, None, None], xy.shape[:2] + (1,))  # [S, 80, 1]
-    states = np.concatenate([xy, z, h], -1).astype(np.float32)  # [S, 80, 4]
-    return np.broadcast_to(states, (num_rollouts, *states.shape)).copy()  # [R, S, 80, 4]
 
 
 def evaluate(model, records, rollouts: int, sampler) -> tuple[dict, dict]:

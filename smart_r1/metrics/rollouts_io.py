@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from waymo_open_dataset.protos import sim_agents_submission_pb2 as submission_pb2
 
-from smart_r1.types import NUM_FUTURE_STEPS, ScenarioRecord
+from smart_r1.types import NUM_FUTURE_STEPS, STEP_SECONDS, ScenarioRecord
 
 _FIELDS = ("center_x", "center_y", "center_z", "heading")
 
@@ -154,3 +154,26 @@ def read_rollouts(path, scenario_id: str) -> submission_pb2.ScenarioRollouts:
             return rollouts
     ids = [r.scenario_id for r in submission.scenario_rollouts]
     raise ValueError(f"{path} has no rollouts for scenario {scenario_id!r} (it has {ids[:10]})")
+
+
+def _current_states(record: ScenarioRecord) -> np.ndarray:
+    """float64 [S, 4]: each sim agent's (x, y, z, heading) at the current step."""
+    now, sim = record.current_time_index, record.sim_agent_mask
+    return np.concatenate([record.xyz[sim, now], record.heading[sim, now][:, None]], -1).astype(np.float64)
+
+
+def stationary_states(record: ScenarioRecord, num_rollouts: int) -> np.ndarray:
+    """float64 [R, S, 80, 4]: every sim agent stays where it is now, a reference policy: what the
+    metrics give a simulation that never moves (a realism figure at or below it is no progress)."""
+    now = _current_states(record)  # [S, 4]
+    return np.broadcast_to(now[None, :, None], (num_rollouts, now.shape[0], NUM_FUTURE_STEPS, 4)).copy()
+
+
+def constant_velocity_states(record: ScenarioRecord, num_rollouts: int) -> np.ndarray:
+    """float64 [R, S, 80, 4]: each sim agent moves on at its current velocity, heading and height."""
+    now = _current_states(record)  # [S, 4]
+    vel = record.velocity[record.sim_agent_mask, record.current_time_index].astype(np.float64)  # [S, 2]
+    t = np.arange(1, NUM_FUTURE_STEPS + 1) * STEP_SECONDS  # [80]
+    states = np.broadcast_to(now[:, None], (now.shape[0], NUM_FUTURE_STEPS, 4)).copy()  # [S, 80, 4]
+    states[..., :2] += vel[:, None] * t[None, :, None]
+    return np.broadcast_to(states, (num_rollouts, *states.shape)).copy()  # [R, S, 80, 4]

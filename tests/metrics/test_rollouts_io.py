@@ -124,3 +124,21 @@ def test_read_rollouts_takes_both_proto_kinds(womd_record, replay, tmp_path):
         read_rollouts(many, "missing-id")
     with pytest.raises(ValueError, match="holds rollouts of scenario"):
         read_rollouts(single, "missing-id")
+
+
+def test_reference_policies_stationary_and_constant_velocity(womd_record):
+    """The two model-free references beside log replay: a stationary simulation never moves, a
+    constant-velocity one moves each agent by its current velocity every step."""
+    from smart_r1.metrics.rollouts_io import constant_velocity_states, stationary_states
+    from smart_r1.metrics.signals import travel_ratio
+    from smart_r1.types import STEP_SECONDS
+
+    still = stationary_states(womd_record, 3)
+    log = log_replay_states(womd_record, 3)
+    assert still.shape == log.shape and (still == still[:, :, :1]).all()
+    assert travel_ratio(womd_record, still) == 0.0
+    moving = constant_velocity_states(womd_record, 2)
+    sim, now = womd_record.sim_agent_mask, womd_record.current_time_index
+    step = np.diff(moving[0, :, :, :2], axis=1)  # [S, 79, 2]
+    assert np.allclose(step, womd_record.velocity[sim, now][:, None] * STEP_SECONDS, atol=1e-6)
+    assert np.allclose(moving[..., 3], womd_record.heading[sim, now][None, :, None])
