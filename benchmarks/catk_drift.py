@@ -4,7 +4,7 @@ speed), on the first 8 training scenes.
 
     python benchmarks/catk_drift.py RUN_DIR K      # RUN_DIR: a pipeline run with bc/model.pt
 """
-import sys, torch, random
+import sys, torch
 from smart_r1.data.dataset import iter_scenarios
 from smart_r1.model.checkpoint import load_checkpoint
 from smart_r1.rl.catk import catk_targets
