@@ -44,6 +44,7 @@ from smart_r1.distributed.run_identity import INIT, check_run, record_stage
 from smart_r1.distributed.worker_kit import MODEL_NAME, LearnerJob
 from smart_r1.metrics import aggregate_metrics, step_events
 from smart_r1.metrics.intervals import SCORES_FILE, headline_intervals, stage_differences
+from smart_r1.metrics.references import reference_scores, summary
 from smart_r1.metrics.tables import metrics_table
 from smart_r1.model.checkpoint import checkpoint_bytes, load_checkpoint, load_weights, save_checkpoint
 from smart_r1.model.config import ModelConfig
@@ -279,17 +280,39 @@ def render_stage(checkpoint: str, data: str, out_path: str | Path, cfg: EvalConf
     return str(out_path)
 
 
+REFERENCES_FILE = "references.json"  # in the run's root: the reference policies' metrics per evaluation set
+
+
+def reference_rows(out: str, datasets: dict[str, str], eval_sets: list[str], cfg: EvalConfig) -> dict[str, dict]:
+    """{data set: {policy: metrics}} of log replay and a stationary simulation on the scenarios each
+    stage is scored on (`smart_r1.metrics.references`), computed here once per run and kept in
+    `<out>/references.json`: the ceiling, and what a simulation that never moves scores."""
+    path = join(out, REFERENCES_FILE)
+    known = read_json(path, {})
+    for d in eval_sets:
+        if d not in known:
+            scores = reference_scores(list(iter_scenarios(datasets[d], cfg.max_scenarios)), ("log replay", "stationary"))
+            known[d] = {name: {**summary(scored), **headline_intervals(scored)} for name, scored in scores.items()}
+            write_json(path, known)
+    return {d: known[d] for d in eval_sets}
+
+
 def paired_differences(out: str, stages: list[str], datasets: list[str]) -> str:
     """`stage_differences` of the stages' score files in the run's storage (local or a bucket)."""
     return stage_differences({s: join(out, s) for s in stages}, datasets)
 
 
-def stage_table(rows: dict[str, dict[str, dict]]) -> str:
+def _ratio(m: dict) -> str:
+    return "-" if m.get("travel_ratio") is None else f"{m['travel_ratio']:.2f}"
+
+
+def stage_table(rows: dict[str, dict[str, dict]], labels: tuple[str, str] = ("stage", "data")) -> str:
     """Markdown table: one row per (stage, dataset), each headline figure with its 95% interval
-    over scenarios where the metrics carry one."""
-    return metrics_table(("stage", "data"), [((stage, dataset, m["scenarios"], m.get("num_rollouts", "-")), m)
-                                             for stage, by_data in rows.items() for dataset, m in by_data.items()],
-                         trailing=("scenarios", "rollouts"))
+    over scenes or networks where the metrics carry one, and the travel ratio (how far the agents
+    go against the log: below 1, slower)."""
+    return metrics_table(labels, [((stage, dataset, m["scenarios"], m.get("num_rollouts", "-"), _ratio(m)), m)
+                                  for stage, by_data in rows.items() for dataset, m in by_data.items()],
+                         trailing=("scenarios", "rollouts", "travel ratio"))
 
 
 class RolloutActors:
@@ -428,8 +451,12 @@ def run_pipeline(config: PipelineConfig, fail_once_at: dict[str, int] | None = N
               flush=True)
     # Paired differences from the stages' score files (a resumed run reads those of earlier runs).
     differences = paired_differences(out, list(rows), eval_sets)
+    with timer.phase("references"):
+        references = reference_rows(out, datasets, eval_sets, config.eval)
     table = (f"{stage_table(rows)}\n\nPaired differences between consecutive stages (later - earlier), "
-             f"95% bootstrap over the scenarios both scored; * the interval excludes 0:\n\n{differences}")
+             f"95% bootstrap over the scenes or networks both scored; * the interval excludes 0:\n\n{differences}"
+             f"\n\nModel-free references on the same scenarios (log replay: the ceiling; stationary: every agent "
+             f"stays put, what a simulation that never moves scores):\n\n{stage_table(references, ('data', 'policy'))}")
     write_text(join(out, "results.md"), table + "\n")
     write_json(join(out, "results.json"), rows)
     tracker.log_artifact(join(out, "results.md"))
