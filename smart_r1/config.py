@@ -172,6 +172,9 @@ class MPOStage(_Stage):
     num_rollouts: int = option(8, "rollouts per scenario per RL step (paper: 32)")
     scenarios_per_step: int = option(4, "scenarios per RL step")
     updates_per_batch: int = option(1, "updates on one batch; > 1 reuses it (then ratio clipping applies)")
+    rollouts_per_backward: int = option(0, "rollouts of a scene in one backward pass of the update: the "
+                                           "learner's activation memory is one such chunk's, gradients add "
+                                           "up over chunks and scenes (the same step); 0 = a whole scene")
     clip_eps: float = option(0.2, "ratio clipping of the surrogate when a batch is reused or stale")
     kl_estimator: str = option("k3", "k3 (sampled tokens) or full (whole vocabulary)")
     per_agent_credit: bool = option(True, "each agent's own collision / off-road flags in its reward "
@@ -200,6 +203,8 @@ class MPOStage(_Stage):
             raise ValueError(f"{where}: kl_estimator must be 'k3' or 'full'")
         if self.max_staleness < 0:
             raise ValueError(f"{where}: max_staleness must be >= 0")
+        if self.rollouts_per_backward < 0:
+            raise ValueError(f"{where}: rollouts_per_backward must be >= 0 (0 = a whole scene per backward)")
         if not 0.0 < self.min_rollout_fraction <= 1.0:
             raise ValueError(f"{where}: min_rollout_fraction must lie in (0, 1], got {self.min_rollout_fraction}")
         if self.collision_weight < 0 or self.offroad_weight < 0:

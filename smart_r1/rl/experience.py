@@ -100,6 +100,22 @@ class ExperienceBatch:
         return out
 
 
+    def rollout_chunks(self, size: int) -> list["ExperienceBatch"]:
+        """The batch cut along its rollouts into chunks of at most `size` rollouts (the last may
+        be smaller), each with the same scenes: [B, R, ...] -> [B, r, ...]. size 0 (or >= R): the
+        batch itself."""
+        r = self.tokens.shape[1]
+        if size <= 0 or size >= r:
+            return [self]
+        out = []
+        for start in range(0, r, size):
+            cut = lambda x: None if x is None else x[:, start:start + size]  # [B, r, ...]
+            out.append(dataclasses.replace(
+                self, tokens=cut(self.tokens), poses=cut(self.poses), old_log_probs=cut(self.old_log_probs),
+                rewards=cut(self.rewards), ref_log_probs=cut(self.ref_log_probs)))
+        return out
+
+
 def _pad_agents(arrays: Sequence[np.ndarray], a: int) -> torch.Tensor:
     """Stack [R, A_i, ...] arrays into [B, R, a, ...], zero-padding the agent axis."""
     out = []
