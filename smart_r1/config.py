@@ -114,9 +114,15 @@ class _SupervisedStage(_Stage):
                                      "ray.num_learners x batch_scenarios (lr is not rescaled with it)")
     label_smoothing: float = option(0.0, "share of each target token's probability spread over the "
                                          "vocabulary in the cross-entropy (SMART: 0.1)")
+    memory_budget_gb: float = option(0.0, "a learner's memory for one step (GiB, on its device): a batch whose "
+                                          "estimate (smart_r1/distributed/memory_estimate.py) is above it is split "
+                                          "into micro-batches whose gradients add up to the batch's (the same "
+                                          "step); 0 = the whole batch at once")
 
     def validate(self) -> None:
         super().validate()
+        if self.memory_budget_gb < 0:
+            raise ValueError(f"stage {self.name!r}: memory_budget_gb must be >= 0 (0 = no budget)")
         for name in ("epochs", "batch_scenarios"):
             if getattr(self, name) < 1:
                 raise ValueError(f"stage {self.name!r}: {name} must be >= 1, got {getattr(self, name)}")
