@@ -63,7 +63,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from smart_r1.distributed.memory_estimate import (  # noqa: E402
-    BC_AGENTS, CARDS, MAP_SEGMENTS, SIM_AGENTS, UnitCosts, gpu_bytes,
+    BC_AGENTS, CARDS, MAP_SEGMENTS, SIM_AGENTS, UnitCosts, gpu_bytes, with_margin,
 )
 
 REAL = Path(__file__).resolve().parents[2] / "shared" / "womd" / "real"
@@ -262,6 +262,8 @@ def main() -> None:
     parser.add_argument("--mpo-rollouts", type=int, default=1, help="rollouts per scene and chunk in the MPO rows")
     parser.add_argument("--before-max", type=int, default=8, help="most scenes of the one-graph MPO rows")
     parser.add_argument("--fit-only", action="store_true", help="only the points the per-unit fit needs")
+    parser.add_argument("--kinds", default="bc,catk,mpo",
+                        help="which of bc, catk, mpo, rollout (a rollout worker: 16 and 32 rollouts, slow) to measure")
     parser.add_argument("--point", help=argparse.SUPPRESS)
     parser.add_argument("--data", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -285,14 +287,19 @@ def main() -> None:
             print(f"# {name} scenes (agents, map segments): " + ", ".join(
                 f"{r.scenario_id} {scene_size(s)}" for s, r in zip(data[name], data['records_' + name])))
         r = args.mpo_rollouts
+        # the worker's reference pass takes 512 agent-rollouts (4 rollouts of a 128-agent scene) at a
+        # time; from 16 rollouts of 128 agents on, the closed loop's memory is the larger
         plan = [("bc", "bc_fewmap", 1, 1), ("catk", "sim_fewmap", 1, 1), ("mpo", "sim_fewmap", 1, r),
-                ("mpo", "sim", 1, 2 * r), ("rollout", "sim", 1, 2), ("rollout", "sim", 1, 4),
-                ("rollout", "sim_fewmap", 1, 2)]
+                ("mpo", "sim", 1, 2 * r), ("rollout", "sim_fewmap", 1, 16), ("rollout", "sim", 1, 16),
+                ("rollout", "sim", 1, 32)]
         curves = [("bc", "bc", n, 1) for n in counts] + [("catk", "sim", n, 1) for n in counts] \
             + [("mpo", "sim", n, r) for n in counts] \
             + [("mpo_one_graph", "sim", n, r) for n in counts if n <= args.before_max]
         if args.fit_only:
             curves = [c for c in curves if c[2] <= 2 and c[0] != "mpo_one_graph"]
+        kinds = set(args.kinds.split(","))
+        plan, curves = ([c for c in cs if c[0] in kinds or (c[0] == "mpo_one_graph" and "mpo" in kinds)]
+                        for cs in (plan, curves))
         rows = []
         for kind, name, n, rollouts in plan + curves:
             point = {**common, "kind": kind, "set": name, "scenes": n, "rollouts": rollouts}
@@ -358,6 +365,9 @@ def report(rows: list[dict], args, counts: list[int]) -> None:
     if len(costs) == 4:
         unit = UnitCosts.from_fits(args.preset, args.vocab, args.precision, costs)
         print(f"memory_estimate line: {unit.as_source()}")
+    else:
+        for kind, coef in costs.items():
+            print(f"memory_estimate fit: {kind}=Fit({', '.join(str(max(0, round(x))) for x in coef)})")
     cards = "".join(f" | fits {name}" for name in CARDS)
     for kind, title in (("bc", "BC step (batch_scenarios)"), ("catk", "CAT-K SFT step, K 32 (batch_scenarios)"),
                         ("mpo", f"MPO update, {args.mpo_rollouts} rollout(s) per chunk (scenes per learner)"),
@@ -375,7 +385,7 @@ def report(rows: list[dict], args, counts: list[int]) -> None:
                 continue
             print(f"| {n} | {gb(peak)}{tag} | {gb(gpu_bytes(peak))} | " + " | ".join(
                 "yes" if gpu_bytes(peak) <= cap else "no" for cap in CARDS.values()) + " |")
-    if len(costs) < 3:
+    if not {"bc", "catk", "mpo"} <= set(costs):
         return
     print(f"\n## at womd_gpu's settings, a WOMD scene's worst case ({BC_AGENTS} agents for BC, {SIM_AGENTS} sim "
           f"agents otherwise, {MAP_SEGMENTS} map segments), from the fits\n| work | GPU estimate GiB{cards} |"
@@ -385,11 +395,13 @@ def report(rows: list[dict], args, counts: list[int]) -> None:
              for n in (1, 2, 4, 8)]
     work += [(f"MPO, rollouts_per_backward {c}" + (" (whole scene)" if c == 32 else ""),
               costs_at(costs["mpo"], c * SIM_AGENTS, MAP_SEGMENTS)) for c in (32, 16, 8, 4, 2, 1)]
-    if "rollout" in costs:
-        work += [("rollout worker, 32 rollouts of 1 scene (CPU)", costs_at(costs["rollout"], 32 * SIM_AGENTS, MAP_SEGMENTS))]
     for name, peak in work:
         print(f"| {name} | {gb(gpu_bytes(peak))} | " + " | ".join(
             "yes" if gpu_bytes(peak) <= cap else "no" for cap in CARDS.values()) + " |")
+    if "rollout" in costs:
+        peak = costs_at(costs["rollout"], 32 * SIM_AGENTS, MAP_SEGMENTS)
+        print(f"\nrollout worker, 32 rollouts of one scene on a CPU: {gb(with_margin(peak, gpu=False))} GiB "
+              f"resident ({args.precision}; margin included)")
 
 
 def costs_at(coef: tuple[float, float, float], agents: float, segments: float) -> float:

@@ -102,6 +102,9 @@ class UnitCosts:
 # Measured by benchmarks/bench_memory.py (BENCHMARKS.md, "Memory per learner and worker") on the
 # 2-core AMD EPYC dev machine (AVX512-BF16), torch 2.13.0+cpu; the commands:
 MEASURED: tuple[UnitCosts, ...] = (
+    # OMP_NUM_THREADS=1 nice -n 5 python benchmarks/bench_memory.py --threads 1
+    UnitCosts('default', 2048, 'bfloat16', bc=Fit(145760078, 9095794, 162196), catk=Fit(210518016, 9361078, 171621),
+              mpo=Fit(162954009, 8692840, 173185), rollout=Fit(144395769, 2195024, 9746)),
     # bench_memory.py --preset test --vocab 64 --precision float32 --fit-only --scenes 1,2
     UnitCosts('test', 64, 'float32', bc=Fit(90140672, 749221, 11511), catk=Fit(90124288, 743845, 11837),
               mpo=Fit(89274772, 711024, 11406), rollout=Fit(188762891, 6896, 101)),

@@ -18,7 +18,7 @@ from smart_r1.model.smart_tiny import SmartTiny
 from smart_r1.rl.experience import collate_experiences, make_experience, reference_log_probs
 from smart_r1.rl.mpo import mpo_step
 from smart_r1.rl.rewards import RewardConfig
-from smart_r1.rollout.closed_loop import closed_loop, token_log_probs
+from smart_r1.rollout.closed_loop import RolloutTensors, closed_loop, token_log_probs
 from smart_r1.rollout.sampling import Sampler
 from smart_r1.tokens.motion_vocab import build_vocab
 from smart_r1.tokens.scene import build_scene, collate, unpad
@@ -83,6 +83,13 @@ def test_actor_reference_log_probs_are_the_learners(two_scenes):
         with torch.no_grad():
             again = token_log_probs(reference, part.scenes, part.tokens, part.poses, **dataclasses.asdict(sampling))
         assert (part.ref_log_probs - again)[part.live].abs().max() < 1e-6
+    # one rollout per reference pass (a worker bounding its memory): the same log-probs
+    e = experiences[0]
+    one_pass = RolloutTensors(torch.as_tensor(e.tokens)[None], torch.as_tensor(e.log_probs)[None],
+                              torch.as_tensor(e.poses)[None])
+    split = reference_log_probs(reference, e.scene, one_pass, sampling, agent_rollouts_per_pass=1)
+    assert split.shape == (1, *e.tokens.shape)
+    assert (split - torch.as_tensor(e.ref_log_probs)[None]).abs().max() < 1e-6
     # an experience without them (an older worker) makes the learner compute them all
     assert collate_experiences([experiences[0], dataclasses.replace(experiences[1], ref_log_probs=None)]).ref_log_probs is None
 
