@@ -1,8 +1,10 @@
-"""Peak memory of a learner's BC step, CAT-K step and MPO update, and of a rollout worker, at
-womd_gpu's settings on the largest real WOMD scenes, against scenes per learner (issue 27).
+"""Peak memory of a learner's BC step, CAT-K step and MPO update (and, asked, of a rollout
+worker) at womd_gpu's settings on the largest real WOMD scenes, against scenes per learner (issue 27).
 
-    nice -n 5 python benchmarks/bench_memory.py                 # the default preset, ~10-20 min on 2 cores
-    python benchmarks/bench_memory.py --preset cpu --vocab 1024 --fit-only --precision float32
+    OMP_NUM_THREADS=1 nice -n 5 python benchmarks/bench_memory.py --threads 1     # ~25 min at load 15
+    python benchmarks/bench_memory.py --kinds rollout      # a rollout worker: 16 and 32 rollouts, slow
+    python benchmarks/bench_memory.py --preset cpu --vocab 1024 --precision float32 --fit-only \
+        --scenes 1,2 --kinds bc,catk,mpo,rollout            # another preset's per-unit costs only
 
 Settings (pipelines/womd_gpu.yaml): the `default` preset (SMART-tiny, 5.5M parameters), vocabulary
 2048, bfloat16 autocast (what a GPU learner runs), AdamW; BC with label smoothing 0.1, CAT-K SFT with
@@ -26,6 +28,9 @@ space and the interpreter. `smart_r1.distributed.memory_estimate.gpu_bytes` adds
 for them (20% and 1 GiB) and the tables compare that with a 24 GB card (22 GiB usable) and an 80 GB
 card (79 GiB usable).
 
+One torch thread per point: the memory does not depend on it, and on a loaded 2-core machine
+two threads wait on each other (a CAT-K test step took 0.24 s of CPU on one thread, 5.9 s on two).
+
 Rows: BC and CAT-K against batch_scenarios; the MPO update against scenes per learner, each scene
 with --mpo-rollouts rollouts (default 1) in one chunk (`rollouts_per_backward`), once as the code
 runs it (one backward per chunk) and once as before issue 27 (every scene in one graph, one
@@ -37,7 +42,10 @@ this machine's available memory are skipped and said so.
 
 Per-unit costs: for each kind a least-squares fit of peak = fixed + agent x (agent slots) + segment
 x (map-segment slots) over its points (slots: padded, times rollouts for MPO and rollout workers);
-extra points with fewer map segments separate the two. The fit is printed as the line that
+extra points with fewer map segments separate the two. A rollout worker's peak is the larger of
+its closed loop's and its reference pass's (about 512 agent-rollouts at a time,
+smart_r1.rl.experience), so its points are 16 and 32 rollouts of the largest scene: the fit holds
+from there up, and at 32, womd_gpu's, it is the measured point. The fit is printed as the line that
 `smart_r1/distributed/memory_estimate.py` records. The last line is `mpo_peak_ratio R`: the MPO
 update's peak at the most scenes per learner measured (at least 8) over its peak at one scene.
 """

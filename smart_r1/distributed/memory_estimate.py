@@ -27,8 +27,9 @@ why); a process on a GPU adds the CUDA context and library workspaces (CUDA_CONT
 torch's allocator) and the caching allocator's reserve and fragmentation (ALLOCATOR_MARGIN of the
 live bytes); a CPU process gets the same margin for its allocator. Precision: an entry measured in
 bfloat16 holds its activations at half the float32 size wherever autocast computes in bfloat16, so
-for a float32 process its activation terms are doubled (an upper bound); a float32 entry bounds a
-bfloat16 process from above as it is.
+for a float32 process it is doubled (every term: a worker's fixed term holds its reference pass; an
+upper bound, by the weights' and optimiser state's size); a float32 entry bounds a bfloat16
+process from above as it is.
 """
 
 from __future__ import annotations
@@ -50,6 +51,10 @@ CUDA_CONTEXT = 1 * GiB  # CUDA context, cuBLAS / cuDNN workspaces: never in torc
 ALLOCATOR_MARGIN = 0.20  # allocator reserve and fragmentation above the live bytes
 CARDS = {"24 GB": 22 * GiB, "80 GB": 79 * GiB}  # usable memory of a 24 GB and an 80 GB card
 BC_AGENTS, SIM_AGENTS, MAP_SEGMENTS = 64, 128, 2048  # a WOMD scene's caps (module docstring)
+# A rollout worker's fit holds from 2048 agent-rollouts up (16 rollouts of 128 agents); below, its
+# peak is its reference pass's (~512 agent-rollouts at a time), flat: 1.19, 1.21, 1.20 GiB measured
+# at 4, 8, 16 rollouts of a 128-agent scene (`default` preset, bfloat16), 1.71 at 32.
+ROLLOUT_FIT_FROM = 2048
 
 
 @dataclass(frozen=True)
@@ -93,8 +98,9 @@ class UnitCosts:
         return f"UnitCosts({self.preset!r}, {self.vocab_size}, {self.precision!r}, {fits})"
 
     def scaled(self, factor: float) -> "UnitCosts":
-        """Activation terms times `factor`, fixed terms as they are."""
-        return dataclasses.replace(self, **{k: Fit(f.fixed, round(f.agent * factor), round(f.segment * factor))
+        """Every term times `factor` (the fixed ones too: a worker's holds its reference pass)."""
+        return dataclasses.replace(self, **{k: Fit(round(f.fixed * factor), round(f.agent * factor),
+                                                   round(f.segment * factor))
                                             for k in ("bc", "catk", "mpo", "rollout")
                                             for f in [getattr(self, k)]})
 
@@ -102,9 +108,10 @@ class UnitCosts:
 # Measured by benchmarks/bench_memory.py (BENCHMARKS.md, "Memory per learner and worker") on the
 # 2-core AMD EPYC dev machine (AVX512-BF16), torch 2.13.0+cpu; the commands:
 MEASURED: tuple[UnitCosts, ...] = (
-    # OMP_NUM_THREADS=1 nice -n 5 python benchmarks/bench_memory.py --threads 1
+    # OMP_NUM_THREADS=1 nice -n 5 python benchmarks/bench_memory.py --threads 1 (bc, catk, mpo), and
+    # rollout from the same with --kinds rollout (16 and 32 rollouts; fits 16 rollouts and up)
     UnitCosts('default', 2048, 'bfloat16', bc=Fit(145760078, 9095794, 162196), catk=Fit(210518016, 9361078, 171621),
-              mpo=Fit(162954009, 8692840, 173185), rollout=Fit(144395769, 2195024, 9746)),
+              mpo=Fit(162954009, 8692840, 173185), rollout=Fit(746489308, 266026, 0)),
     # bench_memory.py --preset test --vocab 64 --precision float32 --fit-only --scenes 1,2
     UnitCosts('test', 64, 'float32', bc=Fit(90140672, 749221, 11511), catk=Fit(90124288, 743845, 11837),
               mpo=Fit(89274772, 711024, 11406), rollout=Fit(188762891, 6896, 101)),
@@ -195,8 +202,8 @@ def stage_peak_bytes(config: PipelineConfig, stage) -> dict[str, int]:
     worker = unit_costs(config.model.preset, config.model.vocab_size, _precision(config.model.precision, worker_gpu))
     n_worker = max(1, r.scenarios_per_rollout_batch)
     rollouts = max(config.eval.num_rollouts, getattr(stage, "num_rollouts", 0))  # every stage is evaluated
-    out = {"rollout_worker": with_margin(worker.rollout.bytes(n_worker * rollouts * SIM_AGENTS, n_worker * MAP_SEGMENTS),
-                                         worker_gpu)}
+    agent_rollouts = max(ROLLOUT_FIT_FROM, n_worker * rollouts * SIM_AGENTS)
+    out = {"rollout_worker": with_margin(worker.rollout.bytes(agent_rollouts, n_worker * MAP_SEGMENTS), worker_gpu)}
     if isinstance(stage, MPOStage):
         chunk = stage.rollouts_per_backward or stage.num_rollouts
         out["learner"] = with_margin(learner.mpo.bytes(min(chunk, stage.num_rollouts) * SIM_AGENTS, MAP_SEGMENTS),

@@ -12,6 +12,11 @@ and one decoded row group, never the dataset. Every rank takes the same number o
 (their gradients are all-reduced): ceil(scenes / world_size / batch_scenarios), or the stage's
 `steps_per_epoch`; a rank whose row groups hold fewer scenes goes round them again.
 
+`batch_scenarios` scenes make one step on each rank, whatever the memory: with the stage's
+`memory_budget_gb`, a batch whose estimated step is above it (smart_r1.distributed.memory_estimate)
+runs as micro-batches, each forward and backward in turn, their losses normalised by the whole
+batch's token counts, so the accumulated gradient is the batch's.
+
 The scenes come tokenised (`job.scenes`: the token shards the pipeline wrote once, before the first
 stage, `smart_r1.tokens.cache`); a caller that did not tokenise (a test, a benchmark) gets the
 training records tokenised as they are read. One report (metrics + checkpoint) per epoch.
@@ -133,7 +138,7 @@ def supervised_loop(config: dict) -> None:
     anchor = load_checkpoint(fetch_checkpoint(job.init_checkpoint), map_location=device).eval() \
         if getattr(stage, "anchor_weight", 0.0) else None
     guard = NonFiniteGuard(f"stage {stage.name}", stage.max_nonfinite_updates)
-    split = batch_splitter(stage, model.cfg, device)
+    split, told_split = batch_splitter(stage, model.cfg, device), False
     for epoch in range(start_epoch, stage.epochs):
         maybe_fail(job, epoch)
         units = rank_units(source.units, rank, world_size, random.Random(job.seed * 7919 + epoch))
@@ -146,7 +151,12 @@ def supervised_loop(config: dict) -> None:
         for i in range(steps_per_epoch):
             with timer.phase("data"):  # reading and decoding token shards
                 picked = next(drawn)
-            parts = [collate(group).to(device) for group in split(picked)]  # micro-batches: one, unless over budget
+            groups = split(picked)  # micro-batches: one, unless the batch is over the stage's memory budget
+            if len(groups) > 1 and not told_split and rank == 0:
+                told_split = True
+                say(f"[{stage.name}] memory_budget_gb {stage.memory_budget_gb:g}: a batch of {len(picked)} scenes "
+                    f"runs as {len(groups)} micro-batches (gradients accumulated: the same step)")
+            parts = [collate(group).to(device) for group in groups]
             if noise_top_k > 1:
                 parts = [with_noisy_tokens(part, model.vocab, noise_top_k, noise) for part in parts]
             if stage.kind == "bc":  # pretraining from scratch: warm-up, then cosine decay to 10%

@@ -57,4 +57,4 @@ def test_a_float32_process_is_bounded_by_twice_a_bfloat16_entry():
     other = "float32" if entry.precision == "bfloat16" else "bfloat16"
     got = unit_costs(entry.preset, entry.vocab_size, other)
     factor = 2 if other == "float32" else 1
-    assert got.mpo.agent == factor * entry.mpo.agent and got.mpo.fixed == entry.mpo.fixed
+    assert got.mpo.agent == factor * entry.mpo.agent and got.rollout.fixed == factor * entry.rollout.fixed
