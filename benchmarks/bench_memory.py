@@ -179,9 +179,11 @@ def run_point(point: dict, data_dir: str) -> dict:
             model.train()
             loss, _ = bc_loss(model, batch, label_smoothing=0.1)
             optimizer_step(model, optimizer, loss, 1.0)
-        elif kind == "catk":
+        elif kind in ("catk", "catk_terms"):
             model.train()
-            loss, _ = catk_sft_loss(model, batch, catk_k=32)
+            terms = {} if kind == "catk" else dict(  # our preset's extra terms: the log's BC loss, the anchor's KL
+                bc_weight=3.0, anchor=copy.deepcopy(model).requires_grad_(False).eval(), anchor_weight=20.0)
+            loss, _ = catk_sft_loss(model, batch, catk_k=32, **terms)
             optimizer_step(model, optimizer, loss, 1.0)
         else:
             stage = MPOStage(name="rft", lr=1e-5, alpha=0.5, beta=0.04, num_rollouts=point["rollouts"],
@@ -231,7 +233,7 @@ def sizes(data: dict, point: dict) -> tuple[int, int]:
     from smart_r1.tokens.scene import scene_size
 
     shapes = [scene_size(s) for s in data[point["set"]][:point["scenes"]]]
-    if point["kind"] in ("bc", "catk"):
+    if point["kind"] in ("bc", "catk", "catk_terms"):
         n = len(shapes)
         return n * max(a for a, _ in shapes), n * max(m for _, m in shapes)
     if point["kind"] == "mpo_one_graph":  # every scene's graph at once, each on its own slots
@@ -299,15 +301,16 @@ def main() -> None:
         # time; from 16 rollouts of 128 agents on, the closed loop's memory is the larger
         plan = [("bc", "bc_fewmap", 1, 1), ("catk", "sim_fewmap", 1, 1), ("mpo", "sim_fewmap", 1, r),
                 ("mpo", "sim", 1, 2 * r), ("rollout", "sim_fewmap", 1, 16), ("rollout", "sim", 1, 16),
-                ("rollout", "sim", 1, 32)]
+                ("rollout", "sim", 1, 32), ("catk_terms", "sim", 1, 1), ("catk_terms", "sim", 2, 1)]
         curves = [("bc", "bc", n, 1) for n in counts] + [("catk", "sim", n, 1) for n in counts] \
             + [("mpo", "sim", n, r) for n in counts] \
             + [("mpo_one_graph", "sim", n, r) for n in counts if n <= args.before_max]
         if args.fit_only:
             curves = [c for c in curves if c[2] <= 2 and c[0] != "mpo_one_graph"]
         kinds = set(args.kinds.split(","))
-        plan, curves = ([c for c in cs if c[0] in kinds or (c[0] == "mpo_one_graph" and "mpo" in kinds)]
-                        for cs in (plan, curves))
+        wanted = lambda k: (k in kinds or (k == "mpo_one_graph" and "mpo" in kinds)  # noqa: E731
+                            or (k == "catk_terms" and "catk" in kinds and not args.fit_only))
+        plan, curves = ([c for c in cs if wanted(c[0])] for cs in (plan, curves))
         rows = []
         for kind, name, n, rollouts in plan + curves:
             point = {**common, "kind": kind, "set": name, "scenes": n, "rollouts": rollouts}
@@ -393,6 +396,14 @@ def report(rows: list[dict], args, counts: list[int]) -> None:
                 continue
             print(f"| {n} | {gb(peak)}{tag} | {gb(gpu_bytes(peak))} | " + " | ".join(
                 "yes" if gpu_bytes(peak) <= cap else "no" for cap in CARDS.values()) + " |")
+    terms = [r for r in rows if r["kind"] == "catk_terms"]
+    if terms and {"bc", "catk"} <= set(costs):
+        print("\n## CAT-K SFT step with our preset's terms (bc_weight 3, anchor_weight 20) against the estimate "
+              "(CAT-K's fit plus BC's activations: the log term's graph is held beside CAT-K's)")
+        for r in terms:
+            f, a, s = costs["catk"]
+            estimate = f + (a + costs["bc"][1]) * r["agent_units"] + (s + costs["bc"][2]) * r["segment_units"]
+            print(f"{r['scenes']} scene(s): measured {gb(r['peak'])} GiB, estimate {gb(estimate)} GiB")
     if not {"bc", "catk", "mpo"} <= set(costs):
         return
     print(f"\n## at womd_gpu's settings, a WOMD scene's worst case ({BC_AGENTS} agents for BC, {SIM_AGENTS} sim "

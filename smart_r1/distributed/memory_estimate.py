@@ -35,7 +35,6 @@ process from above as it is.
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -67,9 +66,6 @@ class Fit:
 
     def bytes(self, agent_slots: float, segment_slots: float) -> int:
         return int(self.fixed + self.agent * agent_slots + self.segment * segment_slots)
-
-    def activations(self, agent_slots: float, segment_slots: float) -> int:
-        return int(self.agent * agent_slots + self.segment * segment_slots)
 
 
 @dataclass(frozen=True)
@@ -112,9 +108,12 @@ MEASURED: tuple[UnitCosts, ...] = (
     # rollout from the same with --kinds rollout (16 and 32 rollouts; fits 16 rollouts and up)
     UnitCosts('default', 2048, 'bfloat16', bc=Fit(145760078, 9095794, 162196), catk=Fit(210518016, 9361078, 171621),
               mpo=Fit(162954009, 8692840, 173185), rollout=Fit(746489308, 266026, 0)),
-    # bench_memory.py --preset test --vocab 64 --precision float32 --fit-only --scenes 1,2
-    UnitCosts('test', 64, 'float32', bc=Fit(90140672, 749221, 11511), catk=Fit(90124288, 743845, 11837),
-              mpo=Fit(89274772, 711024, 11406), rollout=Fit(188762891, 6896, 101)),
+    # ... --preset cpu --vocab 1024 --precision float32 --fit-only --scenes 1,2 --kinds bc,catk,mpo,rollout
+    UnitCosts('cpu', 1024, 'float32', bc=Fit(92663808, 2367230, 37696), catk=Fit(91762688, 2504635, 38595),
+              mpo=Fit(93244777, 2440784, 38907), rollout=Fit(20558747, 127276, 2044)),
+    # ... --preset test --vocab 64 --precision float32 --fit-only --scenes 1,2 --kinds bc,catk,mpo,rollout
+    UnitCosts('test', 64, 'float32', bc=Fit(89628672, 751991, 11458), catk=Fit(89526272, 750904, 11300),
+              mpo=Fit(89184371, 710896, 11360), rollout=Fit(188853118, 6958, 0)),
 )
 
 
@@ -234,16 +233,3 @@ def _precision(name: str, gpu: bool) -> str:
     if name == "auto":
         return "bfloat16" if gpu else "float32"
     return name
-
-
-def fits_cards(live_bytes: float) -> dict[str, bool]:
-    """Whether a GPU process with `live_bytes` of tensors fits each card of CARDS."""
-    need = gpu_bytes(live_bytes)
-    return {name: need <= cap for name, cap in CARDS.items()}
-
-
-def scenes_in(budget_gb: float, fit: Fit, agents: int, segments: int, gpu: bool = True) -> int:
-    """How many worst-case scenes one step's batch (or rollouts, for mpo: agents already times
-    rollouts) holds within `budget_gb` (0 if not even one)."""
-    room = activation_budget(budget_gb * GiB, fit.fixed, gpu)
-    return max(0, math.floor(room / max(1, fit.activations(agents, segments))))
