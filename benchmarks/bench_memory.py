@@ -1,7 +1,7 @@
 """Peak memory of a learner's BC step, CAT-K step and MPO update (and, asked, of a rollout
 worker) at womd_gpu's settings on the largest real WOMD scenes, against scenes per learner (issue 27).
 
-    OMP_NUM_THREADS=1 nice -n 5 python benchmarks/bench_memory.py --threads 1     # ~25 min at load 15
+    nice -n 5 python benchmarks/bench_memory.py       # the default preset: ~25 min at load 15 on 2 cores
     python benchmarks/bench_memory.py --kinds rollout      # a rollout worker: 16 and 32 rollouts, slow
     python benchmarks/bench_memory.py --preset cpu --vocab 1024 --precision float32 --fit-only \
         --scenes 1,2 --kinds bc,catk,mpo,rollout            # another preset's per-unit costs only
@@ -90,7 +90,6 @@ def _status(field: str) -> int:
 def _experience_batch(scenes, records, rollouts: int, seed: int):
     """MPO experience of each scene: `rollouts` copies of its logged future (tokens and poses; what
     is held depends on shapes only), per-agent rewards, log pi_old and log pi_ref as sent."""
-    import torch
     from smart_r1.rl.experience import collate_experiences
     from smart_r1.tokens.motion_vocab import NUM_FUTURE_TOKENS, NUM_HISTORY_TOKENS, SHIFT
     from smart_r1.types import Experience
@@ -109,7 +108,6 @@ def _experience_batch(scenes, records, rollouts: int, seed: int):
             log_probs=lp, rewards=rng.uniform(0, 1, (rollouts, a)).astype(np.float32),
             realism=np.zeros(rollouts, np.float32), collision=np.zeros((rollouts, a), bool),
             offroad=np.zeros((rollouts, a), bool), seconds={}, ref_log_probs=lp.copy()))
-    del torch
     return collate_experiences(out)
 
 
@@ -197,7 +195,7 @@ def run_point(point: dict, data_dir: str) -> dict:
 
 # -- the driver ----------------------------------------------------------------------------------
 
-def prepare(data_dir: Path, preset: str, vocab_size: int, per_kind: int) -> dict:
+def prepare(data_dir: Path, vocab_size: int, per_kind: int) -> dict:
     """Pick the largest real scenes, build a vocabulary from all of them, tokenise, save."""
     from smart_r1.data.womd import read_scenarios
     from smart_r1.tokens.motion_vocab import SHIFT, build_vocab
@@ -267,7 +265,7 @@ def main() -> None:
     parser.add_argument("--preset", default="default")
     parser.add_argument("--vocab", type=int, default=2048)
     parser.add_argument("--precision", default="bfloat16", help="bfloat16 (a GPU's) or float32")
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per point (module docstring)")
     parser.add_argument("--scenes", default="1,2,4,8", help="scenes per learner (batch_scenarios for BC / CAT-K)")
     parser.add_argument("--mpo-rollouts", type=int, default=1, help="rollouts per scene and chunk in the MPO rows")
     parser.add_argument("--before-max", type=int, default=8, help="most scenes of the one-graph MPO rows")
@@ -283,15 +281,17 @@ def main() -> None:
 
     import torch
 
+    torch.set_num_threads(args.threads)
     counts = [int(c) for c in args.scenes.split(",")]
     t_start = time.perf_counter()
     print(f"# bench_memory: preset {args.preset}, vocabulary {args.vocab}, {args.precision}, {args.threads} threads; "
           f"torch {torch.__version__}; {platform_name()}")
-    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0", "MALLOC_TOP_PAD_": "0"}
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0", "MALLOC_TOP_PAD_": "0",
+           "OMP_NUM_THREADS": str(args.threads)}
     common = {"preset": args.preset, "precision": args.precision, "threads": args.threads}
     with tempfile.TemporaryDirectory() as tmp:
         data_dir = Path(tmp)
-        data = prepare(data_dir, args.preset, args.vocab, max(counts))
+        data = prepare(data_dir, args.vocab, max(counts))
         from smart_r1.tokens.scene import scene_size
         for name in ("sim", "bc"):
             print(f"# {name} scenes (agents, map segments): " + ", ".join(
