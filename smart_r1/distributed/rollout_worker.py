@@ -139,7 +139,9 @@ class RolloutWorker:
         if key in self._scenes:
             self._scenes.move_to_end(key)
         else:
-            self._scenes[key] = build_scene(record, self.model.vocab, agents="sim")
+            # every sim agent (WOSAC scores them all; a converted scene may hold more than WOMD's 128)
+            self._scenes[key] = build_scene(record, self.model.vocab, agents="sim",
+                                            max_agents=max(128, int(record.sim_agent_mask.sum())))
             if len(self._scenes) > SCENE_CACHE:
                 self._scenes.popitem(last=False)
         return self._scenes[key]
