@@ -237,6 +237,8 @@ class MPOStage(_Stage):
     offroad_weight: float = option(1.0, "weight of the on-road fraction in the reward (0 = realism only)")
     progress_weight: float = option(0.0, "weight of each agent's progress, min(1, simulated / logged path length), "
                                          "in the reward: keeps RFT from buying safety by slowing agents down")
+    gate_by_progress: bool = option(False, "the collision- and off-road-free terms earned in proportion to each "
+                                           "agent's progress: no safety credit for standing still")
     max_staleness: int = option(1, "drop rollouts made with weights older than this many updates")
     min_rollout_fraction: float = option(0.5, "least fraction of a step's scenarios with usable rollouts; "
                                               "below it the step is sampled again once, then the stage stops")

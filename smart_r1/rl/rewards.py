@@ -12,7 +12,10 @@ Per-agent credit (option `per_agent_credit`): each agent is charged only for its
 With a progress weight w_p > 0 each agent is also credited for keeping up with the log,
 progress_{r,a} = min(1, its simulated / logged path length) (`smart_r1.metrics.signals.progress`),
 added as `w_p * progress` (per rollout: the mean over agents) and normalised by 1 + w_c + w_o + w_p.
-Without it an agent can buy the collision and off-road terms by slowing down.
+Without it an agent can buy the collision and off-road terms by slowing down. With
+`gate_by_progress` the collision- and off-road-free terms are instead earned in proportion to the
+distance covered, w_c * (1 - collision) * progress (and off-road alike): an agent that stands still
+earns no safety credit, one that keeps the log's pace without incident earns all of it.
 
 `realism_r` is the per-rollout realism score of `smart_r1.metrics.rollout_signals`, the WOSAC
 metametric of that rollout alone, in [0, 1]. The reward is a weighted mean of it and of the
@@ -39,10 +42,12 @@ class RewardConfig:
     offroad_weight: float = 1.0
     per_agent_credit: bool = False
     progress_weight: float = 0.0
+    gate_by_progress: bool = False
 
     @classmethod
     def of_stage(cls, stage) -> "RewardConfig":
-        return cls(stage.collision_weight, stage.offroad_weight, stage.per_agent_credit, stage.progress_weight)
+        return cls(stage.collision_weight, stage.offroad_weight, stage.per_agent_credit, stage.progress_weight,
+                   stage.gate_by_progress)
 
 
 def rollout_rewards(realism: torch.Tensor, collision: torch.Tensor, offroad: torch.Tensor,
@@ -53,14 +58,16 @@ def rollout_rewards(realism: torch.Tensor, collision: torch.Tensor, offroad: tor
         realism: [R] per-rollout realism score.
         collision, offroad: [R, S] bool, whether each agent collided / left the road.
         progress: [R, S] in [0, 1], each agent's share of its logged distance (needed when
-            cfg.progress_weight > 0).
+            cfg.progress_weight > 0 or cfg.gate_by_progress).
     """
     w_c, w_o, w_p = cfg.collision_weight, cfg.offroad_weight, cfg.progress_weight
     free_col = 1.0 - collision.to(realism.dtype)  # [R, S]
     free_off = 1.0 - offroad.to(realism.dtype)
-    if w_p and progress is None:
-        raise ValueError("a progress weight needs each agent's progress")
-    kept = progress.to(realism.dtype) if w_p else torch.zeros_like(free_col)  # [R, S]
+    if (w_p or cfg.gate_by_progress) and progress is None:
+        raise ValueError("a progress weight or gate needs each agent's progress")
+    kept = progress.to(realism.dtype) if progress is not None else torch.zeros_like(free_col)  # [R, S]
+    if cfg.gate_by_progress:  # safety credit only for the distance covered
+        free_col, free_off = free_col * kept, free_off * kept
     norm = 1.0 + w_c + w_o + w_p
     if cfg.per_agent_credit:
         return (realism[:, None] + w_c * free_col + w_o * free_off + w_p * kept) / norm

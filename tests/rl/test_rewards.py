@@ -52,3 +52,16 @@ def test_progress_term_rewards_keeping_up_with_the_log(womd_record):
     assert (per_agent[1][moving] < per_agent[0][moving]).all()
     per_rollout = rollout_rewards(realism, none, none, RewardConfig(1.0, 1.0, progress_weight=1.0), kept)
     assert torch.allclose(per_agent.mean(1), per_rollout)
+
+
+def test_gated_safety_credit_is_earned_by_moving():
+    """With the gate, standing still earns no collision- or off-road-free credit, keeping the log's
+    pace without incident earns all of it, a collision while moving costs its share."""
+    realism = torch.tensor([0.6, 0.6, 0.6])
+    collision = torch.tensor([[False], [False], [True]])
+    none = torch.zeros(3, 1, dtype=torch.bool)
+    kept = torch.tensor([[0.0], [1.0], [1.0]])  # stopped, at the log's pace, at pace but colliding
+    cfg = RewardConfig(1.0, 1.0, per_agent_credit=True, gate_by_progress=True)
+    r = rollout_rewards(realism, collision, none, cfg, kept)[:, 0]
+    assert torch.allclose(r, torch.tensor([0.6 / 3, 2.6 / 3, 1.6 / 3]))
+    assert r[0] < r[2] < r[1]  # stopping is worse than moving with a collision
