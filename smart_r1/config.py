@@ -245,6 +245,8 @@ class RayConfig:
                                            "with an error naming the actor and its scenarios")
     storage_path: str = option("", "Ray Train / Tune storage; '' = <out_dir>/ray")
     keep_checkpoints: int = option(2, "Ray Train checkpoints kept per stage (the newest)")
+    verbose: bool = option(False, "Ray's own log lines (Ray Train's worker groups, checkpoints and reports; "
+                                  "core warnings) on the console too; they always go to Ray's log files")
 
     def validate(self) -> None:
         if self.num_rollout_workers < 1 or self.num_learners < 1:
