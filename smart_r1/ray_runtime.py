@@ -6,8 +6,8 @@ each line prefixed with its process ("(RayTrainWorker pid=..., ip=...)"). In qui
 pipelines' default; `--verbose` turns it off) the driver prints its workers' standard output
 without that prefix (our progress lines already name their stage; error output keeps it, to say
 where it came from) and drops the lines of RAY_NOISE. Ray Train's own INFO lines (worker group
-started, checkpoint created, result reported) are kept off the console by its
-`RunConfig(logging_config=...)` (`smart_r1.distributed.learner.train_logging`). Everything stays
+started, checkpoint created) are kept off the console by its `RunConfig(logging_config=...)`
+(`smart_r1.distributed.learner.train_logging`), MLflow's by `quiet_libraries`. Everything stays
 in Ray's log files (`<temp dir>/session_latest/logs`, `ray logs`).
 """
 
@@ -65,6 +65,9 @@ RAY_NOISE = (
     # rollout actors' checkpoint refs live as long as the driver that put them
     # (worker_kit.weights_ref); Ray Train's controller does the same for its own actors.
     "has constructor arguments in the object store and max_restarts > 0",
+    # Ray Train's worker logs each report (its metrics and checkpoint) at INFO under a logger named
+    # by its source file, not "ray.train", which the LoggingConfig of its RunConfig does not reach
+    "Reporting training result ",
 )
 _quiet = False  # ensure_ray(quiet=True) was called in this process
 
@@ -115,10 +118,12 @@ def native_noise_filtered():
 
 
 def quiet_libraries() -> None:
-    """The libraries a driver runs beside Ray log at WARNING and above on its console: MLflow's
-    store set-up ("Creating initial MLflow database tables", alembic's migrations). MLflow sets its
-    loggers' level when imported, from MLFLOW_LOGGING_LEVEL."""
+    """The libraries a driver runs beside Ray keep to warnings on its console: MLflow's store
+    set-up ("Creating initial MLflow database tables", alembic's migrations) and its "View run ...
+    at" links when a run ends. MLflow sets its loggers' level when imported, from
+    MLFLOW_LOGGING_LEVEL."""
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
     for name in ("mlflow", "alembic"):
         logging.getLogger(name).setLevel(logging.WARNING)
 

@@ -191,6 +191,28 @@ def check_agreement(learner: torch.Tensor, batch: ExperienceBatch, with_referenc
     return found
 
 
+def in_learner_numerics(batch: ExperienceBatch, sources: set[str], own: str, version: int, stage,
+                        model_at, current: torch.Tensor | None = None) -> ExperienceBatch:
+    """The batch as the update needs it when some of its rollouts come from actors computing in
+    other numerics than the learner's `own` (`sources`: theirs): without their log pi_ref (mpo_step
+    runs the reference here) and, when the clipped objective applies (the batch is reused, or holds
+    rollouts of versions other than `version`), with log pi_old recomputed here under the weights
+    that sampled each scene (`model_at(v)`; `current`: this version's log pi, when known). A batch
+    of the learner's own numerics is returned as it is."""
+    if sources <= {own}:
+        return batch
+    batch = dataclasses.replace(batch, ref_log_probs=None)
+    if stage.updates_per_batch > 1 or bool((batch.versions != version).any()):
+        old = torch.zeros_like(batch.old_log_probs)
+        for v in batch.versions.unique().tolist():
+            rows = batch.versions == v
+            lp = current if v == version and current is not None else \
+                learner_log_probs(model_at(v), batch, stage.sampling, rows)
+            old[rows] = lp[rows]
+        batch = dataclasses.replace(batch, old_log_probs=old)
+    return batch
+
+
 def agreement_problem(found: dict[str, float], actors: str, learner: str) -> str | None:
     """Why the actors' log-probs are too far from the learner's (check_agreement's figures), or None."""
     ratio, kl = found["check_ratio"], found.get("check_kl", 0.0)
@@ -259,8 +281,6 @@ def mpo_loop(config: dict) -> None:
     def numerics_of_learner(batch: ExperienceBatch, experiences: list[Experience], first: bool) -> tuple:
         """The batch with log pi_old and log pi_ref as the update needs them (see the module's
         docstring), and the first step's agreement figures ({} at other steps)."""
-        foreign = any(e.numerics != own for e in experiences)
-        clipped = stage.updates_per_batch > 1 or bool((batch.versions != version).any())
         found = {}
         current = None
         if first:
@@ -273,17 +293,8 @@ def mpo_loop(config: dict) -> None:
             problem = agreement_problem(found, ", ".join(theirs), own)
             if problem:
                 raise RuntimeError(f"stage {stage.name}: {problem}")
-        if foreign and batch.ref_log_probs is not None:
-            batch = dataclasses.replace(batch, ref_log_probs=None)  # mpo_step runs the reference here
-        if clipped and foreign:
-            old = torch.zeros_like(batch.old_log_probs)
-            for v in batch.versions.unique().tolist():
-                rows = batch.versions == v
-                lp = current if v == version and current is not None else \
-                    learner_log_probs(weights_of(v), batch, stage.sampling, rows)
-                old[rows] = lp[rows]
-            batch = dataclasses.replace(batch, old_log_probs=old)
-        return batch, found
+        sources = {e.numerics for e in experiences}
+        return in_learner_numerics(batch, sources, own, version, stage, weights_of, current), found
 
     def share_of(step: int) -> list[int]:
         """This rank's share of the step's scenarios."""
