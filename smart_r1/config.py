@@ -114,9 +114,15 @@ class _SupervisedStage(_Stage):
                                      "ray.num_learners x batch_scenarios (lr is not rescaled with it)")
     label_smoothing: float = option(0.0, "share of each target token's probability spread over the "
                                          "vocabulary in the cross-entropy (SMART: 0.1)")
+    memory_budget_gb: float = option(0.0, "a learner's memory for one step (GiB, on its device): a batch whose "
+                                          "estimate (smart_r1/distributed/memory_estimate.py) is above it is split "
+                                          "into micro-batches whose gradients add up to the batch's (the same "
+                                          "step); 0 = the whole batch at once")
 
     def validate(self) -> None:
         super().validate()
+        if self.memory_budget_gb < 0:
+            raise ValueError(f"stage {self.name!r}: memory_budget_gb must be >= 0 (0 = no budget)")
         for name in ("epochs", "batch_scenarios"):
             if getattr(self, name) < 1:
                 raise ValueError(f"stage {self.name!r}: {name} must be >= 1, got {getattr(self, name)}")
@@ -172,6 +178,9 @@ class MPOStage(_Stage):
     num_rollouts: int = option(8, "rollouts per scenario per RL step (paper: 32)")
     scenarios_per_step: int = option(4, "scenarios per RL step")
     updates_per_batch: int = option(1, "updates on one batch; > 1 reuses it (then ratio clipping applies)")
+    rollouts_per_backward: int = option(0, "rollouts of a scene in one backward pass of the update: the "
+                                           "learner's activation memory is one such chunk's, gradients add "
+                                           "up over chunks and scenes (the same step); 0 = a whole scene")
     clip_eps: float = option(0.2, "ratio clipping of the surrogate when a batch is reused or stale")
     kl_estimator: str = option("k3", "k3 (sampled tokens) or full (whole vocabulary)")
     per_agent_credit: bool = option(True, "each agent's own collision / off-road flags in its reward "
@@ -200,6 +209,8 @@ class MPOStage(_Stage):
             raise ValueError(f"{where}: kl_estimator must be 'k3' or 'full'")
         if self.max_staleness < 0:
             raise ValueError(f"{where}: max_staleness must be >= 0")
+        if self.rollouts_per_backward < 0:
+            raise ValueError(f"{where}: rollouts_per_backward must be >= 0 (0 = a whole scene per backward)")
         if not 0.0 < self.min_rollout_fraction <= 1.0:
             raise ValueError(f"{where}: min_rollout_fraction must lie in (0, 1], got {self.min_rollout_fraction}")
         if self.collision_weight < 0 or self.offroad_weight < 0:

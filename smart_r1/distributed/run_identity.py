@@ -25,7 +25,7 @@ INIT = "init"
 # Stage options added after run folders existed, with their defaults: one at its default enters no
 # fingerprint, so a code upgrade does not make every earlier run redo its stages (a crashed WOMD
 # run resumed by a newer version keeps its BC). Add each new stage option here with its default.
-LATER_OPTIONS = {"token_noise_top_k": 1}
+LATER_OPTIONS = {"token_noise_top_k": 1, "rollouts_per_backward": 0, "memory_budget_gb": 0.0}
 
 
 def _flat(d, prefix: str = "") -> dict[str, object]:

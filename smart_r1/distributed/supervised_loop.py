@@ -22,6 +22,7 @@ from __future__ import annotations
 import itertools
 import math
 import random
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -30,14 +31,15 @@ import torch
 from smart_r1.data.index import ShardIndex, scenario_index
 from smart_r1.data.parquet import shard_paths
 from smart_r1.data.stream import epoch_rows, rank_units
+from smart_r1.distributed.memory_estimate import batch_splitter
 from smart_r1.distributed.timing import PhaseTimer, format_phases
 from smart_r1.distributed.worker_kit import (
     LearnerJob, Progress, fetch_checkpoint, maybe_fail, peak_rss_mb, report, say, start_training,
 )
 from smart_r1.model.checkpoint import load_checkpoint
-from smart_r1.rl.bc import bc_loss
-from smart_r1.rl.catk import catk_sft_loss
-from smart_r1.rl.optim import NonFiniteGuard, optimizer_step, set_learning_rate, warmup_cosine
+from smart_r1.rl.bc import bc_loss, bc_token_count
+from smart_r1.rl.catk import catk_sft_loss, catk_token_count
+from smart_r1.rl.optim import NonFiniteGuard, accumulated_step, set_learning_rate, warmup_cosine
 from smart_r1.storage import join, read_json
 from smart_r1.tokens.cache import DONE_NAME, STAGE_OPTIONS, vocab_hash
 from smart_r1.tokens.motion_vocab import MotionVocab
@@ -85,6 +87,32 @@ def batches(scenes: Iterator[SceneBatch], batch_size: int, rng: random.Random) -
         yield from size_bucketed(window, batch_size, scene_size, rng, WINDOW_BATCHES)
 
 
+def step_losses(model, stage, parts: list[SceneBatch], anchor, stats: list[dict]) -> Iterator[torch.Tensor]:
+    """The loss of each micro-batch of one step, built when asked (`accumulated_step` runs its
+    backward before the next is built), normalised by the whole batch's token counts so that the
+    parts add up to the batch's loss; each part's statistics are appended to `stats`."""
+    split = len(parts) > 1
+    bc_count = sum(bc_token_count(p) for p in parts) if split else None
+    count = sum(catk_token_count(p) for p in parts) if split and stage.kind != "bc" else None
+    for part in parts:
+        start = time.perf_counter()
+        if stage.kind == "bc":
+            loss, part_stats = bc_loss(model, part, stage.label_smoothing, count=bc_count)
+        else:
+            loss, part_stats = catk_sft_loss(model, part, stage.catk_k, bc_weight=stage.bc_weight,
+                                             label_smoothing=stage.label_smoothing, anchor=anchor,
+                                             anchor_weight=stage.anchor_weight, count=count, bc_count=bc_count)
+        stats.append({**part_stats, "forward_s": time.perf_counter() - start})
+        yield loss
+
+
+def combined(stats: list[dict]) -> dict:
+    """One step's loss and accuracy (token-weighted means over its micro-batches) and tokens."""
+    tokens = sum(s["tokens"] for s in stats)
+    mean = lambda k: sum(s[k] * s["tokens"] for s in stats) / max(tokens, 1)  # noqa: E731
+    return stats[0] if len(stats) == 1 else {"loss": mean("loss"), "accuracy": mean("accuracy"), "tokens": tokens}
+
+
 def supervised_loop(config: dict) -> None:
     job: LearnerJob = config["job"]
     stage = job.stage
@@ -105,6 +133,7 @@ def supervised_loop(config: dict) -> None:
     anchor = load_checkpoint(fetch_checkpoint(job.init_checkpoint), map_location=device).eval() \
         if getattr(stage, "anchor_weight", 0.0) else None
     guard = NonFiniteGuard(f"stage {stage.name}", stage.max_nonfinite_updates)
+    split = batch_splitter(stage, model.cfg, device)
     for epoch in range(start_epoch, stage.epochs):
         maybe_fail(job, epoch)
         units = rank_units(source.units, rank, world_size, random.Random(job.seed * 7919 + epoch))
@@ -117,22 +146,21 @@ def supervised_loop(config: dict) -> None:
         for i in range(steps_per_epoch):
             with timer.phase("data"):  # reading and decoding token shards
                 picked = next(drawn)
-            batch = collate(picked).to(device)
+            parts = [collate(group).to(device) for group in split(picked)]  # micro-batches: one, unless over budget
             if noise_top_k > 1:
-                batch = with_noisy_tokens(batch, model.vocab, noise_top_k, noise)
+                parts = [with_noisy_tokens(part, model.vocab, noise_top_k, noise) for part in parts]
             if stage.kind == "bc":  # pretraining from scratch: warm-up, then cosine decay to 10%
                 factor = warmup_cosine(epoch * steps_per_epoch + i, stage.epochs * steps_per_epoch)
                 set_learning_rate(optimizer, stage.lr * factor)
             model.train()
-            with timer.phase("forward"):
-                if stage.kind == "bc":
-                    loss, stats = bc_loss(model, batch, stage.label_smoothing)
-                else:
-                    loss, stats = catk_sft_loss(model, batch, stage.catk_k, bc_weight=stage.bc_weight,
-                                                 label_smoothing=stage.label_smoothing, anchor=anchor,
-                                                 anchor_weight=stage.anchor_weight)
-            with timer.phase("update"):
-                grad_norm = optimizer_step(model, optimizer, loss, stage.grad_clip, world_size)
+            part_stats: list[dict] = []
+            start = time.perf_counter()  # forward and backward of each micro-batch in turn, then the update
+            grad_norm = accumulated_step(model, optimizer, step_losses(model, stage, parts, anchor, part_stats),
+                                         stage.grad_clip, world_size)
+            forward = sum(p.pop("forward_s") for p in part_stats)
+            timer.add("forward", forward)
+            timer.add("update", time.perf_counter() - start - forward)  # backward passes and the optimiser step
+            stats = combined(part_stats)
             if not guard.update(grad_norm, f"epoch {epoch} step {i}"):
                 say(f"[{stage.name}] epoch {epoch} step {i}: non-finite loss or gradient, update skipped")
                 continue

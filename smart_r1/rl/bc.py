@@ -27,12 +27,15 @@ from smart_r1.tokens.motion_vocab import MotionVocab, build_vocab
 from smart_r1.tokens.scene import SceneBatch, build_scene, collate
 
 
-def bc_loss(model, batch: SceneBatch, label_smoothing: float = 0.0) -> tuple[torch.Tensor, dict]:
+def bc_loss(model, batch: SceneBatch, label_smoothing: float = 0.0,
+            count: int | None = None) -> tuple[torch.Tensor, dict]:
     """Mean next-token cross-entropy over valid (scene, agent, slot) and its statistics.
 
     `label_smoothing` spreads that share of each target's mass uniformly over the vocabulary
     (SMART trains with 0.1). The forward runs under the process-wide precision
-    (smart_r1.model.precision); the cross-entropy is taken in float32."""
+    (smart_r1.model.precision); the cross-entropy is taken in float32. `count`: the number of
+    tokens the mean is over (default: this batch's, `bc_token_count`); with a whole batch's count
+    the losses of its micro-batches add up to the batch's. The statistics are this batch's own."""
     with precision.autocast(batch.agent_mask.device):
         logits = model(batch)  # [B, A, 17, V]
     target, mask = teacher_targets(batch)  # [B, A, 17] each
@@ -42,7 +45,13 @@ def bc_loss(model, batch: SceneBatch, label_smoothing: float = 0.0) -> tuple[tor
         return zero, {"loss": 0.0, "accuracy": 0.0, "tokens": 0}
     loss = F.cross_entropy(picked, target[mask], label_smoothing=label_smoothing)
     accuracy = (picked.argmax(-1) == target[mask]).float().mean()
-    return loss, {"loss": float(loss.detach()), "accuracy": float(accuracy), "tokens": int(mask.sum())}
+    stats = {"loss": float(loss.detach()), "accuracy": float(accuracy), "tokens": int(mask.sum())}
+    return (loss if count is None else loss * (stats["tokens"] / count)), stats
+
+
+def bc_token_count(batch: SceneBatch) -> int:
+    """The tokens `bc_loss` averages over: (scene, agent, slot) with this and the next token valid."""
+    return int(teacher_targets(batch)[1].sum())
 
 
 def bc_train_step(model, optimizer: torch.optim.Optimizer, batch: SceneBatch, grad_clip: float = 1.0,

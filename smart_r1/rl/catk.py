@@ -46,8 +46,7 @@ def catk_targets(batch: SceneBatch, rollout: RolloutTensors, vocab: MotionVocab)
     reached = rollout.poses[:, :, :, SHIFT - 1::SHIFT]  # [B, R, A, 16, 3] pose after each token
     now = batch.anchor_pose[:, None, :, NUM_HISTORY_TOKENS].expand(b, r, a, 3)  # [B, R, A, 3]
     start = torch.cat([now[:, :, :, None], reached[:, :, :, :-1]], 3).reshape(b * r * a, NUM_FUTURE_TOKENS, 3)
-    first = NUM_HISTORY_TOKENS + 1
-    valid = batch.anchor_valid[:, None, :, first:].expand(b, r, a, NUM_FUTURE_TOKENS)  # [B, R, A, 16]
+    valid = catk_valid(batch)[:, None].expand(b, r, a, NUM_FUTURE_TOKENS)  # [B, R, A, 16]
     types = batch.agent_type[:, None].expand(b, r, a).reshape(-1)  # [N]
     contours = vocab.contours.to(start.device)[types]  # [N, V, SHIFT, 3]
     log = batch.log_pose[:, None].expand(b, r, *batch.log_pose.shape[1:]).reshape(b * r * a, -1, 3)  # [N, 91, 3]
@@ -57,12 +56,24 @@ def catk_targets(batch: SceneBatch, rollout: RolloutTensors, vocab: MotionVocab)
         steps = slice((NUM_HISTORY_TOKENS + t) * SHIFT + 1, (NUM_HISTORY_TOKENS + t + 1) * SHIFT + 1)
         best, _ = best_tokens(start[:, t], contours, log[:, steps], log_valid[:, steps], types)
         targets.append(best.view(b, r, a))
-    live = (batch.sim_mask & batch.agent_mask)[:, None, :, None]  # [B, 1, A, 1]
-    return torch.stack(targets, -1), valid & live  # [B, R, A, 16] each
+    return torch.stack(targets, -1), valid  # [B, R, A, 16] each
+
+
+def catk_valid(batch: SceneBatch) -> torch.Tensor:
+    """bool [B, A, 16]: the (agent, step) whose logged target exists, for sim agents: every
+    rollout's tokens that count (known before rolling out)."""
+    live = (batch.sim_mask & batch.agent_mask)[:, :, None]  # [B, A, 1]
+    return batch.anchor_valid[:, :, NUM_HISTORY_TOKENS + 1:] & live
+
+
+def catk_token_count(batch: SceneBatch, num_rollouts: int = 1) -> int:
+    """The tokens `catk_sft_loss` averages over: num_rollouts times the valid (agent, step)."""
+    return num_rollouts * int(catk_valid(batch).sum())
 
 
 def catk_sft_loss(model, batch: SceneBatch, catk_k: int, num_rollouts: int = 1, bc_weight: float = 0.0,
-                  label_smoothing: float = 0.0, anchor=None, anchor_weight: float = 0.0) -> tuple[torch.Tensor, dict]:
+                  label_smoothing: float = 0.0, anchor=None, anchor_weight: float = 0.0,
+                  count: int | None = None, bc_count: int | None = None) -> tuple[torch.Tensor, dict]:
     """L_SFT on one batch: CAT-K rollouts (no gradient), then the teacher-forced cross-entropy,
     plus `bc_weight` times the log's own next-token loss (L_BC on the same scenes), plus
     `anchor_weight` times the KL from a frozen `anchor` policy on the visited states:
@@ -75,6 +86,10 @@ def catk_sft_loss(model, batch: SceneBatch, catk_k: int, num_rollouts: int = 1, 
     term (the stage's starting policy, e.g. the RFT policy in the final SFT) keeps the
     distribution near the anchor's wherever the targets do not pull, so SFT does not undo what
     an earlier stage learnt that the log cannot teach.
+
+    `count` and `bc_count`: the tokens the CAT-K (and anchor) means and the log term's mean are
+    over (default: this batch's, `catk_token_count` and `bc_token_count`); with a whole batch's
+    counts the losses of its micro-batches add up to the batch's. The statistics are this batch's.
 
     `model` may be wrapped (e.g. DistributedDataParallel); it is left in train mode."""
     core = getattr(model, "module", model)
@@ -102,8 +117,10 @@ def catk_sft_loss(model, batch: SceneBatch, catk_k: int, num_rollouts: int = 1, 
         kl = (anchor_all.exp() * (anchor_all - logp_all)).sum(-1)[valid].mean()
         loss = loss + anchor_weight * kl
         stats.update(anchor_kl=float(kl.detach()))
+    if count is not None:  # means over this batch's tokens -> sums over the whole batch's
+        loss = loss * (stats["tokens"] / count)
     if bc_weight:
-        log_loss, log_stats = bc_loss(model, batch, label_smoothing)
+        log_loss, log_stats = bc_loss(model, batch, label_smoothing, count=bc_count)
         loss = loss + bc_weight * log_loss
         stats.update(log_loss=log_stats["loss"], log_accuracy=log_stats["accuracy"])
     return loss, stats

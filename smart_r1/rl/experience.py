@@ -51,13 +51,24 @@ def make_experience(scenario_index: int, record: ScenarioRecord, scene: SceneBat
         ref_log_probs=None if ref_log_probs is None else ref_log_probs[0].float().cpu().numpy(), numerics=numerics)
 
 
-def reference_log_probs(ref_model, scene: SceneBatch, tensors: RolloutTensors,
-                        sampling: SamplingConfig) -> torch.Tensor:
+# Agent-rollouts (B x rollouts x agent slots) of one teacher-forced reference pass: its transient
+# activations are ~2 MB each at the `default` preset (bfloat16), so 32 rollouts of a 128-agent WOMD
+# scene in one pass held 8 GB; 512 holds ~1 GB (benchmarks/bench_memory.py, BENCHMARKS.md).
+REFERENCE_AGENT_ROLLOUTS_PER_PASS = 512
+
+
+def reference_log_probs(ref_model, scene: SceneBatch, tensors: RolloutTensors, sampling: SamplingConfig,
+                        agent_rollouts_per_pass: int = REFERENCE_AGENT_ROLLOUTS_PER_PASS) -> torch.Tensor:
     """log pi_ref [B, R, A, 16] of sampled rollouts under the frozen reference, exactly as the
     learner's `mpo_step` computes them (`token_log_probs`, the sampler's distribution), so a
-    rollout worker that holds the reference can send them along."""
+    rollout worker that holds the reference can send them along. The rollouts go through in
+    passes of about `agent_rollouts_per_pass` agent-rollouts (at least one rollout): the same
+    numbers, with one pass's memory."""
+    b, r, a = tensors.tokens.shape[:3]
+    step = max(1, agent_rollouts_per_pass // max(1, b * a))
     with torch.no_grad():
-        return token_log_probs(ref_model, scene, tensors.tokens, tensors.poses, **dataclasses.asdict(sampling))
+        return torch.cat([token_log_probs(ref_model, scene, tensors.tokens[:, i:i + step], tensors.poses[:, i:i + step],
+                                          **dataclasses.asdict(sampling)) for i in range(0, r, step)], 1)
 
 
 @dataclass(frozen=True)
@@ -99,6 +110,22 @@ class ExperienceBatch:
                 scenes=scene, tokens=cut(self.tokens), poses=cut(self.poses), old_log_probs=cut(self.old_log_probs),
                 rewards=cut(self.rewards) if self.rewards.dim() == 3 else self.rewards[i:i + 1],
                 versions=self.versions[i:i + 1], ref_log_probs=cut(self.ref_log_probs)))
+        return out
+
+
+    def rollout_chunks(self, size: int) -> list["ExperienceBatch"]:
+        """The batch cut along its rollouts into chunks of at most `size` rollouts (the last may
+        be smaller), each with the same scenes: [B, R, ...] -> [B, r, ...]. size 0 (or >= R): the
+        batch itself."""
+        r = self.tokens.shape[1]
+        if size <= 0 or size >= r:
+            return [self]
+        out = []
+        for start in range(0, r, size):
+            cut = lambda x: None if x is None else x[:, start:start + size]  # [B, r, ...]
+            out.append(dataclasses.replace(
+                self, tokens=cut(self.tokens), poses=cut(self.poses), old_log_probs=cut(self.old_log_probs),
+                rewards=cut(self.rewards), ref_log_probs=cut(self.ref_log_probs)))
         return out
 
 

@@ -32,7 +32,7 @@ import torch
 
 from smart_r1.config import MPOStage
 from smart_r1.rl.experience import ExperienceBatch
-from smart_r1.rl.optim import optimizer_step
+from smart_r1.rl.optim import accumulated_step
 from smart_r1.rollout.closed_loop import token_log_probs
 
 
@@ -123,41 +123,61 @@ def mpo_step(model: torch.nn.Module, ref_model: torch.nn.Module, optimizer: torc
     sampling policy, as in RLHF practice. The clipped surrogate (MPO-3) is used when the batch is
     reused or holds rollouts of weights older than `policy_version`; otherwise MPO-2.
 
+    Memory: the loss is a sum over tokens divided by the whole batch's token count, so it splits
+    into parts whose gradients add up to the batch's. Each part is built and backpropagated on its
+    own (`accumulated_step`), one graph at a time: a scene (with `per_scene`, run on its own
+    agents and map segments instead of the batch's padding), or `stage.rollouts_per_backward`
+    rollouts of it where one scene's activations do not fit (0 = the whole scene). The learner's
+    peak is one part's, whatever the number of scenes; the step and its statistics are the
+    single graph's up to float rounding (tests/rl/test_mpo_reuse.py).
+
     What it need not compute, it does not: log pi_ref comes with the batch when the rollout
-    workers computed it (`batch.ref_log_probs`, the same `token_log_probs` on the same rollouts;
-    the 'full' KL estimator still needs the reference here), and with `per_scene` each scene is
-    run on its own agents and map segments instead of the batch's padding, its loss normalised by
-    the whole batch's token count, so the summed loss and its gradient are the padded batch's.
+    workers computed it (`batch.ref_log_probs`, the same `token_log_probs` on the same rollouts).
+    Otherwise the reference runs here: once per part for the sampled tokens (kept across
+    updates: [1, r, A, 16] each), or, for the 'full' KL estimator, per part and update beside
+    the part's graph (its [1, r, A, 16, V] log-probs are not kept: they would be as large as the
+    activations saved).
     Returns the last update's statistics plus `grad_norm` and `clipped_objective` (0 or 1).
     """
     full = stage.kl_estimator == "full"
     sampling = dataclasses.asdict(stage.sampling)
     off_policy = stage.updates_per_batch > 1 or bool((batch.versions != policy_version).any())
-    parts = batch.per_scene() if per_scene and batch.tokens.shape[0] > 1 else [batch]
+    scenes = batch.per_scene() if per_scene and batch.tokens.shape[0] > 1 else [batch]
+    parts = [chunk for scene in scenes for chunk in scene.rollout_chunks(stage.rollouts_per_backward)]
     count = batch.live.sum().clamp_min(1).float()  # the batch's tokens: every part's normaliser
 
-    def log_probs(net, part):  # ([B, R, A, 16], [B, R, A, 16, V] or None)
+    def log_probs(net, part):  # ([B, r, A, 16], [B, r, A, 16, V] or None)
         out = token_log_probs(net, part.scenes, part.tokens, part.poses, full=full, **sampling)
         return out if full else (out, None)
 
-    with torch.no_grad():
-        refs = [(part.ref_log_probs, None) if part.ref_log_probs is not None and not full
-                else log_probs(ref_model, part) for part in parts]
+    def reference(part):  # log pi_ref of the part's tokens (and the whole vocabulary's, for 'full')
+        if part.ref_log_probs is not None and not full:
+            return part.ref_log_probs, None
+        with torch.no_grad():
+            return log_probs(ref_model, part)
+
+    kept = None if full else [reference(part) for part in parts]
     model.eval()
     stats, grad_norm = None, 0.0
     for _ in range(stage.updates_per_batch):
-        loss, sums = 0.0, None
-        for part, (ref_lp, ref_full) in zip(parts, refs):
-            b, r = part.tokens.shape[:2]
-            flat = lambda x: None if x is None else x.reshape(b * r, *x.shape[2:])  # [B, R, ...] -> [B * R, ...]
-            lp, lp_full = log_probs(model, part)
-            part_loss, part_stats = mpo_loss(
-                flat(lp), flat(ref_lp), flat(part.rewards), flat(part.live), stage.alpha, stage.beta,
-                old_log_probs=flat(part.old_log_probs) if off_policy else None,
-                clip_eps=stage.clip_eps, kl_estimator=stage.kl_estimator,
-                full_log_probs=flat(lp_full), full_ref_log_probs=flat(ref_full), count=count)
-            loss = loss + part_loss
-            sums = vars(part_stats) if sums is None else {k: v + vars(part_stats)[k] for k, v in sums.items()}
-        stats = MPOStats(**sums)  # every statistic is a sum over tokens / count: the parts add up
-        grad_norm = optimizer_step(model, optimizer, loss, stage.grad_clip, world_size)
+        sums = {}
+
+        def losses():  # each part's loss, built when the optimiser step asks for it
+            for i, part in enumerate(parts):
+                b, r = part.tokens.shape[:2]
+                flat = lambda x: None if x is None else x.reshape(b * r, *x.shape[2:])  # [B, r, ...] -> [B * r, ...]
+                ref_lp, ref_full = reference(part) if kept is None else kept[i]
+                lp, lp_full = log_probs(model, part)
+                loss, part_stats = mpo_loss(
+                    flat(lp), flat(ref_lp), flat(part.rewards), flat(part.live), stage.alpha, stage.beta,
+                    old_log_probs=flat(part.old_log_probs) if off_policy else None,
+                    clip_eps=stage.clip_eps, kl_estimator=stage.kl_estimator,
+                    full_log_probs=flat(lp_full), full_ref_log_probs=flat(ref_full), count=count)
+                for k, v in vars(part_stats).items():  # every statistic is a sum over tokens / count
+                    sums[k] = sums.get(k, 0.0) + v
+                del lp, lp_full, ref_full  # nothing of this part outlives its backward
+                yield loss
+
+        grad_norm = accumulated_step(model, optimizer, losses(), stage.grad_clip, world_size)
+        stats = MPOStats(**sums)
     return {**vars(stats), "grad_norm": grad_norm, "clipped_objective": int(off_policy)}

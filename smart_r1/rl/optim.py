@@ -1,14 +1,16 @@
 """The optimiser step and learning-rate schedules every stage uses.
 
-Gradients are averaged across data-parallel learners with one explicit all-reduce after
-`backward()` instead of wrapping the model in DistributedDataParallel: the rollout and log-prob
-code calls the model's submodules directly (`encode_map`, `decode`), which would bypass DDP's
-hooks. With one learner (`world_size == 1`) nothing is communicated, so this runs anywhere.
+Gradients are averaged across data-parallel learners with one explicit all-reduce after the
+step's last `backward()` (a step may accumulate several: `accumulated_step`) instead of wrapping
+the model in DistributedDataParallel: the rollout and log-prob code calls the model's
+submodules directly (`encode_map`, `decode`), which would bypass DDP's hooks. With
+one learner (`world_size == 1`) nothing is communicated, so this runs anywhere.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 
 import torch
 import torch.distributed as dist
@@ -50,18 +52,32 @@ def average_gradients(model: torch.nn.Module, world_size: int) -> None:
         offset += g.numel()
 
 
-def optimizer_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, loss: torch.Tensor,
-                   grad_clip: float, world_size: int = 1) -> float:
-    """backward, average gradients over learners, clip their norm, step. Returns the norm before
-    clipping.
+def accumulated_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, losses: Iterable[torch.Tensor],
+                     grad_clip: float, world_size: int = 1) -> float:
+    """One optimiser step on the sum of `losses`, each backpropagated as soon as it is made (its
+    graph, and so its activations, freed before the next is built): gradients add up to those of
+    the summed loss, with one part's memory instead of all of them. Pass a generator that builds
+    each part's loss when asked. Then, once: average over learners, clip the norm, step. Returns
+    the norm before clipping.
 
-    A non-finite loss or gradient skips the update (the weights stay as they were) and the
-    returned norm is NaN or inf: one bad batch must not poison the weights. Every learner skips
-    together: a non-finite loss on one learner makes its gradients NaN before the all-reduce.
+    Each learner all-reduces its accumulated gradient once, after its last backward (the model is
+    not wrapped in DistributedDataParallel, so no hook fires per backward), and divides by
+    `world_size`: accumulating on a rank changes nothing in how ranks are averaged, as long as the
+    parts' losses are normalised by the rank's whole batch (their sum is the rank's loss).
+
+    A non-finite part skips the update (the weights stay as they were; the later parts are still
+    drawn but not backpropagated) and the returned norm is NaN or inf: one bad batch must not
+    poison the weights. Every learner skips together: a non-finite loss on one learner makes its
+    gradients NaN before the all-reduce.
     """
     optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    finite_loss = bool(torch.isfinite(loss.detach()).all())
+    finite_loss = True
+    for loss in losses:
+        if finite_loss:
+            finite_loss = bool(torch.isfinite(loss.detach()).all())
+        if finite_loss:
+            loss.backward()
+        del loss  # this part's graph goes now, not when the next part's loss replaces it
     for p in model.parameters():  # every learner all-reduces the same list of tensors
         if p.requires_grad and (p.grad is None or not finite_loss):
             p.grad = torch.full_like(p, float("nan")) if not finite_loss else torch.zeros_like(p)
@@ -71,6 +87,14 @@ def optimizer_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, los
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return norm
+
+
+def optimizer_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, loss: torch.Tensor,
+                   grad_clip: float, world_size: int = 1) -> float:
+    """backward, average gradients over learners, clip their norm, step (`accumulated_step` with
+    one part). Returns the norm before clipping; NaN or inf, and no update, on a non-finite loss
+    or gradient."""
+    return accumulated_step(model, optimizer, [loss], grad_clip, world_size)
 
 
 class NonFiniteGuard:

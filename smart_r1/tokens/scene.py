@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import random
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -212,6 +212,29 @@ def size_bucketed(items: Sequence, batch_size: int, size_of, rng: random.Random,
         batches = [chunk[i:i + batch_size] for i in range(0, len(chunk), batch_size)]
         rng.shuffle(batches)
         yield from batches
+
+
+def micro_batches(scenes: Sequence[SceneBatch], cost: Callable[[int, int, int], float],
+                  budget: float) -> list[list[SceneBatch]]:
+    """A batch's scenes (B = 1 each) in groups whose padded cost `cost(scenes, agents, segments)`
+    (agents and segments: the group's largest, what `collate` pads to) stays within `budget`:
+    sorted by size (agents first), each group filled in turn; a scene above the budget on its own
+    is a group alone. The whole batch, in its order, when it fits. Splitting a batch changes only
+    how much of it is held at once: the groups' losses, normalised by the batch's token count,
+    add up to the batch's (gradient accumulation)."""
+    def group_cost(group: Sequence[SceneBatch]) -> float:
+        sizes = [scene_size(s) for s in group]
+        return cost(len(group), max(a for a, _ in sizes), max(m for _, m in sizes))
+
+    if not scenes or group_cost(scenes) <= budget:
+        return [list(scenes)]
+    groups: list[list[SceneBatch]] = []
+    for scene in sorted(scenes, key=scene_size):
+        if groups and group_cost(groups[-1] + [scene]) <= budget:
+            groups[-1].append(scene)
+        else:
+            groups.append([scene])
+    return groups
 
 
 def repeat_scenes(batch: SceneBatch, n: int) -> SceneBatch:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import warnings
 
 import numpy as np
 import pytest
@@ -17,7 +18,7 @@ from smart_r1.model.smart_tiny import SmartTiny
 from smart_r1.rl.experience import collate_experiences, make_experience, reference_log_probs
 from smart_r1.rl.mpo import mpo_step
 from smart_r1.rl.rewards import RewardConfig
-from smart_r1.rollout.closed_loop import closed_loop, token_log_probs
+from smart_r1.rollout.closed_loop import RolloutTensors, closed_loop, token_log_probs
 from smart_r1.rollout.sampling import Sampler
 from smart_r1.tokens.motion_vocab import build_vocab
 from smart_r1.tokens.scene import build_scene, collate, unpad
@@ -82,6 +83,13 @@ def test_actor_reference_log_probs_are_the_learners(two_scenes):
         with torch.no_grad():
             again = token_log_probs(reference, part.scenes, part.tokens, part.poses, **dataclasses.asdict(sampling))
         assert (part.ref_log_probs - again)[part.live].abs().max() < 1e-6
+    # one rollout per reference pass (a worker bounding its memory): the same log-probs
+    e = experiences[0]
+    one_pass = RolloutTensors(torch.as_tensor(e.tokens)[None], torch.as_tensor(e.log_probs)[None],
+                              torch.as_tensor(e.poses)[None])
+    split = reference_log_probs(reference, e.scene, one_pass, sampling, agent_rollouts_per_pass=1)
+    assert split.shape == (1, *e.tokens.shape)
+    assert (split - torch.as_tensor(e.ref_log_probs)[None]).abs().max() < 1e-6
     # an experience without them (an older worker) makes the learner compute them all
     assert collate_experiences([experiences[0], dataclasses.replace(experiences[1], ref_log_probs=None)]).ref_log_probs is None
 
@@ -109,3 +117,56 @@ def test_per_scene_update_and_sent_reference_equal_the_padded_update(two_scenes,
         for name, p in params.items():
             assert (p - base[name]).abs().max() < PAD_ATOL * stage.lr, name
     assert base_stats["kl"] > 0  # the reference differs from the policy: the KL term is exercised
+
+
+class _GradientRecorder(torch.optim.Optimizer):
+    """An optimiser that applies nothing and keeps the gradient it was asked to apply."""
+
+    def __init__(self, params):
+        super().__init__(params, {})
+        self.grads: list[torch.Tensor] = []
+
+    def step(self, closure=None):
+        self.grads = [p.grad.detach().clone() for group in self.param_groups for p in group["params"]]
+
+
+# (per_scene, rollouts_per_backward) of the split updates compared with one graph over the padded batch
+PER_SCENE, PER_CHUNK = (True, 0), (True, 1)
+
+
+@pytest.mark.parametrize("stage_kwargs,version,splits", [
+    (dict(), 1, (PER_SCENE, PER_CHUNK)),  # log pi_ref sent by the workers; stale rollouts: the clipped objective
+    (dict(kl_estimator="full"), 0, (PER_CHUNK,)),  # the learner runs pi_ref for each part
+])
+def test_backward_per_scene_and_per_chunk_give_the_single_graph_gradient(two_scenes, stage_kwargs, version, splits):
+    """One graph over the padded batch, one backward per scene, one per chunk of a scene's
+    rollouts: the same gradient and statistics, each part's graph built and backpropagated
+    before the next is built (forward, backward, forward, backward, ...)."""
+    policy, reference, experiences, sampling = two_scenes
+    batch = collate_experiences(experiences)
+
+    def gradient(per_scene: bool, rollouts_per_backward: int) -> tuple[list[torch.Tensor], list[str], dict]:
+        stage = MPOStage(name="rft", alpha=0.3, beta=0.5, grad_clip=1e9, sampling=sampling,
+                         rollouts_per_backward=rollouts_per_backward, **stage_kwargs)
+        model = copy.deepcopy(policy)
+        events: list[str] = []
+        model.decoder.register_forward_hook(lambda *_: events.append("forward"))
+        model.decoder.register_full_backward_hook(lambda *_: events.append("backward"))
+        recorder = _GradientRecorder(model.parameters())
+        with warnings.catch_warnings():  # the decoder's inputs need no gradient: its hook fires on its outputs'
+            warnings.simplefilter("ignore", UserWarning)
+            stats = mpo_step(model, reference, recorder, batch, stage, version, per_scene=per_scene)
+        return recorder.grads, events, stats
+
+    one_graph, events, base_stats = gradient(per_scene=False, rollouts_per_backward=0)
+    assert events == ["forward", "backward"] and base_stats["clipped_objective"] == version
+    scale = max(float(g.abs().max()) for g in one_graph)
+    assert scale > 0 and batch.tokens.shape[:2] == (2, 2)  # 2 scenes x 2 rollouts
+    for per_scene, chunk in splits:
+        grads, events, stats = gradient(per_scene, chunk)
+        assert events == ["forward", "backward"] * (4 if chunk else 2), (per_scene, chunk)
+        for k, v in base_stats.items():
+            assert stats[k] == pytest.approx(v, rel=1e-4, abs=ATOL), (per_scene, chunk, k)
+        # a scene alone against the padded batch: PAD_ATOL (module header), relative to the gradient
+        worst = max(float((g - h).abs().max()) for g, h in zip(grads, one_graph))
+        assert worst <= PAD_ATOL * scale, (per_scene, chunk, worst / scale)
