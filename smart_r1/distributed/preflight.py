@@ -16,7 +16,9 @@ Where each check runs (every row says where, what was found, and ok / warn / BLO
     rollout actors  ray.num_rollout_workers actors with the run's CPUs and GPUs per actor; the
                     process rows below
 Process rows: torch and its CUDA build, CUDA devices, the NVIDIA driver against the build's
-minimum (MIN_DRIVER), bf16, the precision `model.precision` resolves to there, free memory, each
+minimum (MIN_DRIVER), bf16, the precision `model.precision` resolves to there, free memory against
+the process's estimated peak at WOMD's largest scenes (`memory_estimate.estimate_peak_bytes`; on
+a GPU BLOCKER below it, warn below 1.2 times it; on a CPU warn), each
 storage root read / written / deleted there (and the driver's file read: the root is shared), the
 training and held-out data readable and non-empty, the MLflow server reachable (learners log to
 it themselves).
@@ -133,7 +135,9 @@ def memory_row(device: torch.device, estimate: int) -> tuple[str, str, str]:
     where = "GPU" if device.type == "cuda" else "node"
     if not estimate:
         return "free memory", f"{free / GIB:.1f} GiB on the {where}", OK
-    status = OK if free >= 1.2 * estimate else WARN if free >= estimate else BLOCKER
+    # The estimate is for WOMD's largest scenes: a GPU below it (a WOMD run) blocks; a CPU process,
+    # mostly a development run on smaller scenes, is warned
+    status = OK if free >= 1.2 * estimate else WARN if free >= estimate or device.type != "cuda" else BLOCKER
     return "free memory", f"{free / GIB:.1f} GiB on the {where}, estimated peak {estimate / GIB:.1f} GiB", status
 
 
@@ -435,6 +439,23 @@ def driver_rows(config: PipelineConfig, token: tuple[str, bytes]) -> list[Row]:
     return rows
 
 
+def memory_estimate(config: PipelineConfig) -> tuple[dict[str, int], Row]:
+    """Each process kind's estimated peak memory on its device (`memory_estimate.estimate_peak_bytes`:
+    WOMD's largest scenes, the preset's measured costs), and the driver's row saying so."""
+    from smart_r1.distributed.memory_estimate import estimate_peak_bytes
+
+    where = ("driver", _node())
+    try:
+        peaks = estimate_peak_bytes(config)
+    except ValueError as e:
+        return {}, Row(*where, "memory estimate", f"none: {e}", WARN)
+    where_learner = "GPU" if config.ray.use_gpu else "node"
+    where_actor = "GPU" if config.ray.gpus_per_rollout_worker > 0 else "node"
+    return peaks, Row(*where, "memory estimate", f"learner {peaks['learner'] / GIB:.1f} GiB ({where_learner}), rollout "
+                      f"actor {peaks['rollout_worker'] / GIB:.1f} GiB ({where_actor}), at WOMD's largest scenes; "
+                      "processes that share a node share its memory")
+
+
 def datasets(config: PipelineConfig) -> tuple[tuple[str, str], ...]:
     """The data the learners and actors will read, where the config names it (generated sets
     do not exist before the run)."""
@@ -489,14 +510,18 @@ def run_preflight(config: PipelineConfig, timeout_s: float = 600.0) -> int:
     roots = tuple(dict.fromkeys([out, *([r.storage_path] if r.storage_path else [])]))
     token = (join(out, ".preflight", f"driver-{uuid.uuid4().hex[:8]}"), uuid.uuid4().bytes)
     rows = cluster_rows(config) + driver_rows(config, token)
+    peaks, row = memory_estimate(config)
+    rows.append(row)
     tracking = os.environ.get("MLFLOW_TRACKING_URI", "")
     base = ProbeSpec(role="", want_gpu=False, precision=config.model.precision, roots=roots, token=token,
                      datasets=datasets(config), tracking_uri=tracking)
     placeable = not any(row.status == BLOCKER and row.check in ("CPUs", "GPUs") for row in rows)
     if placeable:
-        rows += probe_learners(config, dataclasses.replace(base, role="learner", want_gpu=r.use_gpu), timeout_s)
+        rows += probe_learners(config, dataclasses.replace(base, role="learner", want_gpu=r.use_gpu,
+                                                           estimate_bytes=peaks.get("learner", 0)), timeout_s)
         rows += probe_actors(config, dataclasses.replace(base, role="rollout actor",
-                                                         want_gpu=r.gpus_per_rollout_worker > 0), timeout_s)
+                                                         want_gpu=r.gpus_per_rollout_worker > 0,
+                                                         estimate_bytes=peaks.get("rollout_worker", 0)), timeout_s)
     try:
         remove_tree(join(out, ".preflight"))  # the token, and what a probe could not delete
     except Exception:

@@ -64,3 +64,15 @@ def test_an_invalid_config_fails_before_any_cluster_work(tmp_path, capsys):
     config.write_text("stages: [{name: rft, kind: mpo, alpha: 1.5}]\n")
     assert main(["preflight", "--config", str(config)]) == 2
     assert "alpha" in capsys.readouterr().err
+
+
+def test_free_memory_against_the_estimate(tmp_path):
+    """Below the estimated peak a CPU process is warned (the estimate is WOMD's largest scenes; a
+    CPU run is mostly a development run on smaller ones), far above it fine."""
+    from smart_r1.distributed.preflight import free_memory_bytes, memory_row
+
+    free = free_memory_bytes(torch.device("cpu"))
+    assert free > 0
+    assert memory_row(torch.device("cpu"), free // 4)[2] == OK
+    check, value, status = memory_row(torch.device("cpu"), free * 4)
+    assert status == WARN and "estimated peak" in value
