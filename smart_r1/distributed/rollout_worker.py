@@ -97,13 +97,15 @@ class RolloutWorker:
     does not grow with the dataset.
 
     `precision` is `model.precision`, set here for the actor's process (it inherits nothing from
-    the driver's environment); `numerics` is what it resolved to on the actor's device, which
-    every experience carries to the learner."""
+    the driver's environment; None: leave the process's choice alone, for a worker made in a
+    test's own process); `numerics` is what it resolved to on the actor's device, which every
+    experience carries to the learner."""
 
     def __init__(self, checkpoint: bytes, datasets: dict[str, str], device: str = "cpu",
-                 threads: int = 1, seed: int = 0, worker_index: int = 0, precision: str = "auto"):
+                 threads: int = 1, seed: int = 0, worker_index: int = 0, precision: str | None = None):
         torch.set_num_threads(max(1, int(threads)))
-        set_precision(precision)
+        if precision is not None:
+            set_precision(precision)
         self.device = torch.device(device if device != "cuda" or torch.cuda.is_available() else "cpu")
         self.numerics = numerics(self.device)
         self.model = load_checkpoint(checkpoint, map_location=self.device)
