@@ -8,8 +8,9 @@ pi / pi_old is 1 and the k3 KL(pi || pi_ref) is 0, up to the numerics. The actor
 the closed-loop sampler (KV cache, `closed_loop`), their pi_ref from `token_log_probs` (a full
 teacher-forced forward), each in the actors' precision; the learner's pi from `token_log_probs` in
 its own. For every pair (actor precision, learner precision) this prints, over the live sampled
-tokens: the mean ratio exp(log pi - log pi_old), the mean |log ratio|, and the k3 KL of the learner's
-log pi against the actors' log pi_ref. Data: SUMO scenarios generated into a temporary folder;
+tokens: the mean ratio exp(log pi - log pi_old), the mean and largest |log ratio|, the k3 estimate
+of KL(pi_old || pi) (mean of ratio - 1 - log ratio) and the k3 KL of the learner's log pi against
+the actors' log pi_ref. Data: SUMO scenarios generated into a temporary folder;
 model: the preset, BC-trained for --bc-steps steps on them (an untrained model's near-uniform
 tokens would hide the error of peaked ones). Then, for scale, the same figures where the actors'
 log-probs come from another sampling config or other weights than the learner's (what the RFT
@@ -71,8 +72,9 @@ def main() -> None:
     sampling = dict(top_k=args.top_k, top_p=1.0, temperature=1.0)
     names = ("float32", "bfloat16")
     worst = (0.0, 0.0)
-    print("| actors | learner | mean ratio | mean abs log ratio | max abs log ratio | k3 KL (learner pi vs actors' pi_ref) | tokens |")
-    print("|---|---|---|---|---|---|---|")
+    print("| actors | learner | mean ratio | mean abs log ratio | max abs log ratio | k3 KL(pi_old || pi) "
+          "| k3 KL (learner's pi vs actors' pi_ref) | tokens |")
+    print("|---|---|---|---|---|---|---|---|")
     for actor in names:
         sampled = []
         for i, scene in enumerate(scenes):
@@ -82,7 +84,7 @@ def main() -> None:
                 ref = token_log_probs(model, scene, tensors.tokens, tensors.poses, **sampling)
             sampled.append((scene, tensors, ref.detach()))
         for learner in names:
-            sums = torch.zeros(4, dtype=torch.float64)
+            sums = torch.zeros(5, dtype=torch.float64)
             biggest = 0.0
             for scene, tensors, ref in sampled:
                 with precision.using(learner), torch.no_grad():
@@ -90,12 +92,13 @@ def main() -> None:
                 live = (scene.sim_mask & scene.agent_mask)[:, None, :, None].expand_as(lp)
                 log_ratio = (lp - tensors.log_probs)[live].double()
                 kl = kl_per_token(lp, ref)[live].double()
-                sums += torch.tensor([log_ratio.exp().sum(), log_ratio.abs().sum(), kl.sum(), live.sum()])
+                kl_old = log_ratio.exp() - 1 - log_ratio
+                sums += torch.tensor([log_ratio.exp().sum(), log_ratio.abs().sum(), kl_old.sum(), kl.sum(), live.sum()])
                 biggest = max(biggest, float(log_ratio.abs().max()))
-            ratio, abs_log, kl, n = (sums[:3] / sums[3]).tolist() + [int(sums[3])]
-            print(f"| {actor} | {learner} | {ratio:.6f} | {abs_log:.2e} | {biggest:.2e} | {kl:.2e} | {n} |")
+            ratio, abs_log, kl_old, kl, n = (sums[:4] / sums[4]).tolist() + [int(sums[4])]
+            print(f"| {actor} | {learner} | {ratio:.6f} | {abs_log:.2e} | {biggest:.2e} | {kl_old:.2e} | {kl:.2e} | {n} |")
             if actor != learner or actor == "bfloat16":
-                worst = (max(worst[0], abs(ratio - 1)), max(worst[1], kl))
+                worst = (max(worst[0], abs(ratio - 1)), max(worst[1], kl, kl_old))
     # What the stage's check is for: the actors' log-probs of another sampling config or other
     # weights than the learner's (float32 throughout)
     with precision.using("float32"):
@@ -111,14 +114,17 @@ def main() -> None:
         ahead.eval()
         for name, net, kwargs in (("learner samples the whole vocabulary (actors top_k)", model, {}),
                                   ("learner 10 BC steps ahead of the actors' weights", ahead, sampling)):
-            sums = torch.zeros(3, dtype=torch.float64)
+            sums = torch.zeros(4, dtype=torch.float64)
             for scene, tensors, ref in sampled:
                 with torch.no_grad():
                     lp = token_log_probs(net, scene, tensors.tokens, tensors.poses, **kwargs)
                 live = (scene.sim_mask & scene.agent_mask)[:, None, :, None].expand_as(lp)
-                sums += torch.tensor([(lp - tensors.log_probs)[live].double().exp().sum(),
+                log_ratio = (lp - tensors.log_probs)[live].double()
+                sums += torch.tensor([log_ratio.exp().sum(), (log_ratio.exp() - 1 - log_ratio).sum(),
                                       kl_per_token(lp, ref)[live].double().sum(), live.sum()])
-            print(f"mismatch: {name}: mean ratio {sums[0] / sums[2]:.4f}, k3 KL {sums[1] / sums[2]:.3e}")
+            ratio, kl_old, kl = (sums[:3] / sums[3]).tolist()
+            print(f"mismatch: {name}: mean ratio {ratio:.4f}, k3 KL(pi_old || pi) {kl_old:.3e}, "
+                  f"k3 KL to pi_ref {kl:.3e}")
     print(f"worst ratio_dev {worst[0]:.3e} kl {worst[1]:.3e}")
 
 

@@ -181,11 +181,14 @@ def learner_log_probs(model: torch.nn.Module, batch: ExperienceBatch, sampling: 
 def check_agreement(learner: torch.Tensor, batch: ExperienceBatch, with_reference: bool) -> dict[str, float]:
     """How the actors' log-probs of a batch compare with the learner's own, `learner` [B, R, A, 16],
     at the first step of a run (the policy is the one that sampled; with_reference: also the
-    reference): the mean ratio exp(log pi - log pi_old) and, when the actors sent log pi_ref and
-    with_reference, the mean k3 KL(pi || pi_ref), over the sampled tokens. At those weights they
-    are 1 and 0 up to the numerics."""
+    reference), over the sampled tokens: the mean ratio exp(log pi - log pi_old), the k3 estimate
+    of KL(pi_old || pi) from the same samples (mean of ratio - 1 - log ratio: the mean ratio alone
+    stays near 1 for any pi close in support, since E_pi_old[pi / pi_old] = 1) and, when the actors
+    sent log pi_ref and with_reference, the mean k3 KL(pi || pi_ref). At those weights they are 1,
+    0 and 0 up to the numerics."""
     live = batch.live
-    found = {"check_ratio": float(torch.exp(learner - batch.old_log_probs)[live].double().mean())}
+    log_ratio = (learner - batch.old_log_probs)[live].double()
+    found = {"check_ratio": float(log_ratio.exp().mean()), "check_kl_old": float((log_ratio.exp() - 1 - log_ratio).mean())}
     if with_reference and batch.ref_log_probs is not None:
         found["check_kl"] = float(kl_per_token(learner, batch.ref_log_probs)[live].double().mean())
     return found
@@ -215,12 +218,13 @@ def in_learner_numerics(batch: ExperienceBatch, sources: set[str], own: str, ver
 
 def agreement_problem(found: dict[str, float], actors: str, learner: str) -> str | None:
     """Why the actors' log-probs are too far from the learner's (check_agreement's figures), or None."""
-    ratio, kl = found["check_ratio"], found.get("check_kl", 0.0)
-    if abs(ratio - 1) <= RATIO_TOL and kl <= KL_TOL:
+    ratio, kl_old, kl = found["check_ratio"], found["check_kl_old"], found.get("check_kl", 0.0)
+    if abs(ratio - 1) <= RATIO_TOL and kl_old <= KL_TOL and kl <= KL_TOL:
         return None
     return (f"at the first RL step the rollout actors' log-probs of their own samples are far from the learner's: "
-            f"mean ratio pi/pi_old {ratio:.4f} (expected 1 +- {RATIO_TOL}), k3 KL(pi || pi_ref) {kl:.3g} (expected "
-            f"< {KL_TOL}); actors compute in {actors}, the learner in {learner}. At these weights both are the same "
+            f"mean ratio pi/pi_old {ratio:.4f} (expected 1 +- {RATIO_TOL}), k3 KL(pi_old || pi) {kl_old:.3g} and "
+            f"KL(pi || pi_ref) {kl:.3g} (expected < {KL_TOL}); actors compute in {actors}, the learner in {learner}. "
+            "At these weights all are the same "
             "policy: the actors hold other weights, sample with another config (top_k, top_p, temperature) than "
             "the update assumes, or compute in a precision too coarse for this model")
 
@@ -289,7 +293,8 @@ def mpo_loop(config: dict) -> None:
             if rank == 0:
                 kl = f"{found['check_kl']:.2e}" if "check_kl" in found else "not measured (the policy is not the reference)"
                 say(f"[{stage.name}] first step: the actors' log-probs against the learner's: mean ratio "
-                    f"{found['check_ratio']:.5f}, k3 KL {kl} (actors {', '.join(theirs)}, learner {own})")
+                    f"{found['check_ratio']:.5f}, k3 KL to pi_old {found['check_kl_old']:.2e}, to pi_ref {kl} "
+                    f"(actors {', '.join(theirs)}, learner {own})")
             problem = agreement_problem(found, ", ".join(theirs), own)
             if problem:
                 raise RuntimeError(f"stage {stage.name}: {problem}")

@@ -144,7 +144,7 @@ def memory_row(device: torch.device, estimate: int) -> tuple[str, str, str]:
 def storage_rows(spec: ProbeSpec, name: str) -> list[tuple[str, str, str]]:
     """Write, read back and delete a file under each storage root; read the driver's file (a root
     that is not shared with the driver fails here)."""
-    from smart_r1.storage import display, join, read_bytes, remove, write_bytes
+    from smart_r1.storage import join, read_bytes, remove, write_bytes
 
     rows = []
     for root in spec.roots:
@@ -156,17 +156,17 @@ def storage_rows(spec: ProbeSpec, name: str) -> list[tuple[str, str, str]]:
             remove(path)
             if back != data:
                 raise OSError("read back other bytes than written")
-            rows.append(("storage", f"{display(root)}: write, read, delete", OK))
+            rows.append(("storage", f"{short(root)}: write, read, delete", OK))
         except Exception as e:
-            rows.append(("storage", f"{display(root)}: {type(e).__name__}: {e}", BLOCKER))
+            rows.append(("storage", f"{short(root)}: {type(e).__name__}: {e}", BLOCKER))
     token, data = spec.token
     if token:
         try:
             seen = read_bytes(token) == data
-            rows.append(("storage shared", f"reads the driver's {display(token)}" if seen else
-                         f"{display(token)} holds other bytes than the driver wrote", OK if seen else BLOCKER))
+            rows.append(("storage shared", f"reads the driver's {short(token)}" if seen else
+                         f"{short(token)} holds other bytes than the driver wrote", OK if seen else BLOCKER))
         except Exception as e:
-            rows.append(("storage shared", f"cannot read the driver's {display(token)} ({type(e).__name__}): "
+            rows.append(("storage shared", f"cannot read the driver's {short(token)} ({type(e).__name__}): "
                          "the storage root is not shared with the driver; use a bucket (s3://, gs://) or a "
                          "shared filesystem", BLOCKER))
     return rows
@@ -176,7 +176,6 @@ def data_row(name: str, path: str) -> tuple[str, str, str]:
     """Whether a dataset is readable and non-empty from here (footers and its first scenario)."""
     from smart_r1.data.dataset import data_source, is_tfrecord, iter_scenarios
     from smart_r1.data.index import scenario_index
-    from smart_r1.storage import display
 
     try:
         if is_tfrecord(data_source(path)):
@@ -186,11 +185,11 @@ def data_row(name: str, path: str) -> tuple[str, str, str]:
             count = f"{len(index)} scenarios"
             first = index.read([0])[0] if len(index) else None
         if first is None:
-            return f"data {name}", f"{display(path)}: empty", BLOCKER
-        return (f"data {name}", f"{display(path)}: {count}, the first ({first.scenario_id}) with "
+            return f"data {name}", f"{short(path)}: empty", BLOCKER
+        return (f"data {name}", f"{short(path)}: {count}, the first ({first.scenario_id}) with "
                 f"{int(first.sim_agent_mask.sum())} sim agents", OK)
     except Exception as e:
-        return f"data {name}", f"{display(path)}: {type(e).__name__}: {e}", BLOCKER
+        return f"data {name}", f"{short(path)}: {type(e).__name__}: {e}", BLOCKER
 
 
 def tracking_row(uri: str) -> tuple[str, str, str]:
@@ -235,6 +234,13 @@ def process_checks(spec: ProbeSpec, device: torch.device | str | None = None) ->
     if spec.tracking_uri.startswith(("http://", "https://")) and spec.role == "learner":
         rows.append(tracking_row(spec.tracking_uri))
     return rows
+
+
+def short(path: str) -> str:
+    """A path or URI as the table shows it: without a URI's options (endpoint, keys, region)."""
+    from smart_r1.storage import display
+
+    return display(path).split("?", 1)[0]
 
 
 def _node() -> str:
@@ -403,14 +409,14 @@ def driver_rows(config: PipelineConfig, token: tuple[str, bytes]) -> list[Row]:
     import ray
 
     from smart_r1.distributed.run_identity import check_run
-    from smart_r1.storage import display, write_bytes
+    from smart_r1.storage import write_bytes
     from smart_r1.tracking.mlflow_runs import check_tracking_uri, cluster_tracking_problem, resolve_tracking_uri
 
     where = ("driver", _node())
     rows = []
     try:
         check_run(config)
-        rows.append(Row(*where, "run folder", f"{display(config.out_dir)}: new, or made with this config"))
+        rows.append(Row(*where, "run folder", f"{short(config.out_dir)}: new, or made with this config"))
     except ValueError as e:
         rows.append(Row(*where, "run folder", str(e), BLOCKER))
     uri = resolve_tracking_uri(os.environ.get("MLFLOW_TRACKING_URI"))
@@ -423,9 +429,9 @@ def driver_rows(config: PipelineConfig, token: tuple[str, bytes]) -> list[Row]:
     path, data = token
     try:
         write_bytes(path, data)
-        rows.append(Row(*where, "storage", f"wrote {display(path)} for the other processes to read"))
+        rows.append(Row(*where, "storage", f"wrote {short(path)} for the other processes to read"))
     except Exception as e:
-        rows.append(Row(*where, "storage", f"{display(path)}: {type(e).__name__}: {e}", BLOCKER))
+        rows.append(Row(*where, "storage", f"{short(path)}: {type(e).__name__}: {e}", BLOCKER))
     for name, given, count in (("train", config.data.train, config.data.embedded_train_scenarios),
                                ("heldout", config.data.heldout, config.data.embedded_heldout_scenarios)):
         if not given:
@@ -475,7 +481,7 @@ def compact(rows: list[Row]) -> list[Row]:
         if len(same) == 1:
             out.append(same[0])
             continue
-        numbers = [p.process.rsplit(" ", 1)[-1] for p in same]
+        numbers = sorted((p.process.rsplit(" ", 1)[-1] for p in same), key=lambda n: (len(n), n))
         nodes = sorted({p.node for p in same})
         out.append(Row(f"{kind} {', '.join(numbers)}", nodes[0] if len(nodes) == 1 else f"{len(nodes)} nodes",
                        check, value, status))
