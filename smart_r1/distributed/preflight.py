@@ -410,7 +410,8 @@ def driver_rows(config: PipelineConfig, token: tuple[str, bytes]) -> list[Row]:
 
     from smart_r1.distributed.run_identity import check_run
     from smart_r1.storage import write_bytes
-    from smart_r1.tracking.mlflow_runs import check_tracking_uri, cluster_tracking_problem, resolve_tracking_uri
+    from smart_r1.tracking.mlflow_runs import (check_tracking_uri, cluster_tracking_problem, is_local_store,
+                                               resolve_tracking_uri)
 
     where = ("driver", _node())
     rows = []
@@ -421,9 +422,14 @@ def driver_rows(config: PipelineConfig, token: tuple[str, bytes]) -> list[Row]:
         rows.append(Row(*where, "run folder", str(e), BLOCKER))
     uri = resolve_tracking_uri(os.environ.get("MLFLOW_TRACKING_URI"))
     problem = cluster_tracking_problem(ray.nodes(), uri, ray.get_runtime_context().get_node_id())
+    if not problem and is_local_store(uri) and "working_dir_files" in uri:
+        problem, status = (f"{uri} is inside the job's copy of its working folder, which Ray deletes after the "
+                           "job: set MLFLOW_TRACKING_URI (a server, or a path outside it)"), WARN
+    else:
+        status = BLOCKER
     try:
         check_tracking_uri(uri)
-        rows.append(Row(*where, "MLflow", problem or f"{uri}", BLOCKER if problem else OK))
+        rows.append(Row(*where, "MLflow", problem or f"{uri}", status if problem else OK))
     except ValueError as e:
         rows.append(Row(*where, "MLflow", str(e), BLOCKER))
     path, data = token
