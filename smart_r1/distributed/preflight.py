@@ -84,13 +84,20 @@ def parse_version(text: str) -> tuple[int, ...]:
     return tuple(int(x) for x in re.findall(r"\d+", text)[:3])
 
 
+def kernel_module_version(text: str) -> str:
+    """The driver version in /proc/driver/nvidia/version's text ('NVRM version: NVIDIA UNIX x86_64
+    Kernel Module  580.65.06 ...', or '... Open Kernel Module for x86_64  580.65.06 ...'), or ''."""
+    found = re.search(r"Kernel Module(?:\s+for\s+\w+)?\s+(\d+\.\d+(?:\.\d+)?)", text)
+    return found.group(1) if found else ""
+
+
 def driver_version() -> str:
     """The NVIDIA kernel driver's version on this node ('' when there is none)."""
     try:
         with open("/proc/driver/nvidia/version") as f:
-            found = re.search(r"Kernel Module(?:\s+for\s+\w+)?\s+(\d+\.\d+(?:\.\d+)?)", f.read())
+            found = kernel_module_version(f.read())
             if found:
-                return found.group(1)
+                return found
     except OSError:
         pass
     try:

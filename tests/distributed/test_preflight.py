@@ -6,8 +6,8 @@ from __future__ import annotations
 import torch
 
 from smart_r1.cli import main
-from smart_r1.distributed.preflight import (BLOCKER, OK, WARN, ProbeSpec, Row, compact, driver_row, process_checks,
-                                            table, verdict)
+from smart_r1.distributed.preflight import (BLOCKER, OK, WARN, ProbeSpec, Row, compact, driver_row,
+                                            kernel_module_version, process_checks, table, verdict)
 
 
 def test_a_blocker_gives_a_non_zero_exit_and_is_named():
@@ -36,6 +36,10 @@ def test_the_driver_against_the_torch_build():
     assert driver_row("12.8", "525.60.13", want_gpu=True)[2] == OK
     assert driver_row("13.0", "", want_gpu=True)[2] == BLOCKER  # no driver on a GPU process's node
     assert driver_row(None, "", want_gpu=False)[2] == OK  # a CPU build on a CPU process
+    assert kernel_module_version("NVRM version: NVIDIA UNIX x86_64 Kernel Module  550.54.15  Tue Mar  5 "
+                                 "22:23:56 UTC 2024\nGCC version:  gcc version 12.3.0") == "550.54.15"
+    assert kernel_module_version("NVRM version: NVIDIA UNIX Open Kernel Module for x86_64  580.65.06  "
+                                 "Release Build  (dvs-builder@U16-I3-B03-4-3)") == "580.65.06"
 
 
 def test_the_gpu_rows_follow_the_config(tmp_path):
