@@ -72,10 +72,10 @@ from smart_r1.types import Experience
 ALPHA_FILE = "alpha.json"  # alpha: auto, as calibrated
 ROLLOUTS_LOG = "rollouts.jsonl"  # per RL step: each rank's scenarios, their rewards, its weights' digest
 # How far the actors' log-probs may be from the learner's at the first step of a run (means over
-# the sampled tokens): |mean ratio - 1| and the k3 KL. Measured between float32 and bfloat16 actors
-# and learners on CPU (bench_step0_numerics.py, BENCHMARKS.md): at most 2.6e-3 and 1.0e-4; about
-# 20 and 50 times that leaves room for GPU kernels and larger models, and still stops a stage
-# whose actors sample with another config or other weights (those measured far beyond both).
+# the sampled tokens): |mean ratio - 1|, and the k3 KLs to pi_old and to pi_ref. Measured between
+# float32 and bfloat16 actors and learners on CPU (bench_step0_numerics.py, BENCHMARKS.md): at most
+# 2.6e-3 and 1.0e-4; 20 and 50 times that leaves room for GPU kernels and larger models, and stays
+# 15 to 70 times below the KLs of actors that sample with another config or other weights.
 RATIO_TOL = 0.05
 KL_TOL = 5e-3
 
