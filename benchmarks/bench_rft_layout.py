@@ -5,8 +5,8 @@ whether the rollout workers or the learner run the frozen reference (issue 18).
 
 The real RFT stage (a Ray Train learner of 1 CPU and 2 rollout actors of 0.5 CPU each with 1
 thread: the pipelines' layout on 2 cores) runs `--steps` RL steps of 4 scenarios x 8 rollouts for
-each layout; Ray is restarted between layouts (the reference switch is read from the environment
-its workers inherit). Reports, over steps 2.. (step 1 waits for the first batch), the mean wall
+each layout; Ray is restarted between layouts (the reference switch is the learner job's
+`reference_in_workers`). Reports, over steps 2.. (step 1 waits for the first batch), the mean wall
 time per RL step, the learner's update and its wait for rollouts. Last line:
 `best <layout> step_s <seconds>`.
 """
@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import tempfile
 import time
@@ -37,19 +36,18 @@ def run_layout(name: str, threads: int, ref_in_workers: bool, tmp: Path, checkpo
 
     from smart_r1.config import MPOStage, RayConfig, SamplingConfig
     from smart_r1.distributed.learner import run_learner
-    from smart_r1.distributed.mpo_loop import REFERENCE_IN_WORKERS_ENV
     from smart_r1.distributed.rollout_worker import start_workers
     from smart_r1.distributed.worker_kit import LearnerJob
     from smart_r1.ray_runtime import ensure_ray
 
     ray.shutdown()
-    os.environ[REFERENCE_IN_WORKERS_ENV] = "1" if ref_in_workers else "0"  # before Ray starts its workers
     ensure_ray(num_cpus=2)
     stage = MPOStage(name=name, steps=args.steps, num_rollouts=8, scenarios_per_step=4, lr=1e-4,
                      alpha=0.6, sampling=SamplingConfig(top_k=8))
     workers = start_workers(checkpoint, datasets, 2, cpus=0.5, gpus=0)
     job = LearnerJob(stage=stage, stage_dir=str(tmp / name), init_checkpoint=checkpoint, datasets=datasets,
-                     ref_checkpoint=checkpoint, rollout_workers=workers, threads=threads)
+                     ref_checkpoint=checkpoint, rollout_workers=workers, threads=threads,
+                     reference_in_workers=ref_in_workers)
     start = time.perf_counter()
     run_learner(job, RayConfig(num_learners=1, cpus_per_learner=1), str(tmp / "ray"))
     seconds = time.perf_counter() - start

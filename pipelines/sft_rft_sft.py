@@ -13,7 +13,6 @@ what to do.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
@@ -33,6 +32,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="out_dir holds stages made with another config: redo them (and the stages after them)")
     p.add_argument("--branch", default=None, metavar="NEW_DIR",
                    help="copy out_dir to NEW_DIR and run there, redoing the stages whose config changed")
+    p.add_argument("--verbose", action="store_true",
+                   help="also show Ray's own log lines (Ray Train's worker groups, checkpoints and reports, "
+                        "core warnings, the (Actor pid=...) prefixes); by default they go to Ray's log files only "
+                        "(same as --set ray.verbose=true)")
     p.add_argument("--inject-learner-failure", action="append", default=[], metavar="STAGE:N",
                    help="fault drill: make the learner fail once at epoch/step N of STAGE "
                         "(it must resume from its last checkpoint)")
@@ -50,6 +53,8 @@ def main(argv=None) -> int:
         overrides.append(f"out_dir={args.out_dir}")
     if args.init_checkpoint:
         overrides.append(f"init_checkpoint={args.init_checkpoint}")
+    if args.verbose:
+        overrides.append("ray.verbose=true")
     try:
         config = load_config(args.config, overrides)  # every check before any cluster work
         failures = {}
@@ -64,13 +69,13 @@ def main(argv=None) -> int:
         print(f"sft_rft_sft: invalid configuration: {e}", file=sys.stderr)
         return 2
     from smart_r1.distributed.pipeline import run_pipeline
-    from smart_r1.model.precision import ENV_VAR
-    from smart_r1.ray_runtime import ensure_ray
+    from smart_r1.ray_runtime import ensure_ray, quiet_libraries
 
-    # model.precision reaches the learner and the rollout actors through the environment a local
-    # Ray's workers inherit (a cluster: `ray job submit --runtime-env-json` with env_vars)
-    os.environ[ENV_VAR] = config.model.precision
-    ensure_ray(log_to_driver=True)
+    # every setting (model.precision included) reaches the learners and rollout actors in their
+    # stage's spec: a process on another node inherits nothing from this one's environment
+    if not config.ray.verbose:
+        quiet_libraries()
+    ensure_ray(log_to_driver=True, quiet=not config.ray.verbose)
     try:
         run_pipeline(config, fail_once_at=failures)
     except ValueError as e:  # resources that cannot fit, unreadable data: say so, no traceback

@@ -16,7 +16,6 @@ meta metric on the first is printed and written to <out_dir>/best.json.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
@@ -46,6 +45,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max-concurrent-trials", type=int, default=None, help="0 = as many as the cluster holds")
     p.add_argument("--asha", action="store_true", default=None, help="ASHA early stopping after each stage")
     p.add_argument("--out-dir", default=None, help="the sweep folder (a re-run resumes it)")
+    p.add_argument("--verbose", action="store_true",
+                   help="also show Ray's own log lines (Ray Train's and Tune's progress, core warnings, the "
+                        "(Actor pid=...) prefixes); by default they go to Ray's log files only")
     p.add_argument("--sft-checkpoint", default="",
                    help="the shared SFT checkpoint: a model.pt or a finished pipeline run folder "
                         "(default: run the stages before RFT once into <out_dir>/base)")
@@ -64,17 +66,19 @@ def main(argv=None) -> int:
                "asha": args.asha, "out_dir": args.out_dir}
     try:  # every check before any cluster work or trial
         sweep = load_sweep_config(args.config, changes)
-        base = load_config(sweep.pipeline, args.overrides)
+        base = load_config(sweep.pipeline, args.overrides + (["ray.verbose=true"] if args.verbose else []))
         preflight(sweep, base, args.sft_checkpoint)
     except ValueError as e:
         print(f"sweep_alpha_beta: invalid sweep: {e}", file=sys.stderr)
         return 2
-    from smart_r1.model.precision import ENV_VAR
-    from smart_r1.ray_runtime import ensure_ray
+    from smart_r1.ray_runtime import ensure_ray, quiet_libraries
     from smart_r1.distributed.sweep import run_sweep
 
-    os.environ[ENV_VAR] = base.model.precision  # the trials' Ray workers inherit it
-    ensure_ray(log_to_driver=True)
+    # every setting (model.precision included) reaches the trials, their learners and rollout
+    # actors in the config they are handed, never through this process's environment
+    if not base.ray.verbose:
+        quiet_libraries()
+    ensure_ray(log_to_driver=True, quiet=not base.ray.verbose)
     rows = run_sweep(sweep, base, args.sft_checkpoint)
     return 1 if any(r["status"] == "error" for r in rows) else 0
 

@@ -190,6 +190,19 @@ def _cmd_compare_runs(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_preflight(args: argparse.Namespace) -> int:
+    from smart_r1.config import load_config
+    from smart_r1.distributed.preflight import run_preflight
+    from smart_r1.ray_runtime import ensure_ray, quiet_libraries
+
+    overrides = list(args.overrides) + ([f"out_dir={args.out_dir}"] if args.out_dir else [])
+    config = load_config(args.config, overrides)  # an invalid config: exit status 2, before any Ray work
+    if not args.verbose:
+        quiet_libraries()
+    ensure_ray(log_to_driver=args.verbose, quiet=not args.verbose)
+    return run_preflight(config, args.timeout_s)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="smart-r1", description="SMART-tiny traffic simulation: WOMD data, tokens, model, rollouts, WOSAC metrics.")
@@ -276,6 +289,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--official", action="store_true", help="use Waymo's official evaluator (slow)")
     p.add_argument("--json", action="store_true", help="print JSON with the SimAgentMetrics field names")
     p.set_defaults(func=_cmd_metrics)
+
+    p = sub.add_parser("preflight", help="check a pipeline config against the cluster it will run on (drivers, "
+                                         "devices, all-reduce, storage, data, MLflow, precision, memory) before the run")
+    p.add_argument("--config", required=True, help="the pipeline YAML the run will use")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE",
+                   help="override a config value, as the run will (repeatable)")
+    p.add_argument("--out-dir", default=None, help="the run's storage root, as the run's --out-dir")
+    p.add_argument("--timeout-s", type=float, default=600.0,
+                   help="longest wait for the learners and rollout actors to be placed (an autoscaler may "
+                        "have to start their nodes) and for the learners' all-reduce")
+    p.add_argument("--verbose", action="store_true", help="also show Ray's own log lines")
+    p.set_defaults(func=_cmd_preflight)
 
     p = sub.add_parser("compare-runs", help="stage table over pipeline runs that differ by seed, "
                                             "with t-intervals over seeds and independent units (scenes, networks)")

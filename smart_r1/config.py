@@ -331,6 +331,8 @@ class RayConfig:
     task_timeout_s: float = option(1800.0, "longest wait for one rollout or scoring task before the run stops "
                                            "with an error naming the actor and its scenarios")
     storage_path: str = option("", "Ray Train / Tune storage (their run records); '' = <out_dir>/ray")
+    verbose: bool = option(False, "Ray's own log lines (Ray Train's worker groups, checkpoints and reports; "
+                                  "core warnings) on the console too; they always go to Ray's log files")
 
     def validate(self) -> None:
         if self.num_rollout_workers < 1 or self.num_learners < 1:

@@ -1,12 +1,25 @@
 """Starting or joining Ray: the one place every entry point (pipeline, sweep, preprocess, the
-official evaluator's tasks) gets its Ray from."""
+official evaluator's tasks) gets its Ray from, and what of Ray's own output reaches its console.
+
+Quiet consoles. Workers' output reaches the driver through Ray's log forwarding (`log_to_driver`),
+each line prefixed with its process ("(RayTrainWorker pid=..., ip=...)"). In quiet mode (the
+pipelines' default; `--verbose` turns it off) the driver prints its workers' standard output
+without that prefix (our progress lines already name their stage; error output keeps it, to say
+where it came from) and drops the lines of RAY_NOISE. Ray Train's own INFO lines (worker group
+started, checkpoint created) are kept off the console by its `RunConfig(logging_config=...)`
+(`smart_r1.distributed.learner.train_logging`), MLflow's by `quiet_libraries`. Everything stays
+in Ray's log files (`<temp dir>/session_latest/logs`, `ray logs`).
+"""
 
 from __future__ import annotations
 
 import contextlib
 import ipaddress
+import logging
 import os
 import socket
+import sys
+import tempfile
 
 import ray
 from ray._private import ray_constants
@@ -44,8 +57,79 @@ def _loopback_only():
                 os.environ[key] = value
 
 
+# Lines Ray prints on consoles by itself that tell a user of this project nothing (Ray's log files
+# keep them). Each: a substring of the line, and why it is harmless here.
+RAY_NOISE = (
+    # Ray's core (C++, once per process) on creating an actor with max_restarts and an ObjectRef
+    # among its constructor arguments (ray#53727: a restart fails if the object is lost). Our
+    # rollout actors' checkpoint refs live as long as the driver that put them
+    # (worker_kit.weights_ref); Ray Train's controller does the same for its own actors.
+    "has constructor arguments in the object store and max_restarts > 0",
+    # Ray Train's worker logs each report (its metrics and checkpoint) at INFO under a logger named
+    # by its source file, not "ray.train", which the LoggingConfig of its RunConfig does not reach
+    "Reporting training result ",
+)
+_quiet = False  # ensure_ray(quiet=True) was called in this process
+
+
+def _noise(line: str) -> bool:
+    return any(pattern in line for pattern in RAY_NOISE)
+
+
+def _quiet_worker_logs() -> None:
+    """Replace Ray's printer of forwarded worker output (`log_to_driver`) with one that drops
+    RAY_NOISE and leaves the "(Actor pid=...)" prefix off standard-output lines."""
+    from ray._private import worker as ray_worker
+    from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
+
+    def show(data: dict) -> None:
+        lines = [line for line in data.get("lines", []) if not _noise(line)]
+        if lines:
+            ray_worker.print_to_stdstream({**data, "lines": lines}, ignore_prefix=not data.get("is_err"))
+
+    dispatcher.remove_handler("ray_print_logs")  # the name Ray's own printer is registered under
+    dispatcher.add_handler("ray_print_logs", show)
+
+
+@contextlib.contextmanager
+def native_noise_filtered():
+    """Within (in quiet mode only): what this process writes to its standard error file
+    descriptor, where Ray's C++ core logs, is held in a temporary file and written back after,
+    less the lines of RAY_NOISE. For short calls into Ray that start no process (creating actors:
+    the raylet starts them), since a process started within would keep writing to that file."""
+    if not _quiet:
+        yield
+        return
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as held:
+        os.dup2(held.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            held.seek(0)
+            kept = [line for line in held.read().splitlines(keepends=True)
+                    if not _noise(line.decode(errors="replace"))]
+            if kept:
+                os.write(2, b"".join(kept))
+
+
+def quiet_libraries() -> None:
+    """The libraries a driver runs beside Ray keep to warnings on its console: MLflow's store
+    set-up ("Creating initial MLflow database tables", alembic's migrations) and its "View run ...
+    at" links when a run ends. MLflow sets its loggers' level when imported, from
+    MLFLOW_LOGGING_LEVEL."""
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
+    for name in ("mlflow", "alembic"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
 def ensure_ray(num_cpus: int | None = None, log_to_driver: bool = False, private: bool = False,
-               env: dict[str, str] | None = None) -> None:
+               env: dict[str, str] | None = None, quiet: bool = False) -> None:
     """Use the Ray this process already joined; else join the cluster named by RAY_ADDRESS (as
     under `ray job submit`); else start a local Ray of its own (never another `ray start` cluster
     found on this machine), listening on 127.0.0.1 only, with Ray's token authentication (on by
@@ -56,12 +140,14 @@ def ensure_ray(num_cpus: int | None = None, log_to_driver: bool = False, private
     private: never join a cluster, start a local instance without dashboard (for short-lived
         helper tasks that must not queue behind another user's jobs on this machine).
     env: variables set (if unset) before a local Ray starts, so that its workers inherit them.
+    quiet: keep Ray's own chatter off this console (see the module's docstring).
     """
+    global _quiet
     if ray.is_initialized():
         return
-    quiet = dict(log_to_driver=log_to_driver, configure_logging=False)
+    _quiet = quiet
     if os.environ.get("RAY_ADDRESS") and not private:
-        ray.init(**quiet)
+        _init(dict(log_to_driver=log_to_driver, configure_logging=False), quiet and log_to_driver)
         return
     for key, value in (env or {}).items():
         os.environ.setdefault(key, value)
@@ -74,7 +160,8 @@ def ensure_ray(num_cpus: int | None = None, log_to_driver: bool = False, private
     for attempt in range(3):
         try:
             with _loopback_only():
-                ray.init(num_cpus=num_cpus, **local, **quiet)
+                _init(dict(num_cpus=num_cpus, **local, log_to_driver=log_to_driver, configure_logging=False),
+                      quiet and log_to_driver)
             node_ip = ray.util.get_node_ip_address()
             if not ipaddress.ip_address(node_ip).is_loopback:  # a Ray that no longer honours the switch
                 ray.shutdown()
@@ -86,3 +173,10 @@ def ensure_ray(num_cpus: int | None = None, log_to_driver: bool = False, private
                 raise
             print(f"Ray did not start in time (attempt {attempt + 1} of 3); retrying", flush=True)
             ray.shutdown()
+
+
+def _init(kwargs: dict, quiet_logs: bool) -> None:
+    """ray.init; with quiet_logs, the driver's printer of its workers' output is the quiet one."""
+    ray.init(**kwargs)
+    if quiet_logs:
+        _quiet_worker_logs()

@@ -205,6 +205,8 @@ class Experience:
         seconds: dict phase name -> seconds spent in the worker (rollout, reward, reference)
         ref_log_probs: float32 [R, A, 16] or None, log pi_ref of the sampled tokens when the worker
             holds the frozen reference (the learner then skips that forward pass)
+        numerics: str, what the worker computed log_probs and ref_log_probs in, e.g. 'bfloat16/cpu'
+            (`smart_r1.model.precision.numerics`; '' = unknown)
     """
 
     scenario_index: int
@@ -220,6 +222,7 @@ class Experience:
     offroad: np.ndarray
     seconds: dict
     ref_log_probs: np.ndarray | None = None
+    numerics: str = ""
 
     @property
     def num_rollouts(self) -> int:

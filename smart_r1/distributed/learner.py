@@ -23,7 +23,7 @@ from pathlib import Path
 
 import ray
 import torch.distributed as dist
-from ray.train import FailureConfig, RunConfig, ScalingConfig
+from ray.train import FailureConfig, LoggingConfig, RunConfig, ScalingConfig
 from ray.train.backend import Backend
 from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -96,6 +96,19 @@ def torch_config() -> TorchConfig:
     return LoopbackTorchConfig() if local else TorchConfig()
 
 
+def learner_scaling(ray_cfg: RayConfig) -> ScalingConfig:
+    """The learners' workers and resources (the preflight's probe asks for the same)."""
+    return ScalingConfig(num_workers=ray_cfg.num_learners, use_gpu=ray_cfg.use_gpu,
+                         resources_per_worker={"CPU": ray_cfg.cpus_per_learner,
+                                               **({"GPU": ray_cfg.gpus_per_learner} if ray_cfg.use_gpu else {})})
+
+
+def train_logging(ray_cfg: RayConfig) -> LoggingConfig:
+    """Ray Train's console lines: its INFO ones (worker group started, checkpoint created, result
+    reported) only with `ray.verbose`; its log files keep every level either way."""
+    return LoggingConfig(log_level="INFO" if ray_cfg.verbose else "WARNING")
+
+
 def ray_storage(storage_path: str) -> dict:
     """RunConfig's storage arguments for a local folder or a URI: an object store's filesystem (with
     the URI's options: endpoint, region, scheme, keys) and the path inside it."""
@@ -120,12 +133,11 @@ def run_learner(job: LearnerJob, ray_cfg: RayConfig, storage_path: str) -> str:
         loop,
         train_loop_config={"job": job},
         torch_config=torch_config(),
-        scaling_config=ScalingConfig(num_workers=ray_cfg.num_learners, use_gpu=ray_cfg.use_gpu,
-                                     resources_per_worker={"CPU": ray_cfg.cpus_per_learner,
-                                                           **({"GPU": ray_cfg.gpus_per_learner} if ray_cfg.use_gpu else {})}),
+        scaling_config=learner_scaling(ray_cfg),
         run_config=RunConfig(name=job.run_name or f"{base_name(parent(job.stage_dir))}-{job.stage.name}",
                              **ray_storage(storage_path),
-                             failure_config=FailureConfig(max_failures=ray_cfg.max_learner_failures)),
+                             failure_config=FailureConfig(max_failures=ray_cfg.max_learner_failures),
+                             logging_config=train_logging(ray_cfg)),
     )
     result = trainer.fit()
     if result.error is not None:

@@ -48,6 +48,7 @@ from smart_r1.metrics.references import reference_scores, summary
 from smart_r1.metrics.tables import metrics_table
 from smart_r1.model.checkpoint import checkpoint_bytes, load_checkpoint, load_weights, save_checkpoint
 from smart_r1.model.config import ModelConfig
+from smart_r1.model.precision import set_precision
 from smart_r1.model.smart_tiny import SmartTiny
 from smart_r1.rollout.policy import sample_states
 from smart_r1.storage import (base_name, copy_file, display, exists, is_local, join, read_bytes, read_json,
@@ -330,7 +331,8 @@ class RolloutActors:
         if not self.handles:
             r = self.config.ray
             self.handles = start_workers(weights, self.datasets, r.num_rollout_workers, r.cpus_per_rollout_worker,
-                                         r.gpus_per_rollout_worker, self.config.seed, r.max_actor_restarts)
+                                         r.gpus_per_rollout_worker, self.config.seed, r.max_actor_restarts,
+                                         self.config.model.precision)
         return self.handles
 
     def release(self) -> None:
@@ -356,6 +358,7 @@ class RolloutActors:
 def run_pipeline(config: PipelineConfig, fail_once_at: dict[str, int] | None = None) -> dict:
     """Run (or resume) every stage; returns {stage: {dataset: metrics}}."""
     started = time.perf_counter()
+    set_precision(config.model.precision)  # this process's own forward passes (render); learners and actors get it in their spec
     check_resources(config.ray)
     problem = cluster_tracking_problem(ray.nodes(), resolve_tracking_uri(os.environ.get("MLFLOW_TRACKING_URI")),
                                        ray.get_runtime_context().get_node_id())
@@ -424,7 +427,7 @@ def run_pipeline(config: PipelineConfig, fail_once_at: dict[str, int] | None = N
                          threads=r.learner_threads or max(1, int(r.cpus_per_learner)),
                          fail_once_at=(fail_once_at or {}).get(stage.name, -1),
                          run_name=f"{base_name(out)}-{stage.name}-{fingerprint}", task_timeout_s=r.task_timeout_s,
-                         scenes_per_batch=r.scenarios_per_rollout_batch)
+                         scenes_per_batch=r.scenarios_per_rollout_batch, precision=config.model.precision)
         with timer.phase(f"stage_{stage.name}"):
             current = run_learner(job, r, storage)
         with timer.phase("eval"):

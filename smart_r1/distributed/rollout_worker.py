@@ -25,6 +25,8 @@ from smart_r1.metrics import compute_scenario_metrics
 from smart_r1.metrics.signals import travel_ratio
 from smart_r1.distributed.worker_kit import peak_rss_mb, weights_ref
 from smart_r1.model.checkpoint import load_checkpoint
+from smart_r1.model.precision import numerics, set_precision
+from smart_r1.ray_runtime import native_noise_filtered
 from smart_r1.rl.experience import make_experience, reference_log_probs
 from smart_r1.rl.rewards import RewardConfig
 from smart_r1.rollout.closed_loop import RolloutTensors, closed_loop, to_rollouts
@@ -96,12 +98,20 @@ class RolloutWorker:
     An actor reads only the scenarios it is handed: each dataset is opened as an index over its
     shards' footers (`smart_r1.data.index`), which decodes the row groups of the scenarios asked
     for and keeps the last two; the last SCENE_CACHE tokenised scenes are kept too. Its memory
-    does not grow with the dataset."""
+    does not grow with the dataset.
+
+    `precision` is `model.precision`, set here for the actor's process (it inherits nothing from
+    the driver's environment; None: leave the process's choice alone, for a worker made in a
+    test's own process); `numerics` is what it resolved to on the actor's device, which every
+    experience carries to the learner."""
 
     def __init__(self, checkpoint: bytes, datasets: dict[str, str], device: str = "cpu",
-                 threads: int = 1, seed: int = 0, worker_index: int = 0):
+                 threads: int = 1, seed: int = 0, worker_index: int = 0, precision: str | None = None):
         torch.set_num_threads(max(1, int(threads)))
+        if precision is not None:
+            set_precision(precision)
         self.device = torch.device(device if device != "cuda" or torch.cuda.is_available() else "cpu")
+        self.numerics = numerics(self.device)
         self.model = load_checkpoint(checkpoint, map_location=self.device)
         self.version = -1  # the checkpoint's own weights
         self.reference, self._reference_ref = None, None  # MPO's frozen reference, when asked for
@@ -119,7 +129,7 @@ class RolloutWorker:
 
     def info(self) -> dict:
         return {"pid": os.getpid(), "version": self.version, "worker_index": self.worker_index,
-                "peak_rss_mb": peak_rss_mb()}
+                "peak_rss_mb": peak_rss_mb(), "numerics": self.numerics}
 
     def _sync(self, version: int, weights: list) -> None:
         if weights and version != self.version:
@@ -169,7 +179,7 @@ class RolloutWorker:
         def finish(item: _Ready, sim: _Simulated) -> Experience:
             return make_experience(item.index, item.record, item.scene, sim.tensors, self.version, spec.reward,
                                    rollout_seconds=sim.rollout_seconds, ref_log_probs=sim.ref_log_probs,
-                                   reference_seconds=sim.reference_seconds)
+                                   reference_seconds=sim.reference_seconds, numerics=self.numerics)
         return self._run(dataset, indices, spec, finish)
 
     def score_scenarios(self, version: int, weights: list, dataset: str, indices: list[int],
@@ -255,9 +265,10 @@ class RolloutWorker:
 
 
 def start_workers(checkpoint, datasets: dict[str, str], count: int, cpus: float, gpus: float,
-                  seed: int = 0, max_restarts: int = 3) -> list:
+                  seed: int = 0, max_restarts: int = 3, precision: str = "auto") -> list:
     """`count` rollout actors; each restarts after a crash (at most `max_restarts` times) and
     retries its unfinished tasks, so a permanently failing actor ends as a failed task, not a hang.
+    Each computes in `precision` (`model.precision`, resolved on its own device).
 
     `checkpoint`: an ObjectRef of a checkpoint's bytes, or a path that this process (the driver)
     reads and puts into the object store once; every actor (and a restarted one) gets the bytes
@@ -266,5 +277,7 @@ def start_workers(checkpoint, datasets: dict[str, str], count: int, cpus: float,
     actor = ray.remote(RolloutWorker).options(num_cpus=cpus, num_gpus=gpus, max_restarts=max_restarts,
                                               max_task_retries=max_restarts)
     device = "cuda" if gpus > 0 else "cpu"
-    return [actor.remote(checkpoint, datasets, device, max(1, int(cpus)), seed, i) for i in range(count)]
+    with native_noise_filtered():  # Ray's warning about the checkpoint ref (ray_runtime.RAY_NOISE)
+        return [actor.remote(checkpoint, datasets, device, max(1, int(cpus)), seed, i, precision)
+                for i in range(count)]
 

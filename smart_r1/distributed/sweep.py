@@ -225,7 +225,7 @@ def run_sweep(sweep: SweepConfig, base: PipelineConfig, checkpoint: str = "") ->
             # checkpoint), so a trial killed by a node failure or the OOM killer costs little
             # the sweep's state reaches the storage root every SYNC_PERIOD_S (Tune's default, 5
             # minutes, would lose that much of a sweep's progress to a driver that dies)
-            run_config=tune.RunConfig(name=name, **storage, verbose=1,
+            run_config=tune.RunConfig(name=name, **storage, verbose=1 if base.ray.verbose else 0,
                                       sync_config=tune.SyncConfig(sync_period=SYNC_PERIOD_S),
                                       failure_config=tune.FailureConfig(max_failures=2)))
     rows = [trial_row(r) for r in tuner.fit()]

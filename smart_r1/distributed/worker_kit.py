@@ -22,6 +22,7 @@ import torch
 
 from smart_r1.config import StageConfig
 from smart_r1.model.checkpoint import checkpoint_bytes, load_checkpoint
+from smart_r1.model.precision import numerics, set_precision
 from smart_r1.storage import exists, flush_logs, join, read_bytes, save_torch, truncate_log, write_bytes, write_log_row
 from smart_r1.tracking.mlflow_runs import RunTracker
 
@@ -61,6 +62,12 @@ class LearnerJob:
     run_name: str = ""  # the Ray Train run (its checkpoints); includes the stage's fingerprint
     task_timeout_s: float = 1800.0  # longest wait for one rollout task
     scenes_per_batch: int = 1  # MPO: scenarios a rollout actor simulates in one closed-loop batch
+    # model.precision: each learner sets it for itself (`start_training`), since a process on
+    # another node inherits nothing from the driver's environment
+    precision: str = "auto"
+    # MPO with the k3 KL: the rollout actors send log pi_ref of their rollouts when they compute as
+    # the learner does (`precision.numerics`); False: the learner always runs the reference itself
+    reference_in_workers: bool = True
 
 
 def say(message: str) -> None:
@@ -139,6 +146,7 @@ def start_training(job: LearnerJob, unit: str) -> tuple:
     stage's model and AdamW optimizer, resumed from the newest state when there is one.
     Returns (model, optimizer, device, rank, world_size, first epoch/step)."""
     torch.set_num_threads(max(1, job.threads))
+    set_precision(job.precision)
     rank, world_size = world()
     device = ray.train.torch.get_device()
     model = load_checkpoint(fetch_checkpoint(job.init_checkpoint), map_location=device)
@@ -153,6 +161,7 @@ def start_training(job: LearnerJob, unit: str) -> tuple:
             say(f"[{job.stage.name}] resuming after {unit} {start - 1}")
     if rank == 0:  # rows of work after the newest checkpoint are redone, so logged again
         truncate_log(join(job.stage_dir, TRAIN_LOG), start)
+        say(f"[{job.stage.name}] learners compute in {numerics(device)} (model.precision {job.precision})")
     return model, optimizer, device, rank, world_size, start
 
 
@@ -174,7 +183,8 @@ def report(job: LearnerJob, model, optimizer, progress: int, metrics: dict, rank
     if job.tracker is not None:
         job.tracker.for_rank(rank).log_metrics(metrics, step=progress)
     if rank == 0:
-        write_log_row(join(job.stage_dir, TRAIN_LOG), {"progress": progress, **metrics})
+        write_log_row(join(job.stage_dir, TRAIN_LOG), {"progress": progress, **metrics,
+                                                       "numerics": numerics(next(core.parameters()).device)})
         if save:
             flush_logs()
             save_torch(training_state(model, optimizer, progress), join(job.stage_dir, LAST_NAME))

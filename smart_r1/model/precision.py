@@ -11,9 +11,13 @@ A precision is one of
     bfloat16  always, even emulated (tests; a CPU whose flags the detection misses).
 
 The process-wide choice comes from `set_precision` (or the `using` context), else from the
-environment variable SMART_R1_PRECISION (how the pipeline hands `model.precision` to its Ray
-workers), else `auto`. Each process resolves `auto` on its own hardware, so a GPU learner and CPU
-rollout actors each get what suits them.
+environment variable SMART_R1_PRECISION (a convenience for local tools and benchmarks), else
+`auto`. A pipeline never relies on the environment: a process on another node inherits nothing
+from the driver, so `model.precision` travels in each stage's spec and every process sets it
+itself (the driver in `run_pipeline`, each learner from its `LearnerJob`, each rollout actor from
+its constructor). Each process resolves `auto` on its own hardware, so a GPU learner and CPU
+rollout actors each get what suits them; `numerics` names what a process resolved, so that the
+learner can tell whether the actors' log-probs were computed as its own are.
 
 Under autocast the matmuls run in bfloat16 and their outputs are bfloat16; losses, log-softmax
 and sampling stay float32 (their callers take `logits.float()`), parameters and optimiser state
@@ -100,3 +104,11 @@ def autocast(device: torch.device | str, precision: str | None = None):
     device = torch.device(device)
     dtype = compute_dtype(device, precision)
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == torch.bfloat16)
+
+
+def numerics(device: torch.device | str, precision: str | None = None) -> str:
+    """What forward passes on `device` compute in, as '<dtype>/<device type>' (e.g. 'bfloat16/cuda',
+    'float32/cpu'): two processes with equal numerics compute the same log-probs of the same tokens
+    up to the order of their kernels' sums."""
+    dtype = compute_dtype(device, precision)
+    return f"{str(dtype).removeprefix('torch.')}/{torch.device(device).type}"

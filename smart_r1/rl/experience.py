@@ -26,10 +26,12 @@ from smart_r1.types import Experience, ScenarioRecord
 
 def make_experience(scenario_index: int, record: ScenarioRecord, scene: SceneBatch, tensors: RolloutTensors,
                     version: int, reward: RewardConfig, rollout_seconds: float = 0.0,
-                    ref_log_probs: torch.Tensor | None = None, reference_seconds: float = 0.0) -> Experience:
+                    ref_log_probs: torch.Tensor | None = None, reference_seconds: float = 0.0,
+                    numerics: str = "") -> Experience:
     """Score the rollouts of one scene (B = 1) with the fast WOSAC signals and assemble rewards.
     `ref_log_probs` [1, R, A, 16]: the frozen reference's log-probs of the sampled tokens, when the
-    worker computed them (`reference_log_probs`).
+    worker computed them (`reference_log_probs`); `numerics`: what the worker computed its
+    log-probs in (`smart_r1.model.precision.numerics`).
 
     Raises FloatingPointError on a non-finite reward: the caller drops the scenario rather than
     scoring it as zero (with a fixed baseline, a zero reward pushes away from whatever was sampled).
@@ -48,7 +50,7 @@ def make_experience(scenario_index: int, record: ScenarioRecord, scene: SceneBat
         rewards=rewards.cpu().numpy().astype(np.float32), realism=signals.realism.float().cpu().numpy(),
         collision=signals.collision.cpu().numpy(), offroad=signals.offroad.cpu().numpy(),
         seconds={"rollout": rollout_seconds, "reward": time.perf_counter() - t0, "reference": reference_seconds},
-        ref_log_probs=None if ref_log_probs is None else ref_log_probs[0].float().cpu().numpy())
+        ref_log_probs=None if ref_log_probs is None else ref_log_probs[0].float().cpu().numpy(), numerics=numerics)
 
 
 # Agent-rollouts (B x rollouts x agent slots) of one teacher-forced reference pass: its transient

@@ -178,9 +178,23 @@ def start_run(name: str, tracking_uri: str | None = None, experiment: str = EXPE
     if run_id:
         client.update_run(run_id, status="RUNNING")
         return RunTracker(uri, run_id)
-    exp = client.get_experiment_by_name(experiment)
-    exp_id = exp.experiment_id if exp else client.create_experiment(experiment)
-    return RunTracker(uri, client.create_run(exp_id, run_name=name).info.run_id)
+    return RunTracker(uri, client.create_run(_experiment_id(client, experiment), run_name=name).info.run_id)
+
+
+def _experiment_id(client, name: str) -> str:
+    """The experiment's id, made when absent. Two drivers starting at once on a new server may
+    both find it absent: the one whose creation is refused reads the other's."""
+    from mlflow.exceptions import MlflowException
+
+    exp = client.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    try:
+        return client.create_experiment(name)
+    except MlflowException as e:
+        if e.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
+        return client.get_experiment_by_name(name).experiment_id
 
 
 RUN_ID_FILE = "mlflow_run_id"

@@ -234,6 +234,11 @@ def _check_finished(out: str, bc_epochs: int, rft_steps: int) -> None:
         assert exists(join(out, stage, "last_state.pt")) and exists(join(out, stage, "rollout.png"))
     assert [r["progress"] for r in read_jsonl(join(out, "rft", "rollouts.jsonl"))] == list(range(rft_steps))
     assert read_json(join(out, "rft", "alpha.json"))["auto"] is True
+    # model.precision (float32; `auto` is bfloat16 on a CPU with AVX512-BF16) reached the learners
+    # and the rollout actors on the worker nodes in their stage's spec: each records what it ran
+    for stage in ("bc", "rft"):
+        assert {r["numerics"] for r in read_jsonl(join(out, stage, "train_log.jsonl"))} == {"float32/cpu"}, stage
+    assert {r["actor_numerics"] for r in read_jsonl(join(out, "rft", "train_log.jsonl"))} == {"float32/cpu"}
     assert list(read_json(join(out, "results.json"))) == ["bc", "rft"]
     for name in ("config.json", "run.json", "init.pt", "mlflow_run_id", "results.md"):
         assert exists(join(out, name)), name
@@ -292,7 +297,8 @@ def test_pipeline_keeps_its_state_in_the_bucket_and_resumes_from_another_folder(
     config["stages"] = [s for s in config["stages"] if s["name"] in ("bc", "rft")]
     argv = ["--config", "tiny.yaml", "--set", f"data.train={data}", "--set", f"data.heldout={data}",
             "--set", "eval.num_rollouts=2", "--set", "bc.steps_per_epoch=1", "--set", "rft.checkpoint_every=1",
-            "--set", "rft.scenarios_per_step=1", "--set", "rft.num_rollouts=2", "--set", "rft.alpha=auto"]
+            "--set", "rft.scenarios_per_step=1", "--set", "rft.num_rollouts=2", "--set", "rft.alpha=auto",
+            "--set", "model.precision=float32"]
     folders = {}
     for name in ("first", "second", "third"):  # the drivers' working folders: their config only
         folders[name] = tmp_path / name
@@ -384,3 +390,60 @@ def test_pipeline_keeps_its_state_in_the_bucket_and_resumes_from_another_folder(
     assert nodes and nodes <= ever, (nodes, ever)
     print(f"learners and rollout actors on {len(nodes)} worker nodes, {len(ever) - WORKERS} of them replacements",
           flush=True)
+
+
+def _preflight_rows(log: str) -> list[list[str]]:
+    """The rows of the preflight's table: [process, node, check, found, status]."""
+    cells = [[c.strip() for c in line.strip().strip("|").split("|")] for line in log.splitlines()
+             if line.startswith("| ") and not line.startswith("| process ")]
+    return [c for c in cells if len(c) == 5]
+
+
+def test_preflight_checks_every_process_kind_where_the_run_will_put_it(cluster, bucket, mlflow_server,
+                                                                        womd_record, tmp_path):
+    """`smart-r1 preflight`, submitted as the pipeline is: its learner probes (a Ray Train group
+    of two, as the stages build it) and rollout actor probe run on the worker nodes, where they
+    read the data and the driver's file in the bucket, reach MLflow, all-reduce over gloo and
+    resolve the configured precision; the verdict is READY. The same config asking for a GPU
+    per learner, on this cluster without any, is BLOCKED, with a non-zero exit."""
+    from smart_r1.data.parquet import write_shard
+
+    data = bucket("multinode/preflight-data")
+    write_shard(join(data, "one.parquet"), [womd_record])
+    (tmp_path / "tiny.yaml").write_text((REPO / "pipelines" / "tiny.yaml").read_text())
+    argv = ["--config", "tiny.yaml", "--out-dir", bucket("multinode/preflight"), "--set", f"data.train={data}",
+            "--set", f"data.heldout={data}", "--set", "model.precision=float32", "--set", "ray.num_learners=2"]
+
+    def preflight(sid: str, *more: str) -> tuple[int, str]:
+        cmd = [*RAY_CLI, "job", "submit", "--submission-id", sid, "--working-dir", ".", "--runtime-env-json",
+               json.dumps({"env_vars": {"MLFLOW_TRACKING_URI": mlflow_server}}), "--", "smart-r1", "preflight",
+               *argv, *more]
+        proc = subprocess.run(cmd, cwd=tmp_path, env=job_env(cluster.head.address), capture_output=True, text=True,
+                              timeout=900)
+        return proc.returncode, _driver_log(cluster.head, sid)
+
+    started = time.time()
+    code, log = preflight("preflight-ready", "--timeout-s", "300")
+    print(f"preflight: {time.time() - started:.0f} s", flush=True)
+    assert code == 0 and "preflight: READY" in log, log[-4000:]
+    rows = _preflight_rows(log)
+    assert rows and all(r[4] in ("ok", "warn") for r in rows), log[-4000:]
+    workers = {node[:8] for node in cluster.workers}
+    found = {}
+    for process, node, check, value, _ in rows:
+        kind = "learner" if process.startswith("learner") else "actor" if process.startswith("rollout actor") else ""
+        if kind:
+            found.setdefault((kind, check), []).append(value)
+            assert {n for n in workers if n in node} or node.endswith("nodes"), (process, node, workers)
+    for kind in ("learner", "actor"):
+        assert found[(kind, "precision")] == ["model.precision float32 -> float32/cpu"], found
+        assert found[(kind, "CUDA")] == ["not available (the run uses no GPU here)"]
+        assert all("1 scenarios" in v for v in found[(kind, "data train")] + found[(kind, "data heldout")])
+        assert all(v.startswith("reads the driver's s3://smart-r1/multinode/preflight/") for v in
+                   found[(kind, "storage shared")])
+    assert found[("learner", "MLflow")] == [f"{mlflow_server} answers"]
+    (reduced,) = found[("learner", "all-reduce")]
+    assert reduced.startswith("2 ranks over gloo on cpu: 3 (expected 3)"), reduced
+
+    code, log = preflight("preflight-gpu", "--set", "ray.use_gpu=true", "--timeout-s", "20")
+    assert code != 0 and "preflight: BLOCKED" in log and "learners: placement" in log, log[-4000:]

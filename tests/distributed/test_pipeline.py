@@ -5,6 +5,7 @@ which skip finished stages, are test_crash_recovery.py.)"""
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 
@@ -125,3 +126,22 @@ def test_invalid_config_fails_before_cluster_work(tmp_path, tiny_config):
     proc = subprocess.run([sys.executable, str(REPO / "pipelines" / "sft_rft_sft.py"), "--config", str(config),
                            "--inject-learner-failure", "nostage:1"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "unknown stage name 'nostage'" in proc.stderr
+
+
+def test_the_console_shows_our_lines_not_rays_internals(submitted):
+    """Quiet by default: the job's console holds the pipeline's progress lines (without Ray's
+    "(Actor pid=...)" prefix) and tables, and none of Ray's INFO chatter (Ray Train's worker
+    groups, checkpoints, reports) nor its warning about actors' constructor arguments; the
+    injected learner failure is still told (ray_runtime's docstring)."""
+    _, proc = submitted
+    text = proc.stdout + proc.stderr
+    for ours in (r"^\[bc\] \d+/\d+ ", r"^\[rft\] first step: the actors' log-probs against the learner's: mean ratio [01]\.\d+",
+                 r"^\[rft\] rollout actors compute in ", r"^\[sft\] learners compute in ", r"^\| stage \| data \|",
+                 r"^SFT-RFT-SFT finished in "):
+        assert re.search(ours, text, re.M), ours
+    for internal in ("Checkpoint successfully created", "Reporting training result", "Started training worker group",
+                     "Requesting resources", "has constructor arguments in the object store", "INFO mlflow",
+                     "View run "):
+        assert internal not in text, internal
+    assert not re.search(r"^\(RayTrainWorker pid=[^)]*\) \[", text, re.M), "a progress line with Ray's prefix"
+    assert "injected learner failure at 1" in text
