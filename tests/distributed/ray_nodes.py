@@ -102,24 +102,24 @@ def stop_ray_nodes(*procs: subprocess.Popen) -> None:
             os.killpg(proc.pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
-        for pid, started in tree.items():
-            if started and _started(pid) == started:  # the same process, still there
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
+        _kill_tree(tree)
         proc.wait()
 
 
-def kill_ray_node(proc: subprocess.Popen) -> None:
-    """Take a node away at once, as a cloud provider takes spot capacity back: SIGKILL to every
-    process of its tree (its raylet, agents and workers; no drain, nothing saved), then reap it."""
-    for pid, started in {pid: _started(pid) for pid in descendants(proc.pid)}.items():
+def _kill_tree(tree: dict[int, str]) -> None:
+    """SIGKILL to each pid of `tree` ({pid: its start time}) that is still the same process."""
+    for pid, started in tree.items():
         if started and _started(pid) == started:
             try:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
+
+
+def kill_ray_node(proc: subprocess.Popen) -> None:
+    """Take a node away at once, as a cloud provider takes spot capacity back: SIGKILL to every
+    process of its tree (its raylet, agents and workers; no drain, nothing saved), then reap it."""
+    _kill_tree({pid: _started(pid) for pid in descendants(proc.pid)})
     proc.wait()
 
 
