@@ -62,7 +62,7 @@ def test_embedded_data_is_generated_into_the_bucket_once(bucket, monkeypatch):
     train = bucket("generated/data/train")
     assert pipeline.generate_into_store(train, "train", 2, seed=3) == train
     assert count_scenarios(train) == 2
-    assert read_json(join(train, "generated.json")) == {"scenarios": 2, "seed": 3}
+    assert read_json(join(train, "generated.json")) == {"scenarios": 2, "seed": 3, "per_network": 0}
     assert read_json(join(train, "preprocess_report.json"))["scenarios"] == 2
     monkeypatch.setattr(pipeline, "make_dataset", lambda *a, **k: pytest.fail("a finished set was remade"))
     pipeline.generate_into_store(train, "train", 2, seed=3)
