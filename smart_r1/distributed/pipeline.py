@@ -406,6 +406,18 @@ def run_pipeline(config: PipelineConfig, fail_once_at: dict[str, int] | None = N
         if exists(done):
             current, rows[stage.name] = join(stage_dir, MODEL_NAME), read_json(done)["metrics"]
             print(f"[{stage.name}] already finished: {display(current)}", flush=True)
+            missing = [d for d in eval_sets if d not in rows[stage.name]]
+            if missing:  # a set named after the stage finished (eval.datasets is no part of its fingerprint)
+                with timer.phase("eval"):
+                    workers = actors.get(weights(current))
+                    for d in missing:
+                        print(f"[{stage.name}] scoring the finished stage on {d}", flush=True)
+                        rows[stage.name][d] = score_checkpoint(workers, current, 10**6 + i + 1, d, config.eval,
+                                                               r.task_timeout_s, stage_dir,
+                                                               r.scenarios_per_rollout_batch, seed=config.seed)
+                        tracker.log_metrics({f"{stage.name}/{d}/{k}": v for k, v in rows[stage.name][d].items()})
+                write_json(join(stage_dir, "metrics.json"), rows[stage.name])
+                write_json(done, {**read_json(done), "metrics": rows[stage.name]})
             if stage.kind != "mpo":
                 reference = current
             continue

@@ -15,6 +15,10 @@ after days of BC (more learners, fewer rollout actors) keeps its BC. The learner
 the rollout actors' sampling streams change with them, as any resumed stage's draws do; the
 method, its data and its seeds do not. Records written before this rule (their inputs hold
 `ray.num_rollout_workers`, `ray.num_learners`, `ray.use_gpu`) are compared without those keys.
+
+Nor is the choice of evaluation sets (`eval.datasets`): a stage's model does not depend on it, and
+a re-run that names a set a finished stage was not scored on scores it there (how many scenarios,
+rollouts and how they are sampled stay in: they change the recorded figures).
 """
 
 from __future__ import annotations
@@ -56,15 +60,23 @@ def stage_inputs(config: PipelineConfig, upto: int) -> dict:
         return common
     stages = [{k: v for k, v in s.items() if k not in RUN_OPTIONS and (k not in LATER_OPTIONS or v != LATER_OPTIONS[k])}
               for s in full["stages"][: upto + 1]]
-    return {**common, "eval": full["eval"], "stages": {s["name"]: s for s in stages}}
+    return {**common, "eval": _scored_alike(full["eval"]), "stages": {s["name"]: s for s in stages}}
+
+
+def _scored_alike(evaluation: dict) -> dict:
+    """The evaluation settings that change a recorded figure (not which sets are scored)."""
+    return {k: v for k, v in evaluation.items() if k != "datasets"}
 
 
 def comparable(inputs: dict) -> dict:
     """Recorded inputs as `stage_inputs` makes them now: records of earlier versions held the
-    resource keys (`ray`) and may hold run options; both are dropped."""
+    resource keys (`ray`), the evaluation sets and may hold run options; all are dropped."""
     stages = {name: {k: v for k, v in s.items() if k not in RUN_OPTIONS}
               for name, s in inputs.get("stages", {}).items()}
-    return {**{k: v for k, v in inputs.items() if k != "ray"}, **({"stages": stages} if "stages" in inputs else {})}
+    kept = {k: v for k, v in inputs.items() if k != "ray"}
+    if "eval" in inputs:
+        kept["eval"] = _scored_alike(inputs["eval"])
+    return {**kept, **({"stages": stages} if "stages" in inputs else {})}
 
 
 def fingerprint(inputs: dict) -> str:

@@ -71,11 +71,12 @@ def test_pipeline_killed_in_every_kind_of_stage_resumes_without_redoing(submitte
     done_run, _ = submitted  # its generated data is reused: this test is about the stages
     out = tmp_path / "run"
     # two units a stage: killed after the first, the re-run must do the second only; evaluation
-    # (one scenario) is not what this test is about
+    # (one scenario) is not what this test is about, beyond a set named only by the last re-run
+    # (finished stages are scored on it, not redone). Generated sets: those of the done run.
     config = tiny_config(tmp_path / "crash.yaml", out,
-                         data={"train": str(done_run / "data" / "train"),
+                         data={"train": str(done_run / "data" / "train"), "generated_root": str(done_run),
                                "heldout": str(done_run / "data" / "sumo_heldout"), "real": ""},
-                         eval={"num_rollouts": 2, "max_scenarios": 1},
+                         eval={"num_rollouts": 2, "max_scenarios": 1, "datasets": "heldout"},
                          stages=[{"name": "bc", "kind": "bc", "epochs": 2, "batch_scenarios": 4},
                                  {"name": "sft", "kind": "catk_sft", "epochs": 2, "batch_scenarios": 4, "catk_k": 3},
                                  {"name": "rft", "kind": "mpo", "steps": 2, "num_rollouts": 2,
@@ -90,7 +91,7 @@ def test_pipeline_killed_in_every_kind_of_stage_resumes_without_redoing(submitte
                    and (out / stage / "last_state.pt").exists(), socket_watch)
         assert not (out / stage / "done.json").exists()
     finished = {s: (out / s / "model.pt").stat().st_mtime for s in ("bc", "sft")}
-    proc = _start(argv, env, log)
+    proc = _start([*argv, "--set", "eval.datasets=heldout,sumo_heldout"], env, log)
     assert _finish(proc, socket_watch, timeout_s=900) == 0, log.read_text()[-4000:]
     text = log.read_text()
     for stage, units in (("bc", 2), ("sft", 2), ("rft", 2)):
@@ -99,8 +100,12 @@ def test_pipeline_killed_in_every_kind_of_stage_resumes_without_redoing(submitte
         assert f"[{stage}] resuming after" in text, stage
     for stage in ("bc", "sft"):
         assert f"[{stage}] already finished" in text
+        assert f"[{stage}] scoring the finished stage on sumo_heldout" in text
         assert (out / stage / "model.pt").stat().st_mtime == finished[stage], "a finished stage was redone"
-    assert list(json.loads((out / "results.json").read_text())) == ["bc", "sft", "rft"]
+        assert (out / stage / "scores_sumo_heldout.json").exists()
+    results = json.loads((out / "results.json").read_text())
+    assert list(results) == ["bc", "sft", "rft"]
+    assert all(sorted(results[s]) == ["heldout", "sumo_heldout"] for s in results), results
     # the four runs, as they worked: Ray's daemons, the rollout actors, the learners with their
     # process group (torch.distributed's store) listened on loopback only, with token auth on
     print("listening sockets of the runs:\n" + socket_watch.table())

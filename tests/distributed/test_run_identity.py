@@ -66,6 +66,27 @@ def test_records_made_with_resource_keys_still_resume(tmp_path):
         check_run(load_config(TINY, [f"out_dir={out}", "ray.num_learners=2", "rft.beta=0.1"]))
 
 
+def test_naming_more_evaluation_sets_keeps_every_stage(tmp_path):
+    """Which sets score the stages is no input of a stage (a re-run scores finished stages on a set
+    named later), also for records that hold it; how each set is scored is one."""
+    import json
+
+    from smart_r1.distributed.run_identity import RUN_FILE, fingerprint
+
+    config, out = _finished_run(tmp_path, ["eval.datasets=sumo_heldout"])
+    more = load_config(TINY, [f"out_dir={out}", "eval.datasets=sumo_heldout,sumo_tune"])
+    assert stage_fingerprint(more, "rft") == stage_fingerprint(config, "rft")
+    record = json.loads((out / RUN_FILE).read_text())
+    for name, stage in record["stages"].items():
+        if "eval" in stage["inputs"]:  # as written before the rule
+            stage["inputs"]["eval"]["datasets"] = "sumo_heldout"
+            stage["fingerprint"] = fingerprint(stage["inputs"])
+    (out / RUN_FILE).write_text(json.dumps(record))
+    check_run(more)
+    with pytest.raises(ValueError, match=r"stage 'bc' was made with different eval\.max_scenarios"):
+        check_run(load_config(TINY, [f"out_dir={out}", "eval.max_scenarios=5"]))
+
+
 def test_a_changed_stage_is_refused_naming_the_keys(tmp_path):
     config, out = _finished_run(tmp_path)
     changed = load_config(TINY, [f"out_dir={out}", "rft.alpha=0.5", "rft.beta=0.1"])
