@@ -58,8 +58,7 @@ def stage_inputs(config: PipelineConfig, upto: int) -> dict:
               "init_checkpoint": config.init_checkpoint}
     if upto < 0:
         return common
-    stages = [{k: v for k, v in s.items() if k not in RUN_OPTIONS and (k not in LATER_OPTIONS or v != LATER_OPTIONS[k])}
-              for s in full["stages"][: upto + 1]]
+    stages = [_method_options(s) for s in full["stages"][: upto + 1]]
     return {**common, "eval": _scored_alike(full["eval"]), "stages": {s["name"]: s for s in stages}}
 
 
@@ -68,11 +67,17 @@ def _scored_alike(evaluation: dict) -> dict:
     return {k: v for k, v in evaluation.items() if k != "datasets"}
 
 
+def _method_options(stage: dict) -> dict:
+    """A stage's options that decide what it makes: no run option, no later option at its default."""
+    return {k: v for k, v in stage.items()
+            if k not in RUN_OPTIONS and (k not in LATER_OPTIONS or v != LATER_OPTIONS[k])}
+
+
 def comparable(inputs: dict) -> dict:
     """Recorded inputs as `stage_inputs` makes them now: records of earlier versions held the
-    resource keys (`ray`), the evaluation sets and may hold run options; all are dropped."""
-    stages = {name: {k: v for k, v in s.items() if k not in RUN_OPTIONS}
-              for name, s in inputs.get("stages", {}).items()}
+    resource keys (`ray`), the evaluation sets, run options and later options at their defaults
+    (written out by some versions); all are dropped."""
+    stages = {name: _method_options(s) for name, s in inputs.get("stages", {}).items()}
     kept = {k: v for k, v in inputs.items() if k != "ray"}
     if "eval" in inputs:
         kept["eval"] = _scored_alike(inputs["eval"])

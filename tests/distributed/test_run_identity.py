@@ -108,6 +108,11 @@ def test_an_option_added_later_at_its_default_keeps_earlier_runs(tmp_path):
         for stage in record["stages"][name]["inputs"].get("stages", {}).values():
             assert "token_noise_top_k" not in stage  # at its default: not part of the inputs
     check_run(config)
+    for name in record["stages"]:  # some versions wrote later options out at their defaults
+        for stage in record["stages"][name]["inputs"].get("stages", {}).values():
+            stage.update(token_noise_top_k=1, train_data="train")
+    (out / "run.json").write_text(json.dumps(record))
+    check_run(config)
     noisy = load_config(TINY, [f"out_dir={out}", "bc.token_noise_top_k=3"])
     with pytest.raises(ValueError, match=r"stage 'bc' was made with different stages\.bc\.token_noise_top_k"):
         check_run(noisy)
