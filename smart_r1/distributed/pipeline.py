@@ -394,6 +394,12 @@ def run_pipeline(config: PipelineConfig, fail_once_at: dict[str, int] | None = N
         return refs[path]
 
     actors = RolloutActors(config, datasets)
+
+    def score_stage(checkpoint: str, index: int, stage_dir: str, sets: list[str]) -> dict[str, dict]:
+        with timer.phase("eval"):
+            workers = actors.get(weights(checkpoint))
+            return {d: score_checkpoint(workers, checkpoint, 10**6 + index + 1, d, config.eval, r.task_timeout_s,
+                                        stage_dir, r.scenarios_per_rollout_batch, seed=config.seed) for d in sets}
     storage = r.storage_path or join(out, "ray")  # Ray Train's run records: in the same root by default
     rows: dict[str, dict] = {}
     reference = current
@@ -408,14 +414,10 @@ def run_pipeline(config: PipelineConfig, fail_once_at: dict[str, int] | None = N
             print(f"[{stage.name}] already finished: {display(current)}", flush=True)
             missing = [d for d in eval_sets if d not in rows[stage.name]]
             if missing:  # a set named after the stage finished (eval.datasets is no part of its fingerprint)
-                with timer.phase("eval"):
-                    workers = actors.get(weights(current))
-                    for d in missing:
-                        print(f"[{stage.name}] scoring the finished stage on {d}", flush=True)
-                        rows[stage.name][d] = score_checkpoint(workers, current, 10**6 + i + 1, d, config.eval,
-                                                               r.task_timeout_s, stage_dir,
-                                                               r.scenarios_per_rollout_batch, seed=config.seed)
-                        tracker.log_metrics({f"{stage.name}/{d}/{k}": v for k, v in rows[stage.name][d].items()})
+                print(f"[{stage.name}] scoring the finished stage on {', '.join(missing)}", flush=True)
+                rows[stage.name].update(score_stage(current, i, stage_dir, missing))
+                for d in missing:
+                    tracker.log_metrics({f"{stage.name}/{d}/{k}": v for k, v in rows[stage.name][d].items()})
                 write_json(join(stage_dir, "metrics.json"), rows[stage.name])
                 write_json(done, {**read_json(done), "metrics": rows[stage.name]})
             if stage.kind != "mpo":
@@ -442,12 +444,7 @@ def run_pipeline(config: PipelineConfig, fail_once_at: dict[str, int] | None = N
                          scenes_per_batch=r.scenarios_per_rollout_batch, precision=config.model.precision)
         with timer.phase(f"stage_{stage.name}"):
             current = run_learner(job, r, storage)
-        with timer.phase("eval"):
-            workers = actors.get(weights(current))
-            rows[stage.name] = {d: score_checkpoint(workers, current, 10**6 + i + 1, d, config.eval,
-                                                    r.task_timeout_s, stage_dir, r.scenarios_per_rollout_batch,
-                                                    seed=config.seed)
-                                for d in eval_sets}
+        rows[stage.name] = score_stage(current, i, stage_dir, eval_sets)
         seconds = time.perf_counter() - t0
         for d, m in rows[stage.name].items():
             stage_tracker.log_metrics({f"{d}/{k}": v for k, v in m.items()})

@@ -100,7 +100,7 @@ def test_pipeline_killed_in_every_kind_of_stage_resumes_without_redoing(submitte
         assert f"[{stage}] resuming after" in text, stage
     for stage in ("bc", "sft"):
         assert f"[{stage}] already finished" in text
-        assert f"[{stage}] scoring the finished stage on sumo_heldout" in text
+        assert f"[{stage}] scoring the finished stage on sumo_heldout\n" in text
         assert (out / stage / "model.pt").stat().st_mtime == finished[stage], "a finished stage was redone"
         assert (out / stage / "scores_sumo_heldout.json").exists()
     results = json.loads((out / "results.json").read_text())
