@@ -239,6 +239,9 @@ class MPOStage(_Stage):
                                          "in the reward: keeps RFT from buying safety by slowing agents down")
     gate_by_progress: bool = option(False, "the collision- and off-road-free terms earned in proportion to each "
                                            "agent's progress: no safety credit for standing still")
+    progress_both_ways: bool = option(False, "progress also charges travelling further than the log: "
+                                             "min(s / l, l / s) of the simulated and logged path lengths (each "
+                                             "floored at 1 m) instead of min(1, s / l)")
     max_staleness: int = option(1, "drop rollouts made with weights older than this many updates")
     min_rollout_fraction: float = option(0.5, "least fraction of a step's scenarios with usable rollouts; "
                                               "below it the step is sampled again once, then the stage stops")

@@ -35,7 +35,8 @@ INIT = "init"
 # Stage options added after run folders existed, with their defaults: one at its default enters no
 # fingerprint, so a code upgrade does not make every earlier run redo its stages (a crashed WOMD
 # run resumed by a newer version keeps its BC). Add each new stage option here with its default.
-LATER_OPTIONS = {"token_noise_top_k": 1, "train_data": "train", "progress_weight": 0.0, "gate_by_progress": False}
+LATER_OPTIONS = {"token_noise_top_k": 1, "train_data": "train", "progress_weight": 0.0, "gate_by_progress": False,
+                 "progress_both_ways": False}
 # Stage options that change how a stage runs, not what it makes (how often it saves, how much of a
 # batch is held at once: the same gradient): never part of a fingerprint.
 RUN_OPTIONS = ("checkpoint_every", "rollouts_per_backward", "memory_budget_gb")

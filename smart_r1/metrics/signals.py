@@ -146,11 +146,18 @@ def path_lengths(record: ScenarioRecord, states) -> tuple[torch.Tensor, torch.Te
     return sim_length, log_length
 
 
-def progress(record: ScenarioRecord, states, min_log_metres: float = 1.0) -> torch.Tensor:
+def progress(record: ScenarioRecord, states, min_log_metres: float = 1.0, both_ways: bool = False) -> torch.Tensor:
     """float [R, S] in [0, 1]: how much of its logged distance each sim agent travels,
     min(1, simulated / logged path length); 1 for an agent whose log moves under `min_log_metres`
-    (nothing to keep up with). A reward term that stops RFT from buying safety by standing still."""
+    (nothing to keep up with). A reward term that stops RFT from buying safety by standing still.
+
+    both_ways: also charge travelling further than the log, min(s / l, l / s) with both lengths
+    floored at `min_log_metres`: a factor too far costs what a factor too short does, and an agent
+    parked in the log that the simulation drives away is charged too."""
     sim, log = path_lengths(record, states)
+    if both_ways:
+        s, l = sim.clamp_min(min_log_metres), log.clamp_min(min_log_metres)
+        return torch.minimum(s / l, l / s).float()
     moving = log >= min_log_metres
     return torch.where(moving, (sim / log.clamp_min(min_log_metres)).clamp(max=1.0), torch.ones_like(sim)).float()
 

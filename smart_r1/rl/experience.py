@@ -39,7 +39,8 @@ def make_experience(scenario_index: int, record: ScenarioRecord, scene: SceneBat
     t0 = time.perf_counter()
     (rollout,) = to_rollouts(scene, tensors)
     signals = rollout_signals(record, rollout.states)
-    kept = progress(record, rollout.states) if reward.progress_weight or reward.gate_by_progress else None  # [R, S]
+    kept = (progress(record, rollout.states, both_ways=reward.progress_both_ways)  # [R, S]
+            if reward.progress_weight or reward.gate_by_progress else None)
     rewards = rollout_rewards(signals.realism.float(), signals.collision, signals.offroad, reward, kept)
     if not torch.isfinite(rewards).all():
         raise FloatingPointError("non-finite reward")

@@ -10,7 +10,8 @@ Per-agent credit (option `per_agent_credit`): each agent is charged only for its
     R_{r,a} = (realism_r + w_c * (1 - collision_{r,a}) + w_o * (1 - offroad_{r,a})) / (1 + w_c + w_o)
 
 With a progress weight w_p > 0 each agent is also credited for keeping up with the log,
-progress_{r,a} = min(1, its simulated / logged path length) (`smart_r1.metrics.signals.progress`),
+progress_{r,a} = min(1, its simulated / logged path length) (`smart_r1.metrics.signals.progress`;
+with `progress_both_ways`, min(s / l, l / s): travelling further than the log costs as well),
 added as `w_p * progress` (per rollout: the mean over agents) and normalised by 1 + w_c + w_o + w_p.
 Without it an agent can buy the collision and off-road terms by slowing down. With
 `gate_by_progress` the collision- and off-road-free terms are instead earned in proportion to the
@@ -43,11 +44,12 @@ class RewardConfig:
     per_agent_credit: bool = False
     progress_weight: float = 0.0
     gate_by_progress: bool = False
+    progress_both_ways: bool = False  # progress also charges travelling further than the log
 
     @classmethod
     def of_stage(cls, stage) -> "RewardConfig":
         return cls(stage.collision_weight, stage.offroad_weight, stage.per_agent_credit, stage.progress_weight,
-                   stage.gate_by_progress)
+                   stage.gate_by_progress, stage.progress_both_ways)
 
 
 def rollout_rewards(realism: torch.Tensor, collision: torch.Tensor, offroad: torch.Tensor,

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from smart_r1.rl.rewards import RewardConfig, rollout_rewards
@@ -52,6 +53,36 @@ def test_progress_term_rewards_keeping_up_with_the_log(womd_record):
     assert (per_agent[1][moving] < per_agent[0][moving]).all()
     per_rollout = rollout_rewards(realism, none, none, RewardConfig(1.0, 1.0, progress_weight=1.0), kept)
     assert torch.allclose(per_agent.mean(1), per_rollout)
+
+
+def test_progress_both_ways_charges_going_too_far_as_much_as_falling_short(womd_record):
+    """Two-sided progress: the log's pace scores 1, twice the log's distance about what half of it
+    scores, a parked agent driven away is charged, one left parked is not; one-sided progress pays
+    the fast rollout in full."""
+    from smart_r1.metrics import log_replay_states
+    from smart_r1.metrics.signals import path_lengths, progress
+
+    states = log_replay_states(womd_record, 3)
+    now = states[..., :1, :2]
+    states[1, ..., :2] = now[1] + 0.5 * (states[1, ..., :2] - now[1])  # half pace
+    states[2, ..., :2] = now[2] + 2.0 * (states[2, ..., :2] - now[2])  # double pace
+    both = progress(womd_record, states, both_ways=True)  # [R, S]
+    one = progress(womd_record, states)
+    _, log = path_lengths(womd_record, states)
+    moving = log > 10.0  # the first step (from the logged position) hardly changes their lengths
+    assert moving.any() and (~moving).any()
+    assert torch.allclose(both[0], torch.ones_like(both[0]), atol=1e-6)
+    assert torch.allclose(one[2], torch.ones_like(one[2]), atol=1e-6)  # one-sided: too far is free
+    assert ((both[2][moving] - 0.5).abs() < 0.08).all() and ((both[1][moving] - 0.5).abs() < 0.08).all()
+    c = womd_record.current_time_index
+    seen = torch.as_tensor(womd_record.valid[womd_record.sim_agent_mask][:, c:].all(-1))  # logged throughout
+    parked = (log < 0.5) & seen
+    assert parked.any()
+    driven = states.copy()
+    driven[:, parked.numpy(), :, 0] += np.linspace(0.0, 20.0, states.shape[2])  # driven 20 m away
+    assert (progress(womd_record, driven, both_ways=True)[:, parked] < 0.1).all()
+    assert (progress(womd_record, driven)[:, parked] == 1.0).all()
+    assert (both[:, parked] == 1.0).all()  # parked and left parked: nothing to charge
 
 
 def test_gated_safety_credit_is_earned_by_moving():
