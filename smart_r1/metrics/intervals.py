@@ -293,10 +293,36 @@ def _run_stages(run: str, dataset: str) -> dict[str, dict]:
     return out
 
 
+def _settings(config: dict) -> dict[str, object]:
+    """A run's config.json as dotted keys (stages by name), options it does not write at their
+    defaults (a run of an older version), so only real differences show."""
+    from smart_r1.config import from_dict
+
+    try:
+        config = from_dict(config).to_dict()
+    except (ValueError, TypeError, KeyError):  # a key this version no longer knows: compare as written
+        pass
+    flat: dict[str, object] = {}
+
+    def walk(value, key: str) -> None:
+        if isinstance(value, dict):
+            for k, v in value.items():
+                walk(v, f"{key}.{k}" if key else k)
+        else:
+            flat[key] = value
+
+    walk({k: v for k, v in config.items() if k != "stages"}, "")
+    walk({st.get("name", str(i)): st for i, st in enumerate(config.get("stages", []))}, "stages")
+    return flat
+
+
 def _differing_keys(configs: Sequence[dict], reference: dict) -> list[str]:
-    """Config keys (other than seed and out_dir) in which some of `configs` differ from `reference`."""
-    return sorted({k for c in configs for k in c.keys() | reference.keys()
-                   if k not in ("seed", "out_dir") and c.get(k) != reference.get(k)})
+    """Config keys (dotted; other than seed and out_dir) in which some of `configs` differ from
+    `reference`."""
+    ref = _settings(reference)
+    flats = [_settings(c) for c in configs]
+    return sorted({k for c in flats for k in c.keys() | ref.keys()
+                   if k not in ("seed", "out_dir") and c.get(k, "<absent>") != ref.get(k, "<absent>")})
 
 
 def _stage_records(runs: Sequence[str], dataset: str) -> tuple[list[dict], list[dict], dict[str, list]]:

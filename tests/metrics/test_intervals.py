@@ -279,3 +279,22 @@ def test_compare_runs_reads_runs_in_a_bucket(records, tmp_path, moto_s3, monkeyp
     assert compare_runs(remote) == compare_runs(local)
     with pytest.raises(FileNotFoundError, match="no config.json"):
         compare_runs([remote[0], f"s3://smart-r1/compare-{tmp_path.name}/none?{moto_s3}"])
+
+
+def test_compare_runs_names_the_settings_that_differ_not_the_defaults_left_out():
+    """compare-runs' 'configs also differ in': dotted keys; an option an older run did not write
+    (at its default) is no difference; seed and out_dir never are."""
+    from pathlib import Path
+
+    from smart_r1.config import load_config
+    from smart_r1.metrics.intervals import _differing_keys
+
+    default = Path(__file__).resolve().parents[2] / "pipelines" / "sft_rft_sft.yaml"
+    written = lambda overrides=(): json.loads(json.dumps(load_config(default, list(overrides)).to_dict()))  # noqa: E731
+    new = written()  # as config.json holds it
+    older = written(["seed=4", "out_dir=elsewhere"])
+    for stage in older["stages"]:
+        stage.pop("progress_both_ways", None)  # written by later versions only
+    assert _differing_keys([older], new) == []
+    changed = written(["rft.beta=0.1", "eval.num_rollouts=4"])
+    assert _differing_keys([new, changed], new) == ["eval.num_rollouts", "stages.rft.beta"]
