@@ -86,6 +86,15 @@ def step_scenarios(seed: int, step: int, num_scenarios: int, count: int) -> list
     return sorted(rng.choice(num_scenarios, size=count, replace=count > num_scenarios).tolist())
 
 
+def step_sampling_seed(seed: int, step: int, attempt: int = 0) -> int:
+    """`RolloutSpec.seed` of an RL step's rollouts (attempt 1: the step sampled again). The actors
+    reseed per closed-loop batch from it and the batch's first scenario, so a scenario's draws depend
+    on (run seed, step, attempt, scenario) alone, not on which actor took it or what that actor
+    sampled before: a run, or a resumed one, repeats itself. (A scenario drawn twice in one step,
+    when scenarios_per_step exceeds the data set, gets the same draws twice.)"""
+    return int(np.random.SeedSequence([seed, step, attempt]).generate_state(1)[0])
+
+
 def dispatch(workers: list, version: int, weights_ref, indices: list[int], spec: RolloutSpec,
              first: int = 0) -> RolloutQueue:
     """Hand `indices` to the rollout actors, up to `spec.scenes_per_batch` per call, first to actor `first`."""
@@ -305,8 +314,9 @@ def mpo_loop(config: dict) -> None:
         """This rank's share of the step's scenarios."""
         return step_scenarios(job.seed, step, num_scenarios, stage.scenarios_per_step)[rank::world_size]
 
-    def dispatch_share(step: int) -> RolloutQueue:
-        return dispatch(workers, version, weights(), share_of(step), spec, first=rank)
+    def dispatch_share(step: int, attempt: int = 0) -> RolloutQueue:
+        seeded = dataclasses.replace(spec, seed=step_sampling_seed(job.seed, step, attempt))
+        return dispatch(workers, version, weights(), share_of(step), seeded, first=rank)
 
     def usable(queue: RolloutQueue) -> tuple[list[Experience], int, int]:
         """(fresh experiences, failed scenarios, stale scenarios) of this rank's dispatched share."""
@@ -333,7 +343,7 @@ def mpo_loop(config: dict) -> None:
                     say(f"[{stage.name}] RL step {step}: {totals['usable']:.0f} of {stage.scenarios_per_step} "
                         f"scenarios usable ({totals['failed']:.0f} failed, {totals['stale']:.0f} stale; "
                         f"{totals['empty_ranks']:.0f} learner ranks with none); sampling it again")
-                experiences, failed_again, stale_again = usable(dispatch_share(step))
+                experiences, failed_again, stale_again = usable(dispatch_share(step, attempt=1))
                 failed, stale = failed + failed_again, stale + stale_again
                 totals = step_totals(experiences, failed, stale, device, world_size)
                 if not enough(totals):

@@ -41,10 +41,10 @@ class RolloutSpec:
     rewarded (plain values for Ray); for MPO, `reference`: (the frozen reference checkpoint's bytes
     as an ObjectRef,) when the workers also send its log-probs of their rollouts (else ()); and
     `scenes_per_batch`, how many of a call's scenarios one closed-loop batch simulates together
-    (B x num_rollouts rows: the bound on an actor's memory); `seed`, for evaluation: each batch
-    samples from the actor's generator reseeded with (seed, the batch's first scenario index), so a
-    scenario's rollouts do not depend on which actor drew it or what that actor ran before (None:
-    RL, which only needs fresh draws, keeps one stream per actor)."""
+    (B x num_rollouts rows: the bound on an actor's memory); `seed`: each batch samples from the
+    actor's generator reseeded with (seed, the batch's first scenario index), so a scenario's
+    rollouts do not depend on which actor drew it or what that actor ran before (evaluation passes
+    the run's seed, RL one per step: `mpo_loop.step_sampling_seed`; None: the actor's own stream)."""
 
     num_rollouts: int = 8
     sampling: SamplingConfig = SamplingConfig()

@@ -1,6 +1,7 @@
-"""Evaluation rollouts are reproducible: with `RolloutSpec.seed` a scenario's sampled rollouts (and
-so its scores) depend on the seed and the scenario alone, not on which actor drew it or what that
-actor ran before; RL's default (no seed) keeps one stream per actor."""
+"""Rollouts are reproducible: with `RolloutSpec.seed` a scenario's sampled rollouts (and so its
+scores, or its RL experience) depend on the seed and the scenario alone, not on which actor drew it
+or what that actor ran before; without a seed each actor keeps its own stream. RL seeds each step
+(and a step sampled again) apart: `mpo_loop.step_sampling_seed`."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import torch
 
 from smart_r1.config import SamplingConfig
 from smart_r1.data.dataset import iter_scenarios
+from smart_r1.distributed.mpo_loop import step_sampling_seed
 from smart_r1.distributed.rollout_worker import RolloutSpec, RolloutWorker
 from smart_r1.model.checkpoint import save_checkpoint
 from smart_r1.model.config import ModelConfig
@@ -48,3 +50,25 @@ def test_a_scenario_scores_the_same_on_any_actor_in_any_order(checkpoint, sumo_s
     d = _scores(first, [1], seed=None)
     e = _scores(second, [1], seed=None)
     assert d[sid] != e[sid]
+
+
+def _experience(worker: RolloutWorker, indices: list[int], seed: int) -> dict[int, object]:
+    spec = RolloutSpec(num_rollouts=2, sampling=SamplingConfig(top_k=8), seed=seed, dataset="heldout")
+    out = worker.rollout(-1, [], "heldout", indices, spec)
+    return {e.scenario_index: e for e in out}
+
+
+def test_an_rl_step_samples_alike_on_any_actor(checkpoint, sumo_shards):
+    data = {"heldout": str(sumo_shards)}
+    first = RolloutWorker(checkpoint, data, seed=0, worker_index=0)
+    second = RolloutWorker(checkpoint, data, seed=0, worker_index=1)
+    step_seed = step_sampling_seed(3, step=2)
+    a = _experience(first, [0, 1], step_seed)
+    _experience(second, [3], step_sampling_seed(3, step=1))  # another history before it
+    b = _experience(second, [1], step_seed)
+    assert (b[1].tokens == a[1].tokens).all() and (b[1].log_probs == a[1].log_probs).all()
+    assert (b[1].rewards == a[1].rewards).all()
+    # the next step, and the same step sampled again, draw other rollouts
+    for other in (step_sampling_seed(3, step=3), step_sampling_seed(3, step=2, attempt=1)):
+        assert other != step_seed
+        assert not (_experience(second, [1], other)[1].tokens == a[1].tokens).all()
