@@ -45,6 +45,7 @@ from smart_r1.distributed.worker_kit import MODEL_NAME, LearnerJob
 from smart_r1.metrics import aggregate_metrics, step_events
 from smart_r1.metrics.intervals import SCORES_FILE, headline_intervals, stage_differences
 from smart_r1.metrics.references import reference_scores, summary
+from smart_r1.metrics.signals import mean_travel_ratio
 from smart_r1.metrics.tables import metrics_table
 from smart_r1.model.checkpoint import checkpoint_bytes, load_checkpoint, load_weights, save_checkpoint
 from smart_r1.model.config import ModelConfig
@@ -264,9 +265,8 @@ def score_checkpoint(workers: list, checkpoint: str, version: int, dataset: str,
         write_json(join(stage_dir, SCORES_FILE.format(dataset=dataset)),
                    {"dataset": dataset, "checkpoint": display(checkpoint), "num_rollouts": cfg.num_rollouts,
                     "failed": failed, "records": scored})
-    ratios = [r["travel_ratio"] for r in scored if r.get("travel_ratio") is not None]
     return {**summary, **headline_intervals(scored), "scenarios": len(scored), "failed": len(failed),
-            "num_rollouts": cfg.num_rollouts, "travel_ratio": sum(ratios) / len(ratios) if ratios else None}
+            "num_rollouts": cfg.num_rollouts, "travel_ratio": mean_travel_ratio(scored)}
 
 
 def render_stage(checkpoint: str, data: str, out_path: str | Path, cfg: EvalConfig, seed: int = 0) -> str:

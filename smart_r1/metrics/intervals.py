@@ -42,6 +42,7 @@ from scipy import stats
 
 from smart_r1.data.splits import independent_unit
 from smart_r1.metrics.leaderboard import CATEGORY_FIELDS, with_categories
+from smart_r1.metrics.signals import mean_travel_ratio
 from smart_r1.metrics.tables import HEADLINE, difference_table, markdown_table, metrics_table
 from smart_r1.storage import display, exists, join, read_json, read_text
 
@@ -399,11 +400,8 @@ def _seed_travel(per_seed: Sequence[Records]) -> str:
     """Each seed's mean travel ratio (simulated over logged path length; 1 = the log's pace),
     '0.69 / 1.40 / 1.13': a realism gain bought by slowing agents shows here, and seeds can sit on
     either side of 1, so their mean would hide it. '-' for a run scored before the field."""
-    cells = []
-    for records in per_seed:
-        ratios = [r["travel_ratio"] for r in records if r.get("travel_ratio") is not None]
-        cells.append(f"{np.mean(ratios):.2f}" if ratios else "-")
-    return "-" if set(cells) == {"-"} else " / ".join(cells)
+    means = [mean_travel_ratio(records) for records in per_seed]
+    return "-" if all(m is None for m in means) else " / ".join("-" if m is None else f"{m:.2f}" for m in means)
 
 
 def _against_baseline(runs: Sequence[str], configs: Sequence[dict], records: Mapping[str, list],

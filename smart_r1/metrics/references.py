@@ -12,11 +12,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import numpy as np
-
 from smart_r1.metrics.leaderboard import aggregate_metrics, with_categories
 from smart_r1.metrics.rollouts_io import constant_velocity_states, log_replay_states, stationary_states
-from smart_r1.metrics.signals import travel_ratio
+from smart_r1.metrics.signals import mean_travel_ratio, travel_ratio
 from smart_r1.metrics.wosac import compute_metrics_batch
 from smart_r1.types import ScenarioRecord
 
@@ -39,7 +37,6 @@ def reference_scores(records: Sequence[ScenarioRecord], policies: Sequence[str] 
 
 def summary(scored: list[dict]) -> dict:
     """A data set's metrics of per-scenario records, with the mean travel ratio."""
-    ratios = [r["travel_ratio"] for r in scored if r.get("travel_ratio") is not None]
     return {**aggregate_metrics([{k: v for k, v in r.items() if k not in ("scenario_id", "travel_ratio")}
                                  for r in scored]),
-            "travel_ratio": float(np.mean(ratios)) if ratios else None, "scenarios": len(scored)}
+            "travel_ratio": mean_travel_ratio(scored), "scenarios": len(scored)}

@@ -171,3 +171,9 @@ def travel_ratio(record: ScenarioRecord, states) -> float | None:
     if log.sum() < 1.0:
         return None
     return float(sim.sum() / (sim.shape[0] * log.sum()))
+
+
+def mean_travel_ratio(records) -> float | None:
+    """The mean `travel_ratio` of per-scenario records (dicts) that have one; None when none has."""
+    ratios = [r["travel_ratio"] for r in records if r.get("travel_ratio") is not None]
+    return sum(ratios) / len(ratios) if ratios else None

@@ -6,7 +6,6 @@ made from those records."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -201,10 +200,6 @@ def _write_run(folder, seed: int, stages: dict[str, list[dict]]) -> None:
             {"dataset": "heldout", "checkpoint": "model.pt", "num_rollouts": 2, "failed": [], "records": recs}))
 
 
-def bc_records(run: str) -> list[dict]:
-    return json.loads((Path(run) / "bc" / "scores_heldout.json").read_text())["records"]
-
-
 def test_compare_runs_cli(records, tmp_path, capsys):
     from smart_r1.cli import main
 
@@ -225,18 +220,19 @@ def test_compare_runs_cli(records, tmp_path, capsys):
     mean = aggregate_metrics(records)["metametric"]  # every seed sees all 8 records
     bc_row = next(line for line in report.splitlines() if line.startswith("| bc |"))
     assert bc_row.startswith(f"| bc | {mean:.4f} [") and bc_row.endswith("| 8 | 2 | - |")  # no travel ratios
-
     diff_row = next(line for line in report.splitlines() if line.startswith("| bc -> sft |"))
     cells = [c.strip() for c in diff_row.strip("|").split("|")]
     assert cells[1] == "+0.0500 [0.050, 0.050] *"  # excludes 0
     assert cells[2] == "+0.0000 [0.000, 0.000]" and cells[6] == "8"
 
     # Each seed's mean travel ratio, seed by seed (not pooled: seeds may sit either side of 1).
-    for seed, run in enumerate(runs):
-        bc = [{**r, "travel_ratio": 0.5 * (seed + 1) + (0.2 if j % 2 else 0.0)} for j, r in enumerate(bc_records(run))]
-        (Path(run) / "bc" / "scores_heldout.json").write_text(json.dumps(
-            {"dataset": "heldout", "checkpoint": "model.pt", "num_rollouts": 2, "failed": [], "records": bc}))
-    assert main(["compare-runs", *runs]) == 0
+    moving = []
+    for seed in range(3):
+        bc = [{**records[j], "scenario_id": f"s{j}", "travel_ratio": 0.5 * (seed + 1) + (0.2 if j % 2 else 0.0)}
+              for j in range(NUM_SCENARIOS)]
+        _write_run(tmp_path / f"moving{seed}", seed, {"bc": bc})
+        moving.append(str(tmp_path / f"moving{seed}"))
+    assert main(["compare-runs", *moving]) == 0
     bc_row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("| bc |"))
     assert bc_row.endswith("| 8 | 2 | 0.60 / 1.10 / 1.60 |")
 
