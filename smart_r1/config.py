@@ -21,6 +21,8 @@ from typing import Any
 
 import yaml
 
+from smart_r1.model.config import ModelConfig
+
 
 def option(default: Any, help: str, **kwargs) -> Any:
     """A dataclass field with its help text (shown by `--help` and in the docs)."""
@@ -95,6 +97,8 @@ class ModelSection:
                                        "2 bytes x samples^2 on the driver, 200 MB at 10000)")
     precision: str = option("auto", "forward passes in auto | float32 | bfloat16; auto = bfloat16 where the "
                                     "device computes it natively (CUDA, CPUs with AVX512-BF16 / AMX), else float32")
+    dim: int = option(0, "hidden width of every token; 0 = the preset's (a multiple of its attention heads)")
+    agent_blocks: int = option(0, "decoder blocks (temporal, map-to-agent, agent-to-agent attention); 0 = the preset's")
 
     def validate(self) -> None:
         for name in ("vocab_size", "vocab_scenarios", "vocab_samples"):
@@ -102,6 +106,24 @@ class ModelSection:
                 raise ValueError(f"model.{name} must be >= 1, got {getattr(self, name)}")
         if self.precision not in PRECISIONS:
             raise ValueError(f"model.precision must be one of {PRECISIONS}, got {self.precision!r}")
+        for name in ("dim", "agent_blocks"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"model.{name} must be >= 0 (0: the preset's), got {getattr(self, name)}")
+        heads = self.model_config().num_heads
+        if self.dim % heads:
+            raise ValueError(f"model.dim must be a multiple of the {self.preset} preset's {heads} attention heads, "
+                             f"got {self.dim}")
+
+    def model_config(self) -> ModelConfig:
+        """The SMART-tiny config this section names: the preset at this vocabulary size, with the
+        width and depth overrides that are set."""
+        sizes = {name: getattr(self, name) for name in ("dim", "agent_blocks") if getattr(self, name)}
+        return ModelConfig.preset(self.preset, vocab_size=self.vocab_size, **sizes)
+
+    def describe(self) -> str:
+        """The preset and its overrides, e.g. `cpu, dim 96`."""
+        return ", ".join([self.preset] + [f"{name.replace('_', ' ')} {getattr(self, name)}"
+                                          for name in ("dim", "agent_blocks") if getattr(self, name)])
 
 
 def parse_train_data(text: str, where: str) -> list[tuple[str, int]]:

@@ -197,8 +197,9 @@ def stage_peak_bytes(config: PipelineConfig, stage) -> dict[str, int]:
     r = config.ray
     learner_precision = _precision(config.model.precision, r.use_gpu)
     worker_gpu = r.gpus_per_rollout_worker > 0
-    learner = unit_costs(config.model.preset, config.model.vocab_size, learner_precision)
-    worker = unit_costs(config.model.preset, config.model.vocab_size, _precision(config.model.precision, worker_gpu))
+    model = config.model.model_config()  # a preset with its width or depth changed gets `default`'s costs
+    learner = model_costs(model, learner_precision)
+    worker = model_costs(model, _precision(config.model.precision, worker_gpu))
     n_worker = max(1, r.scenarios_per_rollout_batch)
     rollouts = max(config.eval.num_rollouts, getattr(stage, "num_rollouts", 0))  # every stage is evaluated
     agent_rollouts = max(ROLLOUT_FIT_FROM, n_worker * rollouts * SIM_AGENTS)

@@ -48,7 +48,6 @@ from smart_r1.metrics.references import reference_scores, summary
 from smart_r1.metrics.signals import mean_travel_ratio
 from smart_r1.metrics.tables import metrics_table
 from smart_r1.model.checkpoint import checkpoint_bytes, load_checkpoint, load_weights, save_checkpoint
-from smart_r1.model.config import ModelConfig
 from smart_r1.model.precision import set_precision
 from smart_r1.model.smart_tiny import SmartTiny
 from smart_r1.rollout.policy import sample_states
@@ -201,11 +200,10 @@ def prepare_model(config: PipelineConfig, datasets: dict[str, str], out: str | P
         vocab = build_vocab(interleaved_scenarios(sources, m.vocab_scenarios), size=m.vocab_size, seed=config.seed,
                             max_samples=m.vocab_samples)
         torch.manual_seed(config.seed)
-        cfg = ModelConfig.preset(config.model.preset, vocab_size=config.model.vocab_size)
-        model = SmartTiny(cfg, vocab)
+        model = SmartTiny(config.model.model_config(), vocab)
         save_checkpoint(init, model, {"stage": "init"})  # atomically, local or in a bucket
         print(f"[init] vocabulary of {vocab.size} tokens per type and a {model.num_parameters():,}-parameter "
-              f"model ({config.model.preset}) in {time.perf_counter() - t0:.0f}s", flush=True)
+              f"model ({config.model.describe()}) in {time.perf_counter() - t0:.0f}s", flush=True)
     return init
 
 

@@ -37,6 +37,7 @@ INIT = "init"
 # run resumed by a newer version keeps its BC). Add each new stage option here with its default.
 LATER_OPTIONS = {"token_noise_top_k": 1, "train_data": "train", "progress_weight": 0.0, "gate_by_progress": False,
                  "progress_both_ways": False}
+LATER_MODEL_OPTIONS = {"dim": 0, "agent_blocks": 0}  # the same for the model section's
 # Stage options that change how a stage runs, not what it makes (how often it saves, how much of a
 # batch is held at once: the same gradient): never part of a fingerprint.
 RUN_OPTIONS = ("checkpoint_every", "rollouts_per_backward", "memory_budget_gb")
@@ -55,7 +56,7 @@ def _flat(d, prefix: str = "") -> dict[str, object]:
 def stage_inputs(config: PipelineConfig, upto: int) -> dict:
     """What decides the results of stage `upto` (-1: the initial model), as plain values."""
     full = config.to_dict()
-    common = {"data": full["data"], "model": full["model"], "seed": config.seed,
+    common = {"data": full["data"], "model": _model_options(full["model"]), "seed": config.seed,
               "init_checkpoint": config.init_checkpoint}
     if upto < 0:
         return common
@@ -66,6 +67,11 @@ def stage_inputs(config: PipelineConfig, upto: int) -> dict:
 def _scored_alike(evaluation: dict) -> dict:
     """The evaluation settings that change a recorded figure (not which sets are scored)."""
     return {k: v for k, v in evaluation.items() if k != "datasets"}
+
+
+def _model_options(model: dict) -> dict:
+    """The model section without the later options at their defaults."""
+    return {k: v for k, v in model.items() if k not in LATER_MODEL_OPTIONS or v != LATER_MODEL_OPTIONS[k]}
 
 
 def _method_options(stage: dict) -> dict:
@@ -80,6 +86,8 @@ def comparable(inputs: dict) -> dict:
     (written out by some versions); all are dropped."""
     stages = {name: _method_options(s) for name, s in inputs.get("stages", {}).items()}
     kept = {k: v for k, v in inputs.items() if k != "ray"}
+    if "model" in inputs:
+        kept["model"] = _model_options(inputs["model"])
     if "eval" in inputs:
         kept["eval"] = _scored_alike(inputs["eval"])
     return {**kept, **({"stages": stages} if "stages" in inputs else {})}
