@@ -73,6 +73,8 @@ def test_each_stage_kind_has_its_own_fields(tmp_path):
     ("rft.grad_clip=0", "grad_clip must be > 0"),
     ("rft.collision_weight=-1", "collision_weight, offroad_weight and progress_weight must be >= 0"),
     ("rft.progress_weight=-0.5", "progress_weight must be >= 0"),
+    ("model.dim=-1", "model.dim must be >= 0"),
+    ("model.dim=98", "multiple of the cpu preset's 4 attention heads"),
 ])
 def test_invalid_values_fail_clearly(override, message):
     with pytest.raises(ValueError, match=message):
@@ -191,3 +193,17 @@ def test_rollout_actors_may_share_the_learners_gpus_when_they_fit():
             dataclasses.replace(shared, **changes).validate()
     # whole GPUs for the learners: GPU actors go wherever the cluster has GPUs (not checked here)
     dataclasses.replace(shared, gpus_per_learner=1.0, num_rollout_workers=16).validate()
+
+
+def test_model_width_and_depth_override_the_preset():
+    """model.dim / model.agent_blocks change the preset's width and depth (0 keeps them); the
+    model built from the section has them and more parameters."""
+    from smart_r1.model.config import ModelConfig
+
+    base = load_config(DEFAULT).model
+    assert base.model_config() == ModelConfig.preset("cpu", vocab_size=base.vocab_size)
+    assert base.describe() == "cpu"
+    wide = load_config(DEFAULT, ["model.dim=96", "model.agent_blocks=3"]).model
+    cfg = wide.model_config()
+    assert (cfg.dim, cfg.agent_blocks, cfg.num_heads, cfg.map_layers) == (96, 3, 4, 1)
+    assert wide.describe() == "cpu, dim 96, agent blocks 3"

@@ -58,3 +58,15 @@ def test_a_float32_process_is_bounded_by_twice_a_bfloat16_entry():
     got = unit_costs(entry.preset, entry.vocab_size, other)
     factor = 2 if other == "float32" else 1
     assert got.mpo.agent == factor * entry.mpo.agent and got.rollout.fixed == factor * entry.rollout.fixed
+
+
+def test_a_preset_made_wider_is_sized_with_the_largest_measured_costs():
+    """A measured preset is sized with its own costs; one whose width or depth the config changes
+    has no measurement and gets the `default` preset's (SMART-tiny, the largest), never the smaller
+    preset's."""
+    cpu = load_config(PIPELINES / "sft_rft_sft.yaml")
+    wide = load_config(PIPELINES / "sft_rft_sft.yaml", ["model.dim=128"])
+    assert estimate_peak_bytes(cpu) != estimate_peak_bytes(wide)
+    for stage in cpu.stages:
+        ours, theirs = stage_peak_bytes(cpu, stage), stage_peak_bytes(wide, stage)
+        assert all(theirs[kind] > ours[kind] for kind in ours), stage.name

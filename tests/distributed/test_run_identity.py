@@ -118,6 +118,23 @@ def test_an_option_added_later_at_its_default_keeps_earlier_runs(tmp_path):
         check_run(noisy)
 
 
+def test_model_size_overrides_enter_the_fingerprint_only_when_set(tmp_path):
+    """model.dim and model.agent_blocks came after runs existed: at 0 (the preset's) a run made
+    before them resumes; set, every stage is refused (the model changed)."""
+    import json
+
+    config, out = _finished_run(tmp_path)
+    record = json.loads((out / "run.json").read_text())
+    assert all("dim" not in r["inputs"]["model"] for r in record["stages"].values())
+    for r in record["stages"].values():  # as a version that wrote them out at their defaults would
+        r["inputs"]["model"].update(dim=0, agent_blocks=0)
+    (out / "run.json").write_text(json.dumps(record))
+    check_run(config)
+    wider = load_config(TINY, [f"out_dir={out}", "model.dim=64"])
+    with pytest.raises(ValueError, match=r"model\.dim"):
+        check_run(wider)
+
+
 def test_restart_redoes_the_changed_stage_and_those_after_it(tmp_path):
     _, out = _finished_run(tmp_path)
     changed = load_config(TINY, [f"out_dir={out}", "rft.alpha=0.5"])
