@@ -7,12 +7,12 @@ moto's S3 server (127.0.0.1), MLflow a tracking server.
 `ray job submit` runs the tiny pipeline's BC and RFT: every stage ends with its checkpoint and
 metrics in the bucket, although the worker node that runs its learner is taken away (every process
 SIGKILLed, as spot capacity goes) in the middle of RFT: Ray Train restarts the learners on the nodes
-left and they resume from the stage's last state; a replacement node joins. (BC's learners run the
-same restart and resume; the supervised loop's resume after a killed driver is in
-test_crash_recovery.py.) A second run
-(another prefix) has its driver killed mid-RFT and is submitted again from another working folder:
-it resumes from the bucket, redoing no finished stage, epoch or step. Before that, a Ray task pinned
-to each worker node shows it cannot see the driver's folders; after, Ray's state API shows that the
+left and they resume from the stage's last state; a replacement node joins. (BC's learners restart
+and resume alike; a supervised stage resumed after its driver was killed: test_crash_recovery.py.)
+A second run (another prefix) has its driver killed mid-RFT and is submitted again from another
+working folder while the first goes on: it resumes from the bucket, redoing no finished stage, epoch
+or step. Before that, a Ray task pinned to each worker node shows it cannot see the driver's
+folders; after, Ray's state API shows that the
 learners and rollout actors ran on the worker nodes."""
 
 from __future__ import annotations
@@ -353,19 +353,20 @@ def test_pipeline_keeps_its_state_in_the_bucket_and_resumes_from_another_folder(
         assert time.time() < gone_by, "the killed driver's learner lives on"
         time.sleep(0.5)
     saved = int(read_last_state(join(out, "rft"))["progress"])
+    finished = _mtime(join(out, "bc", "model.pt"))
+
+    # ... and submitted again from another working folder (beside the rest of the whole run): it
+    # resumes from the bucket
+    resubmitted = _submit(head, folders["third"], "resumed", argv, env_vars("resumed"))
     log = _wait(first, head, "whole")
     _check_finished(whole, bc_epochs=1, rft_steps=3)
     # the learners lost with their node were restarted by Ray Train on the nodes left and resumed
     # from the stage's last state (in the same job: no resubmission)
     assert "[rft] resuming after step" in log, log[-4000:]
+    text = _driver_log(head, "killed") + _wait(resubmitted, head, "resumed")
     cluster.workers.extend(cluster.joined(node) for node in list(cluster.nodes) if raylet_node_id(node) not in ever)
     ever.update(cluster.workers)
     assert len(cluster.workers) == WORKERS, "the replacements joined"
-    finished = _mtime(join(out, "bc", "model.pt"))
-
-    # ... and submitted again from another working folder: it resumes from the bucket
-    text = _driver_log(head, "killed") + _wait(_submit(head, folders["third"], "resumed", argv, env_vars("resumed")),
-                                                head, "resumed")
     _check_finished(out, bc_epochs=1, rft_steps=2)
     resumed = _driver_log(head, "resumed")
     assert "[bc] already finished" in resumed and text.count("[bc] bc from") == 1
