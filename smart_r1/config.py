@@ -86,6 +86,8 @@ class DataConfig:
 # What the forward passes compute in (smart_r1.model.precision): auto = bfloat16 where the
 # device has it natively (CUDA with bf16, a CPU with AVX512-BF16 / AMX), float32 elsewhere.
 PRECISIONS = ("auto", "float32", "bfloat16")
+# ModelSection's overrides of its preset's sizes (0: the preset's)
+MODEL_SIZES = ("dim", "agent_blocks")
 
 
 @dataclass(frozen=True)
@@ -106,7 +108,7 @@ class ModelSection:
                 raise ValueError(f"model.{name} must be >= 1, got {getattr(self, name)}")
         if self.precision not in PRECISIONS:
             raise ValueError(f"model.precision must be one of {PRECISIONS}, got {self.precision!r}")
-        for name in ("dim", "agent_blocks"):
+        for name in MODEL_SIZES:
             if getattr(self, name) < 0:
                 raise ValueError(f"model.{name} must be >= 0 (0: the preset's), got {getattr(self, name)}")
         heads = self.model_config().num_heads
@@ -117,13 +119,14 @@ class ModelSection:
     def model_config(self) -> ModelConfig:
         """The SMART-tiny config this section names: the preset at this vocabulary size, with the
         width and depth overrides that are set."""
-        sizes = {name: getattr(self, name) for name in ("dim", "agent_blocks") if getattr(self, name)}
-        return ModelConfig.preset(self.preset, vocab_size=self.vocab_size, **sizes)
+        return ModelConfig.preset(self.preset, vocab_size=self.vocab_size, **self._sizes())
 
     def describe(self) -> str:
         """The preset and its overrides, e.g. `cpu, dim 96`."""
-        return ", ".join([self.preset] + [f"{name.replace('_', ' ')} {getattr(self, name)}"
-                                          for name in ("dim", "agent_blocks") if getattr(self, name)])
+        return ", ".join([self.preset] + [f"{name.replace('_', ' ')} {v}" for name, v in self._sizes().items()])
+
+    def _sizes(self) -> dict[str, int]:
+        return {name: getattr(self, name) for name in MODEL_SIZES if getattr(self, name)}
 
 
 def parse_train_data(text: str, where: str) -> list[tuple[str, int]]:

@@ -28,7 +28,7 @@ import hashlib
 import json
 
 from smart_r1 import storage
-from smart_r1.config import PipelineConfig
+from smart_r1.config import MODEL_SIZES, PipelineConfig
 
 RUN_FILE = "run.json"
 INIT = "init"
@@ -37,7 +37,7 @@ INIT = "init"
 # run resumed by a newer version keeps its BC). Add each new stage option here with its default.
 LATER_OPTIONS = {"token_noise_top_k": 1, "train_data": "train", "progress_weight": 0.0, "gate_by_progress": False,
                  "progress_both_ways": False}
-LATER_MODEL_OPTIONS = {"dim": 0, "agent_blocks": 0}  # the same for the model section's
+LATER_MODEL_OPTIONS = {name: 0 for name in MODEL_SIZES}  # the same for the model section's
 # Stage options that change how a stage runs, not what it makes (how often it saves, how much of a
 # batch is held at once: the same gradient): never part of a fingerprint.
 RUN_OPTIONS = ("checkpoint_every", "rollouts_per_backward", "memory_budget_gb")
@@ -69,15 +69,19 @@ def _scored_alike(evaluation: dict) -> dict:
     return {k: v for k, v in evaluation.items() if k != "datasets"}
 
 
+def _set_options(options: dict, later: dict) -> dict:
+    """`options` without those of `later` that are at their defaults."""
+    return {k: v for k, v in options.items() if k not in later or v != later[k]}
+
+
 def _model_options(model: dict) -> dict:
     """The model section without the later options at their defaults."""
-    return {k: v for k, v in model.items() if k not in LATER_MODEL_OPTIONS or v != LATER_MODEL_OPTIONS[k]}
+    return _set_options(model, LATER_MODEL_OPTIONS)
 
 
 def _method_options(stage: dict) -> dict:
     """A stage's options that decide what it makes: no run option, no later option at its default."""
-    return {k: v for k, v in stage.items()
-            if k not in RUN_OPTIONS and (k not in LATER_OPTIONS or v != LATER_OPTIONS[k])}
+    return _set_options({k: v for k, v in stage.items() if k not in RUN_OPTIONS}, LATER_OPTIONS)
 
 
 def comparable(inputs: dict) -> dict:

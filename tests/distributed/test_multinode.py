@@ -8,12 +8,11 @@ moto's S3 server (127.0.0.1), MLflow a tracking server.
 metrics in the bucket, although the worker node that runs its learner is taken away (every process
 SIGKILLed, as spot capacity goes) in the middle of RFT: Ray Train restarts the learners on the nodes
 left and they resume from the stage's last state; a replacement node joins. (BC's learners restart
-and resume alike; a supervised stage resumed after its driver was killed: test_crash_recovery.py.)
-A second run (another prefix) has its driver killed mid-RFT and is submitted again from another
-working folder while the first goes on: it resumes from the bucket, redoing no finished stage, epoch
-or step. Before that, a Ray task pinned to each worker node shows it cannot see the driver's
-folders; after, Ray's state API shows that the
-learners and rollout actors ran on the worker nodes."""
+and resume alike: test_pipeline.py's learner failure drill resumes a supervised stage.) A second
+run (another prefix) has its driver killed mid-RFT and is submitted again from another working
+folder while the first goes on: it resumes from the bucket, redoing no finished stage, epoch or
+step. Before that, a Ray task pinned to each worker node shows it cannot see the driver's folders;
+after, Ray's state API shows that the learners and rollout actors ran on the worker nodes."""
 
 from __future__ import annotations
 
@@ -311,8 +310,9 @@ def test_pipeline_keeps_its_state_in_the_bucket_and_resumes_from_another_folder(
     def env_vars(run: str) -> dict:
         return {"MLFLOW_TRACKING_URI": mlflow_server, RUN_VAR: run}
 
-    # one run to its end, whose learner's worker node is taken away in the middle of RFT, and beside it another (its own prefix) whose driver is killed during
-    # RFT, as soon as its first step's state is in the bucket ...
+    # one run to its end, whose learner's worker node is taken away in the middle of RFT, and
+    # beside it another (its own prefix) whose driver is killed during RFT, as soon as its first
+    # step's state is in the bucket ...
     whole, out = bucket("multinode/whole"), bucket("multinode/resumed")
     ever = set(cluster.workers)  # every worker node the runs had
     first = _submit(head, folders["first"], "whole",
